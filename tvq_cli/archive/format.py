@@ -1,0 +1,241 @@
+"""The archive's header schema and the layout of its stored tensors (spec: docs/format.md).
+
+The layout is a pure function of the header: the header says which tensors exist and how each
+role is quantized, and `layout()` derives every stored tensor's key, dtype and shape from it.
+The writer and `--dry-run` use it to know the exact file size before writing a byte, and the
+reader uses it to check that a file holds exactly what its header promises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..errors import TvqError
+from ..quant.bitpack import packed_nbytes
+from ..quant.quantizer import QuantSpec, group_count
+
+FORMAT_NAME = "tvq-archive"
+FORMAT_VERSION = 1
+METADATA_KEY = "tvq"
+CHECKSUMS_KEY = "tvq.checksums"
+SCHEMES = ("tvq", "rtvq", "fq")
+KINDS = ("quantized", "exact", "shared")
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def check_task_name(name: str) -> str:
+    if not TASK_NAME_RE.match(name):
+        raise TvqError(
+            f"invalid task name {name!r}: use letters, digits, '_', '.', '+', '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Part:
+    """One quantized role of a tensor: `task:NAME`, `base`, `offset:NAME` or `ft:NAME`."""
+
+    role: str
+    bits: int
+    group_size: int
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size)
+
+    @property
+    def task(self) -> str | None:
+        return self.role.split(":", 1)[1] if ":" in self.role else None
+
+
+@dataclass
+class TensorEntry:
+    """One tensor of the original checkpoints and how the archive stores it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ArchiveHeader:
+    scheme: str
+    tasks: list[str]
+    tool_version: str
+    pretrained_fingerprint: str
+    tensors: list[TensorEntry]
+    error_correction: bool | None = None
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tool_version": self.tool_version,
+            "scheme": self.scheme,
+            "tasks": self.tasks,
+            "pretrained_fingerprint": self.pretrained_fingerprint,
+            "error_correction": self.error_correction,
+            "tensors": [
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "kind": t.kind,
+                    "parts": [[p.role, p.bits, p.group_size] for p in t.parts],
+                }
+                for t in self.tensors
+            ],
+        }
+        return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ArchiveHeader:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != FORMAT_NAME:
+                raise TvqError("not a tvq archive (format name missing)")
+            if doc.get("version") != FORMAT_VERSION:
+                raise TvqError(
+                    f"unsupported archive format version {doc.get('version')!r} "
+                    f"(this tool reads version {FORMAT_VERSION})"
+                )
+            tensors = [
+                TensorEntry(
+                    name=str(t["name"]),
+                    shape=tuple(int(d) for d in t["shape"]),
+                    dtype=str(t["dtype"]),
+                    kind=str(t["kind"]),
+                    parts=[Part(str(r), int(b), int(g)) for r, b, g in t["parts"]],
+                )
+                for t in doc["tensors"]
+            ]
+            header = cls(
+                scheme=str(doc["scheme"]),
+                tasks=[str(t) for t in doc["tasks"]],
+                tool_version=str(doc["tool_version"]),
+                pretrained_fingerprint=str(doc["pretrained_fingerprint"]),
+                tensors=tensors,
+                error_correction=doc.get("error_correction"),
+            )
+        except TvqError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TvqError(f"archive header is malformed ({type(exc).__name__}: {exc})") from None
+        header.validate()
+        return header
+
+    def validate(self) -> None:
+        """Check the header's internal consistency (roles, bits, tasks) before trusting it."""
+        if self.scheme not in SCHEMES:
+            raise TvqError(f"archive header names unknown scheme {self.scheme!r}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise TvqError("archive header has no tasks or duplicate task names")
+        for task in self.tasks:
+            check_task_name(task)
+        expected_roles = set(roles_for(self.scheme, self.tasks))
+        seen: set[str] = set()
+        for entry in self.tensors:
+            if entry.name in seen:
+                raise TvqError(f"archive header lists tensor {entry.name} twice")
+            seen.add(entry.name)
+            if entry.kind not in KINDS or entry.dtype not in ITEMSIZE:
+                raise TvqError(f"archive header entry for {entry.name} is malformed")
+            if any(d < 0 for d in entry.shape):
+                raise TvqError(f"archive header entry for {entry.name} has a negative dimension")
+            if entry.kind == "quantized":
+                roles = {p.role for p in entry.parts}
+                if roles != expected_roles or len(entry.parts) != len(expected_roles):
+                    raise TvqError(f"archive header entry for {entry.name} has the wrong roles")
+                for part in entry.parts:
+                    part.spec  # noqa: B018 - validates bits and group size
+            elif entry.parts:
+                raise TvqError(f"archive header entry for {entry.name} is malformed")
+
+
+def roles_for(scheme: str, tasks: list[str]) -> list[str]:
+    """The quantized roles every quantized tensor carries under `scheme`, in storage order."""
+    if scheme == "tvq":
+        return [f"task:{t}" for t in tasks]
+    if scheme == "fq":
+        return [f"ft:{t}" for t in tasks]
+    if scheme == "rtvq":
+        return ["base"] + [f"offset:{t}" for t in tasks]
+    raise TvqError(f"unknown scheme {scheme!r} (choose tvq, rtvq or fq)")
+
+
+def part_keys(part: Part, name: str) -> tuple[str, str, str]:
+    """Keys of a part's codes, scales and zero-points."""
+    prefix = f"{part.role}:{name}"
+    return f"{prefix}:codes", f"{prefix}:scales", f"{prefix}:zeros"
+
+
+def delta_key(task: str, name: str) -> str:
+    return f"delta:{task}:{name}"
+
+
+def shared_key(name: str) -> str:
+    return f"shared:{name}"
+
+
+def layout(header: ArchiveHeader) -> list[StoredTensor]:
+    """Every stored tensor, in file order, derived from the header alone."""
+    stored: list[StoredTensor] = []
+    for entry in header.tensors:
+        if entry.kind == "shared":
+            stored.append(StoredTensor(shared_key(entry.name), entry.dtype, entry.shape))
+        elif entry.kind == "exact":
+            for task in header.tasks:
+                stored.append(StoredTensor(delta_key(task, entry.name), "F32", entry.shape))
+        else:
+            for part in entry.parts:
+                codes, scales, zeros = part_keys(part, entry.name)
+                groups = group_count(entry.shape, part.group_size)
+                stored.append(StoredTensor(codes, "U8", (packed_nbytes(entry.numel, part.bits),)))
+                stored.append(StoredTensor(scales, "F32", (groups,)))
+                stored.append(StoredTensor(zeros, "U8", (packed_nbytes(groups, part.bits),)))
+    return stored
+
+
+def storage_class(key: str) -> str:
+    """What a stored tensor is for, for the byte accounting of `inspect`."""
+    if key.startswith(("delta:", "shared:")):
+        return "exact"
+    return "codes" if key.endswith(":codes") else "scales"

@@ -1,0 +1,178 @@
+"""Archive reader: memory-maps the file, checks it against its header, verifies checksums.
+
+Everything the reader hands out has been checked: the header's own checksum, that the file
+holds exactly the stored tensors the header implies (keys, dtypes, sizes, offsets inside the
+file), and each tensor's crc32 the first time it is read. Damage raises TvqError, never a crash
+and never silently wrong numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import ST_TO_TORCH
+from ..errors import TvqError
+from ..quant.bitpack import unpack_bits
+from ..quant.quantizer import Quantized, dequantize, group_count
+from .container import crc32, decode_header
+from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout, part_keys
+from .format import shared_key as _shared_key
+
+NP_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "BF16": np.uint16,
+}
+
+
+class Archive:
+    """An open archive. Tensors are read lazily; nothing is loaded until asked for."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(min(size, 8 + 100 * 1024 * 1024))
+        except FileNotFoundError:
+            raise TvqError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise TvqError(f"{self.path}: is a folder, not an archive") from None
+        except OSError as exc:
+            raise TvqError(f"{self.path}: cannot read ({exc.strerror})") from None
+        try:
+            entries, header, checksums, data_start = decode_header(prefix, size)
+        except TvqError as exc:
+            raise TvqError(f"{self.path}: {exc}") from None
+        self.header: ArchiveHeader = header
+        self.header_bytes = data_start
+        self.file_size = size
+        self.stored: list[StoredTensor] = layout(header)
+        self._checksums = checksums
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._verified: set[str] = set()
+        self._check_entries(entries, size - data_start)
+        self._data = (
+            np.memmap(self.path, dtype=np.uint8, mode="r", offset=data_start)
+            if size > data_start
+            else np.zeros(0, np.uint8)
+        )
+        self.entries: dict[str, TensorEntry] = {t.name: t for t in header.tensors}
+
+    def _check_entries(self, entries: dict, payload: int) -> None:
+        expected = {s.key: s for s in self.stored}
+        extra = set(entries) - set(expected)
+        if extra:
+            raise TvqError(f"{self.path}: unexpected stored tensor {sorted(extra)[0]}")
+        for key, s in expected.items():
+            info = entries.get(key)
+            if not isinstance(info, dict):
+                raise TvqError(f"{self.path}: stored tensor {key} is missing (damaged archive)")
+            try:
+                start, end = (int(v) for v in info["data_offsets"])
+                ok = info["dtype"] == s.dtype and list(info["shape"]) == list(s.shape)
+            except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok or not 0 <= start <= end <= payload or end - start != s.nbytes:
+                raise TvqError(f"{self.path}: stored tensor {key} has the wrong size or place")
+            if key not in self._checksums:
+                raise TvqError(f"{self.path}: stored tensor {key} has no checksum")
+            self._offsets[key] = (start, end)
+
+    # --- raw access -------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return self.header.tasks
+
+    @property
+    def scheme(self) -> str:
+        return self.header.scheme
+
+    def raw(self, key: str) -> np.ndarray:
+        """The bytes of one stored tensor as a read-only uint8 array, checksum verified."""
+        try:
+            start, end = self._offsets[key]
+        except KeyError:
+            raise TvqError(f"{self.path}: no stored tensor {key}") from None
+        data = self._data[start:end]
+        if key not in self._verified:
+            if crc32(memoryview(data)) != self._checksums[key]:
+                raise TvqError(f"{self.path}: checksum mismatch in {key} (the file is damaged)")
+            self._verified.add(key)
+        return data
+
+    def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        return self.raw(key).view(NP_DTYPES[dtype]).reshape(shape)
+
+    def verify(self) -> None:
+        """Read and check every stored tensor; raises TvqError on the first damage."""
+        for s in self.stored:
+            self.raw(s.key)
+
+    # --- decoded access ---------------------------------------------------------------------
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise TvqError(f"{self.path}: archive has no tensor {name}") from None
+
+    def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
+        codes_key, scales_key, zeros_key = part_keys(part, entry.name)
+        groups = group_count(entry.shape, part.group_size)
+        codes = unpack_bits(self.raw(codes_key), part.bits, entry.numel)
+        zeros = unpack_bits(self.raw(zeros_key), part.bits, groups)
+        scales = self.array(scales_key, "F32", (groups,))
+        if not np.isfinite(scales).all() or (scales <= 0).any():
+            raise TvqError(f"{self.path}: invalid scales in {scales_key} (damaged archive)")
+        return Quantized(
+            torch.from_numpy(codes), torch.from_numpy(scales.copy()), torch.from_numpy(zeros)
+        )
+
+    def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
+        return dequantize(self.quantized(part, entry), part.spec, entry.shape)
+
+    def shared(self, name: str) -> torch.Tensor:
+        """A non-float tensor stored once (identical in every input)."""
+        entry = self.entry(name)
+        data = self.raw(_shared_key(name)).copy()
+        tensor = torch.from_numpy(data)
+        return tensor.view(ST_TO_TORCH[entry.dtype]).reshape(entry.shape)
+
+    def task_vector(
+        self, task: str, name: str, pretrained: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The reconstructed fp32 task vector of one task for one float tensor.
+
+        FQ archives store fine-tuned weights, so they need the pretrained tensor to subtract.
+        """
+        if task not in self.header.tasks:
+            raise TvqError(f"{self.path}: no task named {task!r} (has {', '.join(self.tasks)})")
+        entry = self.entry(name)
+        if entry.kind == "shared":
+            raise TvqError(f"{name} is not a float tensor; it has no task vector")
+        if entry.kind == "exact":
+            return torch.from_numpy(self.array(delta_key(task, name), "F32", entry.shape).copy())
+        parts = {p.role: p for p in entry.parts}
+        if self.scheme == "tvq":
+            return self.dequantized(parts[f"task:{task}"], entry)
+        if self.scheme == "rtvq":
+            base = self.dequantized(parts["base"], entry)
+            return base.add_(self.dequantized(parts[f"offset:{task}"], entry))
+        if pretrained is None:
+            raise TvqError("an FQ archive needs the pretrained weights to form task vectors")
+        return self.dequantized(parts[f"ft:{task}"], entry).sub_(pretrained.to(torch.float32))
+
+
+def open_archive(path: Path | str) -> Archive:
+    """Open and check an archive (header, layout); tensor checksums are verified on read."""
+    return Archive(path)

@@ -1,0 +1,108 @@
+"""Streaming archive writer: header first, payload tensor by tensor, checksums patched last.
+
+Writes to a hidden temporary file beside the target and renames it into place only when every
+stored tensor has been written, so an error or an interrupt never leaves a partial archive.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TvqError
+from .container import crc32, encode_header
+from .format import ArchiveHeader, layout
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def archive_size(header: ArchiveHeader) -> int:
+    """Exact size in bytes of the archive `header` describes (used by --dry-run)."""
+    stored = layout(header)
+    return len(encode_header(header, stored, {})) + sum(s.nbytes for s in stored)
+
+
+class ArchiveWriter:
+    """Write an archive whose every stored tensor is known up front from its header."""
+
+    def __init__(self, path: Path, header: ArchiveHeader):
+        self.path = Path(path)
+        self.header = header
+        self.stored = layout(header)
+        self._next = 0
+        self._checksums: dict[str, int] = {}
+        self._file = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> ArchiveWriter:
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise TvqError(f"cannot write in {directory}: {exc.strerror}") from None
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._header_len = len(encode_header(self.header, self.stored, {}))
+        self._file.write(b"\0" * self._header_len)
+        return self
+
+    def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
+        """Append the next stored tensor; keys must come in layout order with exact sizes."""
+        if self._next >= len(self.stored):
+            raise TvqError(f"internal error: unexpected tensor {key}")
+        expected = self.stored[self._next]
+        view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
+        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+        if key != expected.key or view.nbytes != expected.nbytes:
+            raise TvqError(
+                f"internal error: wrote {key} ({view.nbytes} bytes), "
+                f"expected {expected.key} ({expected.nbytes} bytes)"
+            )
+        self._checksums[key] = crc32(view)
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self.stored):
+            missing = self.stored[self._next].key
+            raise TvqError(f"internal error: archive incomplete, {missing} was never written")
+        header_bytes = encode_header(self.header, self.stored, self._checksums)
+        if len(header_bytes) != self._header_len:
+            raise TvqError("internal error: header length changed while writing")
+        try:
+            self._file.seek(0)
+            self._file.write(header_bytes)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.chmod(self._tmp, 0o666 & ~_umask())
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
+        self._tmp = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.finish()
+                return
+            except BaseException:
+                self._discard()
+                raise
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)

@@ -1,0 +1,175 @@
+"""The `tvq` command line: a thin Typer layer over the library API.
+
+Every user error is one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import TvqError
+from .pack import DEFAULT_GROUP_SIZE, PackOptions, dry_run, pack
+from .render import human_bytes, render_inspect
+from .report import inspect_archive
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Store many fine-tunes of one model as bit-packed quantized task vectors.",
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _parse_names(pairs: list[str]) -> dict[str, str]:
+    names = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise TvqError(f"--name expects NAME=PATH, got {pair!r}")
+        names[path] = name
+    return names
+
+
+@app.command("pack")
+def pack_command(
+    finetuned: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints (file or folder)."),
+    pretrained: Path = typer.Option(..., "--pretrained", help="The pretrained checkpoint."),
+    out: Path = typer.Option(None, "--out", "-o", help="Archive to write, e.g. tasks.tvq."),
+    scheme: str = typer.Option("tvq", help="tvq (task vectors), rtvq (base + offsets), fq."),
+    bits: int = typer.Option(4, help="Bits per code for tvq and fq (1-8)."),
+    base_bits: int = typer.Option(3, help="RTVQ: bits of the shared base vector."),
+    offset_bits: int = typer.Option(2, help="RTVQ: bits of each task's offset."),
+    group_size: int = typer.Option(
+        DEFAULT_GROUP_SIZE,
+        help="Elements per quantization range along the last dimension; "
+        "0 = one range per tensor (the paper's setting).",
+    ),
+    error_correction: bool = typer.Option(
+        True,
+        "--error-correction/--no-error-correction",
+        help="RTVQ: take offsets against the quantized base (the paper's correction).",
+    ),
+    keep: list[str] = typer.Option([], "--keep", help="Glob of tensor names to keep exact."),
+    name: list[str] = typer.Option([], "--name", help="NAME=PATH: name a task (repeatable)."),
+    dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing archive."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Quantize the task vectors of FINETUNED checkpoints into one archive."""
+    options = PackOptions(
+        scheme=scheme,
+        bits=bits,
+        base_bits=base_bits,
+        offset_bits=offset_bits,
+        group_size=group_size,
+        keep=tuple(keep),
+        error_correction=error_correction,
+    )
+    names = _parse_names(name)
+    if dry:
+        result = dry_run(pretrained, finetuned, options, names)
+        params = sum(t.numel for t in result.header.tensors)
+        tasks = len(result.header.tasks)
+        stdout.print(
+            f"dry run: {result.size_bytes} bytes ({human_bytes(result.size_bytes)}) for "
+            f"{tasks} tasks, {8 * result.size_bytes / (tasks * params):.4f} bits per weight, "
+            f"{tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32 checkpoints"
+        )
+        return
+    if out is None:
+        raise TvqError("--out is required (or use --dry-run)")
+    result = pack(
+        pretrained, finetuned, out, options, names, overwrite=force, progress=_show_progress(quiet)
+    )
+    params = sum(t.numel for t in result.header.tensors)
+    tasks = len(result.header.tasks)
+    stdout.print(
+        f"wrote {out}: {human_bytes(result.size_bytes)}, {tasks} tasks "
+        f"({', '.join(result.header.tasks)}), {8 * result.size_bytes / (tasks * params):.3f} "
+        f"bits per weight, {tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32, "
+        f"{result.seconds:.1f} s"
+    )
+
+
+@app.command("inspect")
+def inspect_command(
+    archive: Path = typer.Argument(..., help="The archive to inspect."),
+    checkpoints: list[Path] = typer.Argument(
+        None, help="With --against: PRE FT1 FT2 ... (fine-tunes in the archive's task order)."
+    ),
+    against: bool = typer.Option(
+        False, "--against", help="Measure error against the original checkpoints given after it."
+    ),
+    tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Storage report of an archive, and its error against the original checkpoints."""
+    checkpoints = checkpoints or []
+    if against and len(checkpoints) < 2:
+        raise TvqError("--against needs the pretrained checkpoint and the fine-tuned ones")
+    if checkpoints and not against:
+        raise TvqError("extra paths given: use --against PRE FT1 FT2 ... to compare")
+    pair = (checkpoints[0], checkpoints[1:]) if against else None
+    report = inspect_archive(archive, against=pair, per_tensor=tensors)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_inspect(report, stdout)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"tvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True),
+) -> None:
+    """tvq: bit-packed quantized task vectors, and merging them back into models."""
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and turn every failure into one line on stderr."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app(args=argv, prog_name="tvq", standalone_mode=False)
+    except TvqError as exc:
+        print(f"tvq: error: {exc}", file=sys.stderr)
+        return 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("tvq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"tvq: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

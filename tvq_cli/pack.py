@@ -1,0 +1,273 @@
+"""`tvq pack`: task vectors from checkpoints, quantized and streamed into one archive.
+
+Tensors are processed one at a time: for each tensor the pretrained value and the fine-tuned
+values are read (for RTVQ all T at once, since the base is their mean), quantized, written and
+dropped. Peak memory is therefore about (T + 3) times the largest tensor in fp32.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .archive.format import (
+    ArchiveHeader,
+    Part,
+    TensorEntry,
+    check_task_name,
+    delta_key,
+    part_keys,
+    roles_for,
+    shared_key,
+)
+from .archive.writer import ArchiveWriter, archive_size
+from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests, tensor_bytes, tensor_digest
+from .errors import TvqError
+from .quant.bitpack import pack_bits
+from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
+
+DEFAULT_GROUP_SIZE = 128
+FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """Quantization settings. Defaults: TVQ 4-bit, groups of 128, RTVQ base 3 / offset 2 bits."""
+
+    scheme: str = "tvq"
+    bits: int = 4
+    base_bits: int = 3
+    offset_bits: int = 2
+    group_size: int = DEFAULT_GROUP_SIZE
+    keep: tuple[str, ...] = ()
+    error_correction: bool = True
+
+    def __post_init__(self) -> None:
+        roles_for(self.scheme, ["x"])  # validates the scheme name
+        for bits in (self.bits, self.base_bits, self.offset_bits):
+            QuantSpec(bits, self.group_size)
+
+    def parts(self, tasks: list[str]) -> list[Part]:
+        roles = roles_for(self.scheme, tasks)
+        if self.scheme == "rtvq":
+            bits = [self.base_bits] + [self.offset_bits] * len(tasks)
+        else:
+            bits = [self.bits] * len(tasks)
+        return [Part(role, b, self.group_size) for role, b in zip(roles, bits, strict=True)]
+
+
+@dataclass
+class PackResult:
+    path: Path | None
+    header: ArchiveHeader
+    size_bytes: int
+    seconds: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def default_task_name(path: Path) -> str:
+    """A task's name from its path: the file stem, or the folder's name for model.safetensors."""
+    path = Path(path)
+    if path.is_file() and path.stem not in ("model", "pytorch_model"):
+        return path.stem
+    if path.is_file():
+        return path.parent.resolve().name
+    return path.resolve().name
+
+
+def task_names(finetuned: list[Path], overrides: dict[str, str] | None = None) -> list[str]:
+    """Names for the fine-tuned inputs; `overrides` maps a path (as given or resolved) to a name."""
+    resolved = {str(Path(p).resolve()): n for p, n in (overrides or {}).items()}
+    names = []
+    for path in finetuned:
+        name = resolved.get(str(Path(path).resolve())) or default_task_name(path)
+        names.append(check_task_name(name))
+    unknown = set(resolved) - {str(Path(p).resolve()) for p in finetuned}
+    if unknown:
+        raise TvqError(f"--name refers to {sorted(unknown)[0]}, which is not a fine-tuned input")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise TvqError(f"duplicate task name {name!r}: give distinct names with --name")
+        seen.add(name)
+    return names
+
+
+def check_compatible(pretrained: Checkpoint, finetuned: list[Checkpoint]) -> None:
+    """Same keys, shapes and dtypes everywhere; float tensors in fp32, fp16 or bf16."""
+    for name, spec in pretrained.specs.items():
+        if spec.is_float and spec.dtype not in FLOAT_DTYPES:
+            raise TvqError(
+                f"{pretrained.path}: tensor {name} has dtype {spec.dtype}; "
+                "float tensors must be F32, F16 or BF16"
+            )
+    for ckpt in finetuned:
+        for name, spec in pretrained.specs.items():
+            other = ckpt.specs.get(name)
+            if other is None:
+                raise TvqError(f"{ckpt.path}: tensor {name} is missing (present in pretrained)")
+            if other.shape != spec.shape:
+                raise TvqError(
+                    f"{ckpt.path}: tensor {name} has shape {list(other.shape)}, "
+                    f"pretrained has {list(spec.shape)}"
+                )
+            if other.dtype != spec.dtype:
+                raise TvqError(
+                    f"{ckpt.path}: tensor {name} has dtype {other.dtype}, "
+                    f"pretrained has {spec.dtype}"
+                )
+        extra = [n for n in ckpt.specs if n not in pretrained.specs]
+        if extra:
+            raise TvqError(f"{ckpt.path}: tensor {extra[0]} is not in the pretrained checkpoint")
+
+
+def plan_pack(
+    pretrained: Checkpoint, finetuned: list[Checkpoint], tasks: list[str], options: PackOptions
+) -> ArchiveHeader:
+    """The archive header: which tensors are quantized, kept exact or shared, and how."""
+    if not finetuned:
+        raise TvqError("give at least one fine-tuned checkpoint")
+    if len(tasks) != len(finetuned):
+        raise TvqError("internal error: one task name per fine-tuned checkpoint")
+    check_compatible(pretrained, finetuned)
+    parts = options.parts(tasks)
+    entries = []
+    for name, spec in pretrained.specs.items():
+        if not spec.is_float:
+            kind = "shared"
+        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in options.keep):
+            kind = "exact"
+        else:
+            kind = "quantized"
+        entries.append(
+            TensorEntry(name, spec.shape, spec.dtype, kind, parts if kind == "quantized" else [])
+        )
+    return ArchiveHeader(
+        scheme=options.scheme,
+        tasks=list(tasks),
+        tool_version=__version__,
+        pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
+        tensors=entries,
+        error_correction=options.error_correction if options.scheme == "rtvq" else None,
+    )
+
+
+def _write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
+    codes_key, scales_key, zeros_key = part_keys(part, name)
+    writer.write(codes_key, pack_bits(q.codes.numpy(), part.bits))
+    writer.write(scales_key, q.scales.numpy())
+    writer.write(zeros_key, pack_bits(q.zeros.numpy(), part.bits))
+
+
+def _pack_tensor(
+    writer: ArchiveWriter,
+    entry: TensorEntry,
+    pretrained: Checkpoint,
+    finetuned: list[Checkpoint],
+    tasks: list[str],
+    options: PackOptions,
+) -> bytes:
+    """Write every stored tensor of one original tensor; returns its fingerprint digest."""
+    name = entry.name
+    raw = pretrained.load(name)
+    digest = tensor_digest(name, raw)
+    if entry.kind == "shared":
+        for ckpt in finetuned:
+            if not torch.equal(ckpt.load(name), raw):
+                raise TvqError(
+                    f"{ckpt.path}: non-float tensor {name} differs from the pretrained one"
+                )
+        writer.write(shared_key(name), tensor_bytes(raw))
+        return digest
+    pre = pretrained.load_float(name)
+    del raw
+    if entry.kind == "exact":
+        for task, ckpt in zip(tasks, finetuned, strict=True):
+            writer.write(delta_key(task, name), tensor_bytes(ckpt.load_float(name) - pre))
+        return digest
+    parts = entry.parts
+    if options.scheme == "tvq":
+        for part, ckpt in zip(parts, finetuned, strict=True):
+            _write_quantized(writer, part, name, quantize(ckpt.load_float(name) - pre, part.spec))
+    elif options.scheme == "fq":
+        for part, ckpt in zip(parts, finetuned, strict=True):
+            _write_quantized(writer, part, name, quantize(ckpt.load_float(name), part.spec))
+    else:
+        deltas = [ckpt.load_float(name).sub_(pre) for ckpt in finetuned]
+        base = torch.stack(deltas).mean(dim=0) if len(deltas) > 1 else deltas[0].clone()
+        base_q = quantize(base, parts[0].spec)
+        _write_quantized(writer, parts[0], name, base_q)
+        anchor = (
+            dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
+        )
+        for part, delta in zip(parts[1:], deltas, strict=True):
+            _write_quantized(writer, part, name, quantize(delta.sub_(anchor), part.spec))
+    return digest
+
+
+def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
+    return Checkpoint(pretrained), [Checkpoint(p) for p in finetuned]
+
+
+def dry_run(
+    pretrained: Path | str,
+    finetuned: list[Path | str],
+    options: PackOptions | None = None,
+    names: dict[str, str] | None = None,
+) -> PackResult:
+    """The exact archive size for these inputs and settings, without reading a weight."""
+    options = options or PackOptions()
+    finetuned = [Path(p) for p in finetuned]
+    tasks = task_names(finetuned, names)
+    pre, fts = _open_inputs(Path(pretrained), finetuned)
+    header = plan_pack(pre, fts, tasks, options)
+    return PackResult(None, header, archive_size(header))
+
+
+def pack(
+    pretrained: Path | str,
+    finetuned: list[Path | str],
+    out: Path | str,
+    options: PackOptions | None = None,
+    names: dict[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PackResult:
+    """Pack fine-tuned checkpoints of one pretrained model into an archive at `out`."""
+    options = options or PackOptions()
+    out = Path(out)
+    finetuned = [Path(p) for p in finetuned]
+    tasks = task_names(finetuned, names)
+    pre, fts = _open_inputs(Path(pretrained), finetuned)
+    inputs = {f.resolve() for c in [pre, *fts] for f in c.files}
+    if out.resolve() in inputs:
+        raise TvqError(f"{out}: refusing to overwrite an input checkpoint")
+    if out.is_dir():
+        raise TvqError(f"{out}: is a folder; give an archive file name such as tasks.tvq")
+    if out.exists() and not overwrite:
+        raise TvqError(f"{out}: already exists (use --force to overwrite)")
+    if not out.parent.exists():
+        raise TvqError(f"{out.parent}: no such folder")
+    header = plan_pack(pre, fts, tasks, options)
+    start = time.perf_counter()
+    digests: dict[str, bytes] = {}
+    with ArchiveWriter(out, header) as writer:
+        bar = tqdm(
+            header.tensors, desc="pack", unit="tensor", disable=not progress, file=sys.stderr
+        )
+        for entry in bar:
+            digests[entry.name] = _pack_tensor(writer, entry, pre, fts, tasks, options)
+        header.pretrained_fingerprint = combine_digests(digests)
+    stats = {
+        kind: sum(1 for t in header.tensors if t.kind == kind)
+        for kind in ("quantized", "exact", "shared")
+    }
+    return PackResult(out, header, out.stat().st_size, time.perf_counter() - start, stats)

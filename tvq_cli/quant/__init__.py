@@ -1,0 +1,1 @@
+"""Quantizer math and dense bit-packing of integer codes."""

@@ -1,0 +1,104 @@
+"""Rich tables for people; the same dicts go out as JSON for pipelines."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_inspect(report: dict, console: Console) -> None:
+    summary = Table(title=f"tvq archive {report['archive']}", show_header=False)
+    summary.add_column("field", style="bold")
+    summary.add_column("value")
+    scheme = report["scheme"]
+    if scheme == "rtvq":
+        scheme += (
+            " (error correction on)" if report["error_correction"] else " (no error correction)"
+        )
+    summary.add_row("scheme", scheme)
+    summary.add_row("tasks", ", ".join(t["name"] for t in report["tasks"]))
+    for q in report["quantization"]:
+        group = "per tensor" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+        summary.add_row(
+            f"{q['role']} quantization",
+            f"{q['bits']} bits, {group}, {q['parameters']:,} parameters",
+        )
+    p = report["parameters"]
+    summary.add_row(
+        "parameters",
+        f"{p['total']:,} ({p['quantized']:,} quantized, "
+        f"{p['exact']:,} exact, {p['shared']:,} non-float shared)",
+    )
+    b = report["bytes"]
+    summary.add_row(
+        "bytes",
+        f"{human_bytes(b['total'])} = codes {human_bytes(b['codes'])} + "
+        f"scales/zero-points {human_bytes(b['scales'])} + exact {human_bytes(b['exact'])}"
+        f" + header {human_bytes(b['header'])}",
+    )
+    summary.add_row("bits per weight", f"{report['bits_per_weight']:.3f} (all metadata counted)")
+    c = report["compression"]
+    summary.add_row(
+        "compression",
+        f"{c['vs_fp32']:.2f}x vs fp32 checkpoints, "
+        f"{c['vs_original']:.2f}x vs original-dtype checkpoints",
+    )
+    console.print(summary)
+    if "error" in report:
+        table = Table(title="task vector reconstruction error")
+        for col in ("task", "rel L2", "cosine", "max |err|", "SNR dB"):
+            table.add_column(col, justify="right" if col != "task" else "left")
+        for row in [*report["tasks"], {"name": "overall", **report["error"]}]:
+            table.add_row(
+                row["name"],
+                _fmt(row["rel_l2"]),
+                _fmt(row["cosine"], 6),
+                _fmt(row["max_abs_error"]),
+                _fmt(row["snr_db"]),
+            )
+        console.print(table)
+    if report.get("tensors") and "error" in report:
+        table = Table(title="per tensor")
+        for col in ("task", "tensor", "kind", "rel L2", "cosine", "max |err|", "SNR dB"):
+            table.add_column(col)
+        for row in report["tensors"]:
+            table.add_row(
+                row["task"],
+                row["tensor"],
+                row["kind"],
+                _fmt(row["rel_l2"]),
+                _fmt(row["cosine"], 6),
+                _fmt(row["max_abs_error"]),
+                _fmt(row["snr_db"]),
+            )
+        console.print(table)
+    elif report.get("tensors"):
+        table = Table(title="per tensor")
+        for col in ("tensor", "kind", "shape", "dtype", "quantization"):
+            table.add_column(col)
+        for row in report["tensors"]:
+            quant = ", ".join(f"{p['role']} {p['bits']}b/g{p['group_size']}" for p in row["parts"])
+            table.add_row(
+                row["tensor"],
+                row["kind"],
+                "x".join(map(str, row["shape"])),
+                row["dtype"],
+                quant or "-",
+            )
+        console.print(table)

@@ -1,0 +1,196 @@
+"""`tvq inspect`: what an archive costs (bytes by role, bits per weight) and what error it adds.
+
+`inspect_archive` returns a plain dict with stable keys (schema in docs/cli.md) so that the same
+report feeds the rich tables and `--json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .archive.format import storage_class
+from .archive.reader import Archive
+from .checkpoint import Checkpoint
+from .errors import TvqError
+from .pack import check_compatible
+
+ORIGINAL_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def storage_summary(archive: Archive) -> dict:
+    """Bytes by role, parameter counts, effective bits per weight and compression ratios."""
+    header = archive.header
+    n_tasks = len(header.tasks)
+    by_class: dict[str, int] = defaultdict(int)
+    for stored in archive.stored:
+        by_class[storage_class(stored.key)] += stored.nbytes
+    total = archive.file_size
+    params = {
+        kind: sum(t.numel for t in header.tensors if t.kind == kind)
+        for kind in ("quantized", "exact", "shared")
+    }
+    all_params = sum(params.values())
+    original_bytes = sum(t.numel * ORIGINAL_ITEMSIZE.get(t.dtype, 4) for t in header.tensors)
+    settings: dict[tuple[str, int, int], int] = defaultdict(int)
+    for entry in header.tensors:
+        for part in entry.parts:
+            settings[(part.role.split(":")[0], part.bits, part.group_size)] += entry.numel
+    return {
+        "archive": str(archive.path),
+        "format_version": 1,
+        "tool_version": header.tool_version,
+        "scheme": header.scheme,
+        "error_correction": header.error_correction,
+        "pretrained_fingerprint": header.pretrained_fingerprint,
+        "tasks": [{"name": name} for name in header.tasks],
+        "quantization": [
+            {"role": role, "bits": bits, "group_size": group, "parameters": count}
+            for (role, bits, group), count in sorted(settings.items())
+        ],
+        "parameters": {"total": all_params, **params},
+        "tensors_count": {
+            kind: sum(1 for t in header.tensors if t.kind == kind)
+            for kind in ("quantized", "exact", "shared")
+        },
+        "bytes": {
+            "codes": by_class["codes"],
+            "scales": by_class["scales"],
+            "exact": by_class["exact"],
+            "header": archive.header_bytes,
+            "total": total,
+        },
+        "bits_per_weight": 8 * total / (n_tasks * all_params) if all_params else 0.0,
+        "compression": {
+            "vs_fp32": n_tasks * all_params * 4 / total,
+            "vs_original": n_tasks * original_bytes / total,
+        },
+    }
+
+
+class _ErrorStats:
+    """Running sums for rel-L2, cosine, max-abs and SNR of a reconstruction."""
+
+    def __init__(self) -> None:
+        self.err2 = self.ref2 = self.hat2 = self.dot = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+
+    def add(self, ref: torch.Tensor, hat: torch.Tensor) -> None:
+        ref64, hat64 = ref.reshape(-1).double(), hat.reshape(-1).double()
+        diff = hat64 - ref64
+        self.err2 += float(diff @ diff)
+        self.ref2 += float(ref64 @ ref64)
+        self.hat2 += float(hat64 @ hat64)
+        self.dot += float(ref64 @ hat64)
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.count += ref.numel()
+
+    def merge(self, other: _ErrorStats) -> None:
+        self.err2 += other.err2
+        self.ref2 += other.ref2
+        self.hat2 += other.hat2
+        self.dot += other.dot
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.count += other.count
+
+    def as_dict(self) -> dict:
+        """rel_l2 and snr_db are null where the reference is all zeros (undefined ratio)."""
+        rel = (
+            math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else (0.0 if self.err2 == 0 else None)
+        )
+        denom = math.sqrt(self.ref2 * self.hat2)
+        cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
+        if self.err2 == 0:
+            snr = None
+        else:
+            snr = 10 * math.log10(self.ref2 / self.err2) if self.ref2 > 0 else None
+        return {
+            "rel_l2": rel,
+            "cosine": cosine,
+            "max_abs_error": self.max_abs,
+            "snr_db": snr,
+            "parameters": self.count,
+        }
+
+
+def error_report(
+    archive: Archive, pretrained: Path, finetuned: list[Path], per_tensor: bool = False
+) -> tuple[list[dict], dict, list[dict]]:
+    """Per-task and overall error of the reconstructed task vectors against the true ones.
+
+    Fine-tuned checkpoints are matched to the archive's tasks in order.
+    """
+    tasks = archive.header.tasks
+    if len(finetuned) != len(tasks):
+        raise TvqError(
+            f"--against needs the pretrained checkpoint and {len(tasks)} fine-tuned ones "
+            f"(tasks {', '.join(tasks)}), got {len(finetuned)}"
+        )
+    pre = Checkpoint(pretrained)
+    fts = [Checkpoint(p) for p in finetuned]
+    check_compatible(pre, fts)
+    names = {t.name for t in archive.header.tensors}
+    if set(pre.specs) != names:
+        missing = sorted(set(pre.specs) ^ names)[0]
+        raise TvqError(f"{pretrained}: tensor {missing} does not match the archive's tensors")
+    if pre.fingerprint() != archive.header.pretrained_fingerprint:
+        raise TvqError(
+            f"{pretrained}: is not the pretrained checkpoint this archive was packed from"
+        )
+    totals = {task: _ErrorStats() for task in tasks}
+    rows: list[dict] = []
+    for entry in archive.header.tensors:
+        if entry.kind == "shared":
+            continue
+        pre_t = pre.load_float(entry.name)
+        for task, ckpt in zip(tasks, fts, strict=True):
+            stats = _ErrorStats()
+            tau = ckpt.load_float(entry.name) - pre_t
+            stats.add(tau, archive.task_vector(task, entry.name, pre_t))
+            totals[task].merge(stats)
+            if per_tensor:
+                rows.append(
+                    {"task": task, "tensor": entry.name, "kind": entry.kind, **stats.as_dict()}
+                )
+    overall = _ErrorStats()
+    for task in tasks:
+        overall.merge(totals[task])
+    return [{"name": t, **totals[t].as_dict()} for t in tasks], overall.as_dict(), rows
+
+
+def inspect_archive(
+    path: Path | str,
+    against: tuple[Path | str, list[Path | str]] | None = None,
+    per_tensor: bool = False,
+) -> dict:
+    """The full inspect report as a JSON-ready dict."""
+    archive = Archive(path)
+    report = storage_summary(archive)
+    if against is not None:
+        pretrained, finetuned = against
+        tasks, overall, rows = error_report(
+            archive, Path(pretrained), [Path(p) for p in finetuned], per_tensor
+        )
+        report["tasks"] = tasks
+        report["error"] = overall
+        if per_tensor:
+            report["tensors"] = rows
+    elif per_tensor:
+        report["tensors"] = [
+            {
+                "tensor": t.name,
+                "kind": t.kind,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "parts": [
+                    {"role": p.role, "bits": p.bits, "group_size": p.group_size} for p in t.parts
+                ],
+            }
+            for t in archive.header.tensors
+        ]
+    return report
