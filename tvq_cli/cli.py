@@ -10,7 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 
@@ -156,17 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     except TvqError as exc:
         print(f"tvq: error: {exc}", file=sys.stderr)
         return 1
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("tvq: interrupted; nothing was written", file=sys.stderr)
         return 130
     except OSError as exc:
         print(f"tvq: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # a usage error
+            print(f"tvq: error: {exc.format_message()} (see 'tvq --help')", file=sys.stderr)
+            return exc.exit_code
+        raise
     return 0
 
 
