@@ -1,13 +1,20 @@
 """Reading checkpoints: a .safetensors file, a folder with model.safetensors, or a sharded folder.
 
-Tensors are read one at a time through memory-mapped safetensors handles, so a checkpoint is
-never loaded whole. Only safetensors is read (never pickle).
+Tensors are read one at a time, so a checkpoint is never loaded whole. The safetensors library
+checks each file's header; the bytes of a tensor are then read with `pread` into a fresh
+buffer rather than through a memory map: mapped pages that have been touched count towards the
+process's resident memory until the map is closed (a 1B-parameter model would add its whole
+size), a file truncated under a map kills the process with SIGBUS where a short read is a clean
+error, and a plain read releases the GIL, so a background thread can read the next tensor while
+the current one is processed. Only safetensors is read (never pickle).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +94,8 @@ class Checkpoint:
         files, mapping = resolve_weight_files(self.path)
         self.files = files
         self.is_sharded = mapping is not None
-        self._handles = {}
-        self._where: dict[str, Path] = {}
+        self._files: dict[Path, object] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
         self.specs: dict[str, TensorSpec] = {}
         self.metadata: dict[str, str] = {}
         for file in files:
@@ -96,8 +103,8 @@ class Checkpoint:
                 handle = safe_open(str(file), framework="pt")
             except Exception as exc:  # safetensors raises several types for bad files
                 raise TvqError(f"{file}: not a readable safetensors file ({exc})") from None
-            self._handles[file] = handle
             self.metadata.update(handle.metadata() or {})
+            places = _data_places(file)
             for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 if mapping is not None and mapping.get(name) != file:
                     continue
@@ -105,7 +112,8 @@ class Checkpoint:
                 self.specs[name] = TensorSpec(
                     tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
                 )
-                self._where[name] = file
+                self._where[name] = (file, *places[name])
+            del handle  # its memory map is not needed: tensors are read with pread
         if mapping is not None:
             missing = sorted(set(mapping) - set(self.specs))
             if missing:
@@ -118,24 +126,85 @@ class Checkpoint:
         return list(self.specs)
 
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor in its stored dtype."""
+        """Read one tensor in its stored dtype into memory of its own (no map, no copy after)."""
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            file, start, nbytes = self._where[name]
         except KeyError:
             raise TvqError(f"{self.path}: no tensor named {name}") from None
-        except Exception as exc:
-            raise TvqError(f"{self.path}: cannot read tensor {name} ({exc})") from None
+        spec = self.specs[name]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        try:
+            handle = self._open(file)
+            done = 0
+            while done < nbytes:
+                got = os.preadv(handle.fileno(), [view[done:]], start + done)
+                if got == 0:
+                    raise TvqError(
+                        f"{file}: ended while reading tensor {name} "
+                        "(the file was truncated or replaced while being read)"
+                    )
+                done += got
+        except OSError as exc:
+            raise TvqError(f"{file}: cannot read tensor {name} ({exc.strerror})") from None
+        return buffer.view(ST_TO_TORCH[spec.dtype]).reshape(spec.shape)
+
+    def _open(self, file: Path):
+        handle = self._files.get(file)
+        if handle is None:
+            try:
+                handle = self._files[file] = open(file, "rb", buffering=0)  # noqa: SIM115
+            except FileNotFoundError:
+                raise TvqError(f"{file}: vanished while being read") from None
+        return handle
+
+    def close(self) -> None:
+        """Close the open files (they are also closed when the object is collected)."""
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
 
     def load_float(self, name: str) -> torch.Tensor:
         """Read one float tensor as float32, refusing NaN and Inf."""
         tensor = self.load(name).to(torch.float32)
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise TvqError(f"{self.path}: tensor {name} contains NaN or Inf")
         return tensor
 
     def fingerprint(self) -> str:
         """sha256 over every tensor's name, dtype, shape and bytes, in sorted name order."""
         return combine_digests({name: tensor_digest(name, self.load(name)) for name in self.specs})
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf.
+
+    A finite sum proves it (NaN and Inf propagate through a sum) at the cost of one fast
+    reduction; only when the sum overflows is the elementwise test (several times slower,
+    and it allocates a mask) needed to decide.
+    """
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _data_places(file: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte offset and size of every tensor in a safetensors file (header checked by
+    the safetensors library before this is called)."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {
+            name: (
+                8 + length + int(info["data_offsets"][0]),
+                int(info["data_offsets"][1]) - int(info["data_offsets"][0]),
+            )
+            for name, info in header.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise TvqError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
 def combine_digests(digests: dict[str, bytes]) -> str:

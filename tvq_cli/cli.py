@@ -66,6 +66,12 @@ def pack_command(
     name: list[str] = typer.Option([], "--name", help="NAME=PATH: name a task (repeatable)."),
     dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing archive."),
+    threads: int = typer.Option(
+        None, "--threads", help="Worker threads (default: all cores this process may use)."
+    ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Where to quantize: cpu, or cuda when a GPU is present."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize the task vectors of FINETUNED checkpoints into one archive."""
@@ -92,7 +98,15 @@ def pack_command(
     if out is None:
         raise TvqError("--out is required (or use --dry-run)")
     result = pack(
-        pretrained, finetuned, out, options, names, overwrite=force, progress=_show_progress(quiet)
+        pretrained,
+        finetuned,
+        out,
+        options,
+        names,
+        overwrite=force,
+        progress=_show_progress(quiet),
+        threads=threads,
+        device=device,
     )
     params = sum(t.numel for t in result.header.tensors)
     tasks = len(result.header.tasks)

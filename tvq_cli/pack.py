@@ -1,12 +1,15 @@
 """`tvq pack`: task vectors from checkpoints, quantized and streamed into one archive.
 
-Tensors are processed one at a time: for each tensor the pretrained value and the fine-tuned
-values are read (for RTVQ all T at once, since the base is their mean), quantized, written and
-dropped. Peak memory is therefore about (T + 3) times the largest tensor in fp32.
+Tensors are processed one at a time, in three overlapping stages (pipeline.py): a reader
+thread reads the next tensor of every input while the current one is quantized in blocks of rows
+on a thread pool (pack_tensor.py), and a writer thread checksums and writes the previous one.
+Peak memory is bounded by (T + 3) times the largest tensor in fp32 plus a constant, whatever the
+number of tensors (docs/performance.md has the measurements).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import sys
 import time
@@ -17,21 +20,13 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .archive.format import (
-    ArchiveHeader,
-    Part,
-    TensorEntry,
-    check_task_name,
-    delta_key,
-    part_keys,
-    roles_for,
-    shared_key,
-)
+from .archive.format import ITEMSIZE, ArchiveHeader, Part, TensorEntry, check_task_name, roles_for
 from .archive.writer import ArchiveWriter, archive_size
-from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests, tensor_bytes, tensor_digest
+from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests
 from .errors import TvqError
-from .quant.bitpack import pack_bits
-from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
+from .pack_tensor import Settings, TensorPacker
+from .pipeline import Prefetcher, Writer, default_threads, torch_threads
+from .quant.quantizer import QuantSpec
 
 DEFAULT_GROUP_SIZE = 128
 FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
@@ -159,57 +154,28 @@ def plan_pack(
     )
 
 
-def _write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
-    codes_key, scales_key, zeros_key = part_keys(part, name)
-    writer.write(codes_key, pack_bits(q.codes.numpy(), part.bits))
-    writer.write(scales_key, q.scales.numpy())
-    writer.write(zeros_key, pack_bits(q.zeros.numpy(), part.bits))
+def _write_all(writer: ArchiveWriter, outputs: list) -> None:
+    for key, data in outputs:
+        writer.write(key, data)
 
 
-def _pack_tensor(
-    writer: ArchiveWriter,
-    entry: TensorEntry,
-    pretrained: Checkpoint,
-    finetuned: list[Checkpoint],
-    tasks: list[str],
-    options: PackOptions,
-) -> bytes:
-    """Write every stored tensor of one original tensor; returns its fingerprint digest."""
-    name = entry.name
-    raw = pretrained.load(name)
-    digest = tensor_digest(name, raw)
-    if entry.kind == "shared":
-        for ckpt in finetuned:
-            if not torch.equal(ckpt.load(name), raw):
-                raise TvqError(
-                    f"{ckpt.path}: non-float tensor {name} differs from the pretrained one"
-                )
-        writer.write(shared_key(name), tensor_bytes(raw))
-        return digest
-    pre = pretrained.load_float(name)
-    del raw
-    if entry.kind == "exact":
-        for task, ckpt in zip(tasks, finetuned, strict=True):
-            writer.write(delta_key(task, name), tensor_bytes(ckpt.load_float(name) - pre))
-        return digest
-    parts = entry.parts
-    if options.scheme == "tvq":
-        for part, ckpt in zip(parts, finetuned, strict=True):
-            _write_quantized(writer, part, name, quantize(ckpt.load_float(name) - pre, part.spec))
-    elif options.scheme == "fq":
-        for part, ckpt in zip(parts, finetuned, strict=True):
-            _write_quantized(writer, part, name, quantize(ckpt.load_float(name), part.spec))
-    else:
-        deltas = [ckpt.load_float(name).sub_(pre) for ckpt in finetuned]
-        base = torch.stack(deltas).mean(dim=0) if len(deltas) > 1 else deltas[0].clone()
-        base_q = quantize(base, parts[0].spec)
-        _write_quantized(writer, parts[0], name, base_q)
-        anchor = (
-            dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
-        )
-        for part, delta in zip(parts[1:], deltas, strict=True):
-            _write_quantized(writer, part, name, quantize(delta.sub_(anchor), part.spec))
-    return digest
+def resolve_device(device: str) -> torch.device:
+    """The torch device for quantization; a clear error when it is not usable here."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise TvqError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        return torch.device(device)
+    raise TvqError(f"--device must be cpu or cuda, got {device!r}")
+
+
+def check_threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if threads < 1:
+        raise TvqError(f"--threads must be at least 1, got {threads}")
+    return threads
 
 
 def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
@@ -240,9 +206,17 @@ def pack(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> PackResult:
-    """Pack fine-tuned checkpoints of one pretrained model into an archive at `out`."""
+    """Pack fine-tuned checkpoints of one pretrained model into an archive at `out`.
+
+    `threads`: worker threads (default: every core this process may use); `device`: where
+    quantization runs ("cpu", or "cuda" when a GPU is present).
+    """
     options = options or PackOptions()
+    torch_device = resolve_device(device)
+    threads = check_threads(threads)
     out = Path(out)
     finetuned = [Path(p) for p in finetuned]
     tasks = task_names(finetuned, names)
@@ -258,14 +232,40 @@ def pack(
         raise TvqError(f"{out.parent}: no such folder")
     header = plan_pack(pre, fts, tasks, options)
     start = time.perf_counter()
+    settings = Settings(
+        options.scheme,
+        options.error_correction,
+        tasks,
+        pre.path,
+        [c.path for c in fts],
+        torch_device,
+    )
+    largest = max(t.numel * ITEMSIZE[t.dtype] for t in header.tensors)
     digests: dict[str, bytes] = {}
-    with ArchiveWriter(out, header) as writer:
+    with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
+        packer = TensorPacker(settings, threads)
+        stack.callback(packer.close)
+        reader = Prefetcher(header.tensors, pre, fts, budget=largest * (1 + len(fts)))
+        stack.callback(reader.close)
+        background = Writer()
+        stack.callback(background.close)
         bar = tqdm(
-            header.tensors, desc="pack", unit="tensor", disable=not progress, file=sys.stderr
+            reader,
+            total=len(header.tensors),
+            desc="pack",
+            unit="tensor",
+            disable=not progress,
+            file=sys.stderr,
         )
-        for entry in bar:
-            digests[entry.name] = _pack_tensor(writer, entry, pre, fts, tasks, options)
+        for inputs in bar:
+            digests[inputs.entry.name] = inputs.digest
+            outputs = packer.outputs(inputs)
+            reader.release(inputs)
+            background.submit(lambda outputs=outputs: _write_all(writer, outputs))
+        background.wait()
         header.pretrained_fingerprint = combine_digests(digests)
+    for ckpt in (pre, *fts):
+        ckpt.close()
     stats = {
         kind: sum(1 for t in header.tensors if t.kind == kind)
         for kind in ("quantized", "exact", "shared")

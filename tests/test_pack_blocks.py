@@ -1,0 +1,138 @@
+"""The blocked, threaded pack path writes exactly what whole-tensor `quantize` gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tvq_cli
+from tvq_cli.archive.format import part_keys
+from tvq_cli.pack import PackOptions
+from tvq_cli.pack_tensor import block_rows, task_mean
+from tvq_cli.quant import kernel
+from tvq_cli.quant.bitpack import pack_bits
+from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
+
+# With blocks of 1024 elements: 203 rows of 9 make blocks of 112 and 91 rows (the last one 819
+# elements, not a multiple of 8); 37 rows of 256 make five blocks of 8 rows or fewer.
+SHAPES = {"odd.weight": (203, 9), "wide.weight": (37, 256), "norm.weight": (64,)}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr("tvq_cli.pack_tensor.BLOCK_ELEMENTS", 1024)
+
+
+def _models(root: Path, tasks: int, dtype: torch.dtype) -> tuple[Path, list[Path]]:
+    gen = torch.Generator().manual_seed(7)
+    pre = {n: torch.randn(s, generator=gen).to(dtype) for n, s in SHAPES.items()}
+    pre["odd.weight"][5, :] = 0.0  # an all-zero row: zero span
+    fts = []
+    for t in range(tasks):
+        ft = {
+            n: (v.float() + 0.05 * torch.randn(v.shape, generator=gen)).to(dtype)
+            for n, v in pre.items()
+        }
+        ft["odd.weight"][5, :] = 0.0  # a group where nothing changed
+        fts.append(write_checkpoint(root / f"ft{t}.safetensors", ft))
+    return write_checkpoint(root / "pre.safetensors", pre), fts
+
+
+def _expected(pre: Path, fts: list[Path], options: PackOptions, name: str) -> dict[str, bytes]:
+    """Reference: whole-tensor quantize() in the math of the TVQ/RTVQ papers."""
+    from safetensors.torch import load_file
+
+    p = load_file(str(pre))[name].float()
+    f = [load_file(str(x))[name].float() for x in fts]
+    parts = options.parts([f"ft{i}" for i in range(len(fts))])
+    if options.scheme == "tvq":
+        values = [(part, x - p) for part, x in zip(parts, f, strict=True)]
+    elif options.scheme == "fq":
+        values = list(zip(parts, f, strict=True))
+    else:
+        deltas = [x - p for x in f]
+        base = task_mean(deltas)
+        base_q = quantize(base, parts[0].spec)
+        anchor = dequantize(base_q, parts[0].spec, base.shape) if options.error_correction else base
+        values = [(parts[0], base)] + [
+            (pt, d - anchor) for pt, d in zip(parts[1:], deltas, strict=True)
+        ]
+    out = {}
+    for part, value in values:
+        q = quantize(value, part.spec)
+        codes, scales, zeros = part_keys(part, name)
+        out[codes] = pack_bits(q.codes.numpy(), part.bits).tobytes()
+        out[scales] = q.scales.numpy().tobytes()
+        out[zeros] = pack_bits(q.zeros.numpy(), part.bits).tobytes()
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        PackOptions(scheme="tvq", bits=4, group_size=3),
+        PackOptions(scheme="tvq", bits=3, group_size=9),
+        PackOptions(scheme="tvq", bits=2, group_size=0),
+        PackOptions(scheme="fq", bits=5, group_size=3),
+        PackOptions(scheme="rtvq", group_size=3),
+        PackOptions(scheme="rtvq", group_size=3, error_correction=False),
+        PackOptions(scheme="rtvq", group_size=0),
+    ],
+    ids=lambda o: f"{o.scheme}-b{o.bits}-g{o.group_size}-ec{int(o.error_correction)}",
+)
+def test_archive_matches_whole_tensor_quantize(tmp_path: Path, options) -> None:
+    assert block_rows(9) == 112 and block_rows(256) == 8
+    pre, fts = _models(tmp_path, tasks=5, dtype=torch.bfloat16)
+    out = tmp_path / "a.tvq"
+    tvq_cli.pack(pre, fts, out, options, threads=2)
+    archive = tvq_cli.open_archive(out)
+    for name in ("odd.weight", "wide.weight"):
+        for key, expected in _expected(pre, fts, options, name).items():
+            assert archive.raw(key).tobytes() == expected, key
+
+
+def test_thread_counts_give_identical_files(tmp_path: Path) -> None:
+    pre, fts = _models(tmp_path, tasks=2, dtype=torch.float16)
+    one, two = tmp_path / "one.tvq", tmp_path / "two.tvq"
+    for path, threads in ((one, 1), (two, 2)):
+        tvq_cli.pack(pre, fts, path, PackOptions(scheme="rtvq", group_size=9), threads=threads)
+    assert one.read_bytes() == two.read_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    group=st.sampled_from([1, 2, 8, 16, 128]),
+    rows=st.integers(1, 6),
+    groups_per_row=st.integers(1, 3),
+    scale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_is_bit_identical_to_quantize(bits, group, rows, groups_per_row, scale, seed):
+    spec = QuantSpec(bits, group)
+    x = torch.randn(rows, group * groups_per_row, generator=torch.Generator().manual_seed(seed))
+    x = x * scale
+    x[0, 0] = 0.0 if rows > 1 else x[0, 0]
+    assert kernel.covers(spec, x.shape[-1])
+    ref = quantize(x, spec)
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    scales = torch.empty(ref.scales.numel())
+    zeros = torch.empty(ref.zeros.numel(), dtype=torch.uint8)
+    kernel.quantize_into(x.reshape(-1), spec, codes, scales, zeros, torch.empty(x.numel()))
+    assert torch.equal(codes, ref.codes)
+    assert torch.equal(scales, ref.scales) and torch.equal(zeros, ref.zeros)
+    out = torch.empty(x.numel())
+    kernel.dequantize_into(codes, spec, scales, zeros, out)
+    assert torch.equal(out.view(x.shape), dequantize(ref, spec, tuple(x.shape)))
+
+
+def test_kernel_declines_partial_groups() -> None:
+    assert not kernel.covers(QuantSpec(4, 0), 128)
+    assert not kernel.covers(QuantSpec(4, 128), 200)
+    assert np.all(np.array([kernel.covers(QuantSpec(4, 64), c) for c in (64, 128, 4096)]))
