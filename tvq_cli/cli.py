@@ -129,6 +129,9 @@ def inspect_command(
     ),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Read the whole archive and check every checksum; exit 1 on damage."
+    ),
 ) -> None:
     """Storage report of an archive, and its error against the original checkpoints."""
     checkpoints = checkpoints or []
@@ -137,7 +140,7 @@ def inspect_command(
     if checkpoints and not against:
         raise TvqError("extra paths given: use --against PRE FT1 FT2 ... to compare")
     pair = (checkpoints[0], checkpoints[1:]) if against else None
-    report = inspect_archive(archive, against=pair, per_tensor=tensors)
+    report = inspect_archive(archive, against=pair, per_tensor=tensors, verify=verify)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

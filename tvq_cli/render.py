@@ -59,6 +59,13 @@ def render_inspect(report: dict, console: Console) -> None:
         f"{c['vs_fp32']:.2f}x vs fp32 checkpoints, "
         f"{c['vs_original']:.2f}x vs original-dtype checkpoints",
     )
+    if "verified" in report:
+        v = report["verified"]
+        summary.add_row(
+            "integrity",
+            f"OK: {v['stored_tensors']} stored tensors, {human_bytes(v['payload_bytes'])} read, "
+            "every checksum matches",
+        )
     console.print(summary)
     if "error" in report:
         table = Table(title="task vector reconstruction error")

@@ -167,10 +167,18 @@ def inspect_archive(
     path: Path | str,
     against: tuple[Path | str, list[Path | str]] | None = None,
     per_tensor: bool = False,
+    verify: bool = False,
 ) -> dict:
-    """The full inspect report as a JSON-ready dict."""
+    """The full inspect report as a JSON-ready dict.
+
+    `verify` first reads every stored tensor and checks its checksum and decoded ranges; the
+    first damage raises TvqError.
+    """
     archive = Archive(path)
+    checked = archive.verify() if verify else None
     report = storage_summary(archive)
+    if verify:
+        report["verified"] = {"stored_tensors": len(archive.stored), "payload_bytes": checked}
     if against is not None:
         pretrained, finetuned = against
         tasks, overall, rows = error_report(

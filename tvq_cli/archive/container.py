@@ -9,6 +9,7 @@ reader opens an archive, and one stored tensor can be read without reading the o
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 
@@ -18,6 +19,7 @@ from .format import CHECKSUMS_KEY, METADATA_KEY, ArchiveHeader, StoredTensor
 HEADER_CHECKSUM = "__header__"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 CRC_PLACEHOLDER = 0
+HEX32 = re.compile(r"[0-9a-f]{8}")
 
 
 def crc32(data) -> int:
@@ -51,13 +53,21 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _hex32(text: str) -> int:
+    """A checksum as the writer spells it (8 lowercase hex digits), so that no damaged spelling
+    of the same number (a flipped case bit) passes as intact."""
+    if not isinstance(text, str) or not HEX32.fullmatch(text):
+        raise ValueError("malformed checksum")
+    return int(text, 16)
+
+
 def decode_header(prefix: bytes, file_size: int) -> tuple[dict, ArchiveHeader, dict[str, int], int]:
     """Parse and check the container header; returns (entries, header, checksums, data start)."""
     if file_size < 8 or len(prefix) < 8:
         raise TvqError("file is too short to be a safetensors archive")
     (length,) = struct.unpack("<Q", prefix[:8])
-    if length > MAX_HEADER_BYTES or 8 + length > file_size:
-        raise TvqError("header length is out of range (truncated or not a safetensors file)")
+    if length > MAX_HEADER_BYTES or 8 + length > file_size or length % 8:
+        raise TvqError("header length is out of range (truncated or not a tvq archive)")
     if len(prefix) < 8 + length:
         raise TvqError("file is truncated inside its header")
     try:
@@ -65,12 +75,13 @@ def decode_header(prefix: bytes, file_size: int) -> tuple[dict, ArchiveHeader, d
         metadata = doc.pop("__metadata__")
         meta_text = metadata[METADATA_KEY]
         sums = json.loads(metadata[CHECKSUMS_KEY])
-        checksums = {str(k): int(v, 16) for k, v in sums.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        checksums = {str(k): _hex32(v) for k, v in sums.items()}
+        meta_bytes = meta_text.encode()
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise TvqError("not a tvq archive (no tvq metadata in the safetensors header)") from None
     if not isinstance(doc, dict) or not isinstance(meta_text, str):
         raise TvqError("archive header is malformed")
-    if checksums.get(HEADER_CHECKSUM) != crc32(meta_text.encode()):
+    if checksums.get(HEADER_CHECKSUM) != crc32(meta_bytes):
         raise TvqError("archive header checksum mismatch (the file is damaged)")
     header = ArchiveHeader.from_json(meta_text)
     return doc, header, checksums, 8 + length

@@ -157,8 +157,17 @@ class ArchiveHeader:
             )
         except TvqError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise TvqError(f"archive header is malformed ({type(exc).__name__}: {exc})") from None
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
+            raise TvqError(
+                f"archive header is malformed ({type(exc).__name__}: {exc})"[:300]
+            ) from None
         header.validate()
         return header
 
@@ -181,6 +190,8 @@ class ArchiveHeader:
             if any(d < 0 for d in entry.shape):
                 raise TvqError(f"archive header entry for {entry.name} has a negative dimension")
             if entry.kind == "quantized":
+                if len(entry.shape) < 2:
+                    raise TvqError(f"archive header entry for {entry.name} is malformed")
                 roles = {p.role for p in entry.parts}
                 if roles != expected_roles or len(entry.parts) != len(expected_roles):
                     raise TvqError(f"archive header entry for {entry.name} has the wrong roles")

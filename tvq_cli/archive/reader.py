@@ -1,13 +1,16 @@
-"""Archive reader: memory-maps the file, checks it against its header, verifies checksums.
+"""Archive reader: checks the file against its header, verifies checksums on every read.
 
 Everything the reader hands out has been checked: the header's own checksum, that the file
 holds exactly the stored tensors the header implies (keys, dtypes, sizes, offsets inside the
-file), and each tensor's crc32 the first time it is read. Damage raises TvqError, never a crash
-and never silently wrong numbers.
+file), and each stored tensor's crc32 every time it is read. Damage raises TvqError, never a
+crash and never silently wrong numbers. Stored tensors are read with pread, not through a
+memory map: a file truncated under a map kills the process with SIGBUS, and touched pages of a
+map stay in the process's resident memory until it is closed.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from ..checkpoint import ST_TO_TORCH
 from ..errors import TvqError
 from ..quant.bitpack import unpack_bits
 from ..quant.quantizer import Quantized, dequantize, group_count
-from .container import crc32, decode_header
+from .container import MAX_HEADER_BYTES, crc32, decode_header
 from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout, part_keys
 from .format import shared_key as _shared_key
 
@@ -41,9 +44,9 @@ class Archive:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                prefix = f.read(min(size, 8 + 100 * 1024 * 1024))
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open to read
+            size = os.fstat(self._file.fileno()).st_size
+            prefix = _read_prefix(self._file, min(size, 8 + MAX_HEADER_BYTES))
         except FileNotFoundError:
             raise TvqError(f"{self.path}: no such file") from None
         except IsADirectoryError:
@@ -60,13 +63,7 @@ class Archive:
         self.stored: list[StoredTensor] = layout(header)
         self._checksums = checksums
         self._offsets: dict[str, tuple[int, int]] = {}
-        self._verified: set[str] = set()
         self._check_entries(entries, size - data_start)
-        self._data = (
-            np.memmap(self.path, dtype=np.uint8, mode="r", offset=data_start)
-            if size > data_start
-            else np.zeros(0, np.uint8)
-        )
         self.entries: dict[str, TensorEntry] = {t.name: t for t in header.tensors}
 
     def _check_entries(self, entries: dict, payload: int) -> None:
@@ -81,13 +78,13 @@ class Archive:
             try:
                 start, end = (int(v) for v in info["data_offsets"])
                 ok = info["dtype"] == s.dtype and list(info["shape"]) == list(s.shape)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 ok = False
             if not ok or not 0 <= start <= end <= payload or end - start != s.nbytes:
                 raise TvqError(f"{self.path}: stored tensor {key} has the wrong size or place")
             if key not in self._checksums:
                 raise TvqError(f"{self.path}: stored tensor {key} has no checksum")
-            self._offsets[key] = (start, end)
+            self._offsets[key] = (self.header_bytes + start, self.header_bytes + end)
 
     # --- raw access -------------------------------------------------------------------------
     @property
@@ -99,25 +96,44 @@ class Archive:
         return self.header.scheme
 
     def raw(self, key: str) -> np.ndarray:
-        """The bytes of one stored tensor as a read-only uint8 array, checksum verified."""
+        """The bytes of one stored tensor as a uint8 array, read now and checksum verified."""
         try:
             start, end = self._offsets[key]
         except KeyError:
             raise TvqError(f"{self.path}: no stored tensor {key}") from None
-        data = self._data[start:end]
-        if key not in self._verified:
-            if crc32(memoryview(data)) != self._checksums[key]:
-                raise TvqError(f"{self.path}: checksum mismatch in {key} (the file is damaged)")
-            self._verified.add(key)
+        data = np.empty(end - start, np.uint8)
+        view, done = memoryview(data), 0
+        try:
+            while done < data.size:
+                got = os.preadv(self._file.fileno(), [view[done:]], start + done)
+                if got == 0:
+                    raise TvqError(f"{self.path}: the file ended early (truncated while open)")
+                done += got
+        except OSError as exc:
+            raise TvqError(f"{self.path}: cannot read {key} ({exc.strerror})") from None
+        if crc32(view) != self._checksums[key]:
+            raise TvqError(f"{self.path}: checksum mismatch in {key} (the file is damaged)")
         return data
+
+    def close(self) -> None:
+        self._file.close()
 
     def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         return self.raw(key).view(NP_DTYPES[dtype]).reshape(shape)
 
-    def verify(self) -> None:
-        """Read and check every stored tensor; raises TvqError on the first damage."""
+    def verify(self) -> int:
+        """Read and check every stored tensor and every decoded range; raises TvqError on the
+        first damage. Returns the number of payload bytes checked."""
         for s in self.stored:
             self.raw(s.key)
+        for entry in self.header.tensors:
+            if entry.kind == "quantized":
+                for part in entry.parts:
+                    self._scales(part, entry)
+            elif entry.kind == "exact":
+                for task in self.tasks:
+                    self._delta(task, entry)
+        return sum(s.nbytes for s in self.stored)
 
     # --- decoded access ---------------------------------------------------------------------
     def entry(self, name: str) -> TensorEntry:
@@ -131,12 +147,22 @@ class Archive:
         groups = group_count(entry.shape, part.group_size)
         codes = unpack_bits(self.raw(codes_key), part.bits, entry.numel)
         zeros = unpack_bits(self.raw(zeros_key), part.bits, groups)
-        scales = self.array(scales_key, "F32", (groups,))
+        scales = self._scales(part, entry)
+        return Quantized(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros))
+
+    def _scales(self, part: Part, entry: TensorEntry) -> np.ndarray:
+        key = part_keys(part, entry.name)[1]
+        scales = self.array(key, "F32", (group_count(entry.shape, part.group_size),))
         if not np.isfinite(scales).all() or (scales <= 0).any():
-            raise TvqError(f"{self.path}: invalid scales in {scales_key} (damaged archive)")
-        return Quantized(
-            torch.from_numpy(codes), torch.from_numpy(scales.copy()), torch.from_numpy(zeros)
-        )
+            raise TvqError(f"{self.path}: invalid scales in {key} (damaged archive)")
+        return scales
+
+    def _delta(self, task: str, entry: TensorEntry) -> np.ndarray:
+        key = delta_key(task, entry.name)
+        delta = self.array(key, "F32", entry.shape)
+        if not np.isfinite(delta).all():
+            raise TvqError(f"{self.path}: NaN or Inf in {key} (damaged archive)")
+        return delta
 
     def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
         return dequantize(self.quantized(part, entry), part.spec, entry.shape)
@@ -144,8 +170,7 @@ class Archive:
     def shared(self, name: str) -> torch.Tensor:
         """A non-float tensor stored once (identical in every input)."""
         entry = self.entry(name)
-        data = self.raw(_shared_key(name)).copy()
-        tensor = torch.from_numpy(data)
+        tensor = torch.from_numpy(self.raw(_shared_key(name)))
         return tensor.view(ST_TO_TORCH[entry.dtype]).reshape(entry.shape)
 
     def task_vector(
@@ -161,7 +186,7 @@ class Archive:
         if entry.kind == "shared":
             raise TvqError(f"{name} is not a float tensor; it has no task vector")
         if entry.kind == "exact":
-            return torch.from_numpy(self.array(delta_key(task, name), "F32", entry.shape).copy())
+            return torch.from_numpy(self._delta(task, entry))
         parts = {p.role: p for p in entry.parts}
         if self.scheme == "tvq":
             return self.dequantized(parts[f"task:{task}"], entry)
@@ -171,6 +196,18 @@ class Archive:
         if pretrained is None:
             raise TvqError("an FQ archive needs the pretrained weights to form task vectors")
         return self.dequantized(parts[f"ft:{task}"], entry).sub_(pretrained.to(torch.float32))
+
+
+def _read_prefix(file, size: int) -> bytes:
+    """The first `size` bytes (fewer only if the file shrank meanwhile: the checks catch it)."""
+    chunks, done = [], 0
+    while done < size:
+        chunk = file.read(size - done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 def open_archive(path: Path | str) -> Archive:
