@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every failure into one line on stderr."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(args=argv, prog_name="tvq", standalone_mode=False)
+        code = app(args=argv, prog_name="tvq", standalone_mode=False)
+        if code == 130:  # typer turns KeyboardInterrupt into a returned exit code
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            return code
     except TvqError as exc:
         print(f"tvq: error: {exc}", file=sys.stderr)
         return 1

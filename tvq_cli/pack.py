@@ -245,10 +245,11 @@ def pack(
     with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
         packer = TensorPacker(settings, threads)
         stack.callback(packer.close)
-        reader = Prefetcher(header.tensors, pre, fts, budget=largest * (1 + len(fts)))
-        stack.callback(reader.close)
         background = Writer()
         stack.callback(background.close)
+        reader = Prefetcher(header.tensors, pre, fts, budget=largest * (1 + len(fts)))
+        stack.callback(reader.close)
+        reader.start()
         bar = tqdm(
             reader,
             total=len(header.tensors),

@@ -80,6 +80,9 @@ class Prefetcher:
         self._ready: queue.Queue = queue.Queue()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="tvq-read", daemon=True)
+
+    def start(self) -> None:
+        """Start reading; call `close` in every case afterwards (register it first)."""
         self._thread.start()
 
     def _run(self) -> None:
@@ -116,10 +119,13 @@ class Prefetcher:
             self._room.notify()
 
     def close(self) -> None:
+        """Stop the reader and wait for it: a thread left inside torch when the interpreter
+        exits aborts the process."""
         with self._room:
             self._stop = True
             self._room.notify()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
 
 class Writer:

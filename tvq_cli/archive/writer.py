@@ -7,7 +7,7 @@ stored tensor has been written, so an error or an interrupt never leaves a parti
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +42,21 @@ class ArchiveWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> ArchiveWriter:
+        """Create the temporary file. The name is chosen before the file exists, so that an
+        interrupt at any point of this method still lets `_discard` remove it."""
         directory = self.path.parent if str(self.path.parent) else Path(".")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            raise TvqError(f"cannot write in {directory}: {exc.strerror}") from None
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
-        self._header_len = len(encode_header(self.header, self.stored, {}))
-        self._file.write(b"\0" * self._header_len)
+            self._tmp = directory / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._file = os.fdopen(fd, "wb")
+            self._header_len = len(encode_header(self.header, self.stored, {}))
+            self._file.write(b"\0" * self._header_len)
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                where = f"in {directory}" if self._file is None else self.path
+                raise TvqError(f"cannot write {where}: {exc.strerror}") from None
+            raise
         return self
 
     def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
