@@ -25,7 +25,7 @@ from .archive.writer import ArchiveWriter, archive_size
 from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests
 from .errors import TvqError
 from .pack_tensor import Settings, TensorPacker
-from .pipeline import Prefetcher, Writer, default_threads, torch_threads
+from .pipeline import Prefetcher, Writer, default_threads, fixed_mmap_threshold, torch_threads
 from .quant.quantizer import QuantSpec
 
 DEFAULT_GROUP_SIZE = 128
@@ -242,6 +242,7 @@ def pack(
     )
     largest = max(t.numel * ITEMSIZE[t.dtype] for t in header.tensors)
     digests: dict[str, bytes] = {}
+    fixed_mmap_threshold()
     with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
         packer = TensorPacker(settings, threads)
         stack.callback(packer.close)

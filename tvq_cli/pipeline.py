@@ -10,6 +10,7 @@ the number of tensors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import threading
@@ -21,6 +22,20 @@ import torch
 
 from .archive.format import ITEMSIZE, TensorEntry
 from .checkpoint import Checkpoint, tensor_digest
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fixed_mmap_threshold(limit: int = 1 << 20) -> None:
+    """Have glibc give every allocation over `limit` its own mapping, returned when freed.
+
+    By default glibc raises this threshold after the first large free (up to 32 MiB); from then
+    on multi-megabyte tensor buffers come from per-thread heaps, which fragment, so peak memory
+    grew with the number of tensors (measured: +38 MiB for twice the tensors, 0 with this).
+    Setting it once also stops the adjustment. No effect where the C library is not glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, limit)
 
 
 def default_threads() -> int:
