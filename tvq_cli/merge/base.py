@@ -152,9 +152,14 @@ class MergeMethod:
 
     def rng(self, name: str, task: str, stream: str) -> torch.Generator:
         """A generator seeded by (seed, tensor, task, purpose): reproducible in any order."""
-        key = f"{self.ctx.seed}\0{name}\0{task}\0{stream}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+        return derive_generator(self.ctx.seed, name, task, stream)
+
+
+def derive_generator(seed: int, *keys: str) -> torch.Generator:
+    """A torch generator seeded from --seed and names, independent of processing order."""
+    text = "\0".join([str(seed), *keys]).encode()
+    derived = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator().manual_seed(derived)
 
 
 def broadcast(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..checkpoint import ST_TO_TORCH, TORCH_TO_ST, Checkpoint, TensorSpec
 from ..errors import TvqError
 from ..output import DEFAULT_MAX_SHARD, ModelWriter, atomic_output, check_target, parse_size
 from .base import MergeContext, MergeMethod, method_class, parse_weights
+from .quantized_out import ArchiveOutput
 from .sources import Sources
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -234,11 +235,11 @@ def run_merge(request: MergeRequest, progress: bool = False) -> dict:
     """Check, merge and write; returns the report (schema in docs/merge.md)."""
     start = time.perf_counter()
     job = MergeJob(request, progress)
-    job.run_statistics()
     if request.quantized:
-        from .quantized_out import write_archive
-
-        output, rounding = write_archive(job)
+        archive_output = ArchiveOutput(job)  # checks the quantized-output options first
+        job.run_statistics()
+        output, rounding = archive_output.write()
         return job.report(output, time.perf_counter() - start, rounding)
+    job.run_statistics()
     output = job.write_models()
     return job.report(output, time.perf_counter() - start)
