@@ -79,7 +79,7 @@ def test_average_of_two_4bit_archives_changes_and_reports(tmp_path):
     common = (archive, "--pretrained", pre, "--method", "average")
     noise = _merge_json(*common, "--out", tmp_path / "noise.tvq")
     nearest = _merge_json(*common, "--out", tmp_path / "near.tvq", "--rounding", "nearest")
-    again = _merge_json(*common, "--out", tmp_path / "again.tvq")
+    _merge_json(*common, "--out", tmp_path / "again.tvq")
     rounding = noise["rounding"]
     assert rounding["grid"] == "inputs" and noise["output"]["scheme"] == "fq"
     assert rounding["ambiguous"] == 2 and rounding["tensors_changed"] == 1
