@@ -172,7 +172,7 @@ def plan_tensors(
     return entries
 
 
-def write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
+def _write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
     """Append the codes, scales and zero-points of one quantized part, in layout order."""
     codes_key, scales_key, zeros_key = part_keys(part, name)
     writer.write(codes_key, pack_bits(q.codes.numpy(), part.bits))
@@ -209,20 +209,20 @@ def _pack_tensor(
     parts = entry.parts
     if options.scheme == "tvq":
         for part, ckpt in zip(parts, finetuned, strict=True):
-            write_quantized(writer, part, name, quantize(ckpt.load_float(name) - pre, part.spec))
+            _write_quantized(writer, part, name, quantize(ckpt.load_float(name) - pre, part.spec))
     elif options.scheme == "fq":
         for part, ckpt in zip(parts, finetuned, strict=True):
-            write_quantized(writer, part, name, quantize(ckpt.load_float(name), part.spec))
+            _write_quantized(writer, part, name, quantize(ckpt.load_float(name), part.spec))
     else:
         deltas = [ckpt.load_float(name).sub_(pre) for ckpt in finetuned]
         base = torch.stack(deltas).mean(dim=0) if len(deltas) > 1 else deltas[0].clone()
         base_q = quantize(base, parts[0].spec)
-        write_quantized(writer, parts[0], name, base_q)
+        _write_quantized(writer, parts[0], name, base_q)
         anchor = (
             dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
         )
         for part, delta in zip(parts[1:], deltas, strict=True):
-            write_quantized(writer, part, name, quantize(delta.sub_(anchor), part.spec))
+            _write_quantized(writer, part, name, quantize(delta.sub_(anchor), part.spec))
     return digest
 
 

@@ -24,7 +24,7 @@ from ..archive.format import ArchiveHeader, Part, TensorEntry, delta_key, shared
 from ..archive.writer import ArchiveWriter
 from ..checkpoint import tensor_bytes
 from ..errors import TvqError
-from ..pack import DEFAULT_GROUP_SIZE, plan_tensors, write_quantized
+from ..pack import DEFAULT_GROUP_SIZE, _write_quantized, plan_tensors
 from ..quant.quantizer import Quantized, QuantSpec, expand_groups, quantize
 from .base import derive_generator
 from .rounding import CosineSums, Grid, Rounded, noise_round
@@ -228,7 +228,7 @@ class ArchiveOutput:
                     writer.write(delta_key(self.task, entry.name), tensor_bytes(merged))
                     continue
                 q, rounded = self.quantize_tensor(entry, taus)
-                write_quantized(writer, entry.parts[0], entry.name, q)
+                _write_quantized(writer, entry.parts[0], entry.name, q)
                 total_near = total_near + rounded.nearest
                 total_best = total_best + rounded.best
                 rows.append(
