@@ -133,8 +133,9 @@ def _coefficients(values: dict) -> str:
 
 def render_merge(report: dict, console: Console) -> None:
     out = report["output"]
+    n = len(report["tasks"])
     console.print(
-        f"merged {len(report['tasks'])} tasks ({', '.join(report['tasks'])}) "
+        f"merged {n} task{'s' if n != 1 else ''} ({', '.join(report['tasks'])}) "
         f"with {report['method']}"
     )
     console.print(f"  coefficients: {_coefficients(report['coefficients'])}")
