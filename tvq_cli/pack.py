@@ -28,7 +28,14 @@ from .archive.format import (
     shared_key,
 )
 from .archive.writer import ArchiveWriter, archive_size
-from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests, tensor_bytes, tensor_digest
+from .checkpoint import (
+    FLOAT_DTYPES,
+    Checkpoint,
+    TensorSpec,
+    combine_digests,
+    tensor_bytes,
+    tensor_digest,
+)
 from .errors import TvqError
 from .quant.bitpack import pack_bits
 from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
@@ -137,29 +144,36 @@ def plan_pack(
     if len(tasks) != len(finetuned):
         raise TvqError("internal error: one task name per fine-tuned checkpoint")
     check_compatible(pretrained, finetuned)
-    parts = options.parts(tasks)
+    return ArchiveHeader(
+        scheme=options.scheme,
+        tasks=list(tasks),
+        tool_version=__version__,
+        pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
+        tensors=plan_tensors(pretrained.specs, options.parts(tasks), options.keep),
+        error_correction=options.error_correction if options.scheme == "rtvq" else None,
+    )
+
+
+def plan_tensors(
+    specs: dict[str, TensorSpec], parts: list[Part], keep: tuple[str, ...] = ()
+) -> list[TensorEntry]:
+    """How each tensor is stored: non-float shared, 1-D or `keep` exact, the rest quantized."""
     entries = []
-    for name, spec in pretrained.specs.items():
+    for name, spec in specs.items():
         if not spec.is_float:
             kind = "shared"
-        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in options.keep):
+        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in keep):
             kind = "exact"
         else:
             kind = "quantized"
         entries.append(
             TensorEntry(name, spec.shape, spec.dtype, kind, parts if kind == "quantized" else [])
         )
-    return ArchiveHeader(
-        scheme=options.scheme,
-        tasks=list(tasks),
-        tool_version=__version__,
-        pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
-        tensors=entries,
-        error_correction=options.error_correction if options.scheme == "rtvq" else None,
-    )
+    return entries
 
 
 def _write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
+    """Append the codes, scales and zero-points of one quantized part, in layout order."""
     codes_key, scales_key, zeros_key = part_keys(part, name)
     writer.write(codes_key, pack_bits(q.codes.numpy(), part.bits))
     writer.write(scales_key, q.scales.numpy())

@@ -108,3 +108,14 @@ def dequantize(q: Quantized, spec: QuantSpec, shape: tuple[int, ...]) -> torch.T
     groups, padded_cols = _grouped(codes, spec.group_size)
     values = (groups - q.zeros.to(torch.float32)[:, None]) / q.scales[:, None]
     return _ungrouped(values, shape, padded_cols)
+
+
+def expand_groups(values: torch.Tensor, shape: tuple[int, ...], group_size: int) -> torch.Tensor:
+    """Broadcast one value per group (e.g. a step size) to every element of a tensor of `shape`."""
+    values = values.to(torch.float32).reshape(-1)
+    if group_size == 0 or len(shape) == 0:
+        return values[:1].expand(shape).clone() if values.numel() else torch.zeros(shape)
+    cols = shape[-1]
+    per_row = -(-cols // group_size)
+    rows = values.reshape(-1, per_row).repeat_interleave(group_size, dim=1)[:, :cols]
+    return rows.reshape(shape).contiguous()
