@@ -78,7 +78,8 @@ def _measure_entry(
     weighting: str,
 ) -> tuple[list[Item], float]:
     """The items of one quantized tensor and its task vectors' total squared norm."""
-    deltas = [ckpt.load_float(entry.name).sub_(pre) for ckpt in finetuned]
+    # not in place: a loaded tensor may share memory with the checkpoint's open handle
+    deltas = [ckpt.load_float(entry.name) - pre for ckpt in finetuned]
     norm2 = sum(float(d.double().square().sum()) for d in deltas)
     weight = 1.0 if weighting == "params" else 1.0 / max(norm2, 1e-30)
     proto = entry.parts

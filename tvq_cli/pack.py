@@ -238,7 +238,8 @@ def quantized_parts(
         for part, ckpt in zip(parts, finetuned, strict=True):
             yield part, quantize(ckpt.load_float(name), part.spec)
     else:
-        deltas = [ckpt.load_float(name).sub_(pre) for ckpt in finetuned]
+        # not in place: a loaded tensor may share memory with the checkpoint's open handle
+        deltas = [ckpt.load_float(name) - pre for ckpt in finetuned]
         base = torch.stack(deltas).mean(dim=0) if len(deltas) > 1 else deltas[0].clone()
         base_q = quantize(base, parts[0].spec)
         yield parts[0], base_q
@@ -246,7 +247,7 @@ def quantized_parts(
             dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
         )
         for part, delta in zip(parts[1:], deltas, strict=True):
-            yield part, quantize(delta.sub_(anchor), part.spec)
+            yield part, quantize(delta.sub_(anchor), part.spec)  # delta is our own copy
 
 
 def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:

@@ -3,10 +3,10 @@
 Like GGUF k-quants (6-bit scales under an fp16 super-scale), a group's step costs a few bits
 instead of 32, so small groups stay cheap. The step is coded on a logarithmic grid because
 task-vector groups span orders of magnitude: with `scale_bits = s` the grid has 2^(s-4) codes
-per octave and covers 16 octaves below the tensor's largest step `D`:
-``step(k) = D * 2^(-k / 2^(s-4))``, k in [0, 2^s - 1]. The relative precision of a step is
-within 2^(1 / 2^(s-3)) - 1 of the wanted step (2.2% at 8 bits, 9% at 6 bits); steps more than 16
-octaves below `D` are clamped to the smallest step (coarser, never clipping).
+per octave and reaches (2^s - 1) / 2^(s-4) octaves (just under 16) below the tensor's largest
+step `D`: ``step(k) = D * 2^(-k / 2^(s-4))``, k in [0, 2^s - 1]. A coded step is within
+2^(1 / 2^(s-3)) - 1 of the wanted one (2.2% at 8 bits, 9% at 6 bits); steps below the grid
+are clamped to its smallest step (coarser, never clipping).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from ..errors import TvqError
 
 MIN_SCALE_BITS = 4
 MAX_SCALE_BITS = 8
-OCTAVES = 16
 
 
 def check_scale_bits(scale_bits: int) -> None:
