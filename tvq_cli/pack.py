@@ -36,7 +36,7 @@ from .quant import entropy
 from .quant.entropy import CODECS
 from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
 
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 128
 DEFAULT_SCALE_BITS = 6
 DEFAULT_RANGE = "search"
 DEFAULT_CODEC = "zstd"
@@ -45,7 +45,7 @@ FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Quantization settings. Defaults: TVQ 4-bit, RTVQ base 3 / offset 2 bits, groups of 64
+    """Quantization settings. Defaults: TVQ 4-bit, RTVQ base 3 / offset 2 bits, groups of 128
     with searched ranges, 6-bit compact scales and entropy-coded codes (docs/fidelity.md).
 
     `budget` (bits per weight, all bytes counted) lets the allocator choose bits per tensor
