@@ -9,7 +9,7 @@ from tvq_cli import PackOptions, TvqError, open_archive, pack
 from tvq_cli.archive import ArchiveHeader, ArchiveWriter, Part, TensorEntry
 from tvq_cli.archive.format import layout
 from tvq_cli.archive.writer import archive_size
-from tvq_cli.pack import dry_run
+from tvq_cli.pack import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, dry_run
 from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
 
 
@@ -61,7 +61,8 @@ def test_tvq_task_vectors_match_direct_quantization(tmp_path, inputs):
     theta_pre, theta_1 = _load(pre), _load(fts[1])
     name = "layers.1.fc.weight"
     tau = theta_1[name] - theta_pre[name]
-    spec = QuantSpec(3, 16)
+    spec = archive.entry(name).parts[1].spec  # the default range search and compact scales
+    assert spec == QuantSpec(3, 16, DEFAULT_RANGE, DEFAULT_SCALE_BITS)
     expected = dequantize(quantize(tau, spec), spec, tuple(tau.shape))
     assert torch.equal(archive.task_vector("task1", name), expected)
     # 1-D tensors are exact fp32 deltas; non-float buffers come back unchanged.
@@ -82,7 +83,8 @@ def test_rtvq_reconstruction_follows_algorithm_1(tmp_path, inputs, error_correct
     theta_pre = _load(pre)[name]
     thetas = [_load(p)[name] for p in fts]
     base = torch.stack(thetas).mean(0) - theta_pre
-    base_spec, off_spec = QuantSpec(3, 32), QuantSpec(2, 32)
+    base_spec = QuantSpec(3, 32, DEFAULT_RANGE, DEFAULT_SCALE_BITS)
+    off_spec = QuantSpec(2, 32, DEFAULT_RANGE, DEFAULT_SCALE_BITS)
     base_hat = dequantize(quantize(base, base_spec), base_spec, tuple(base.shape))
     anchor = theta_pre + base_hat if error_correction else theta_pre + base
     for i, theta in enumerate(thetas):
@@ -101,7 +103,7 @@ def test_fq_needs_pretrained_and_subtracts_it(tmp_path, inputs):
     theta_pre, theta_0 = _load(pre)[name], _load(fts[0])[name]
     with pytest.raises(TvqError, match="pretrained"):
         archive.task_vector("task0", name)
-    spec = QuantSpec(8, 128)
+    spec = QuantSpec(8, DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS)
     expected = dequantize(quantize(theta_0, spec), spec, tuple(theta_0.shape)) - theta_pre
     assert torch.allclose(archive.task_vector("task0", name, theta_pre), expected)
 

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import finetune, make_checkpoints, run_cli, synthetic_model, write_checkpoint
+from tvq_cli.pack import DEFAULT_CODEC, DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_inspect_json_reports_storage_figures(tmp_path, inputs):
     assert report["bits_per_weight"] == pytest.approx(8 * size / (3 * params))
     assert report["compression"]["vs_fp32"] == pytest.approx(3 * params * 4 / size)
     assert report["quantization"] == [
-        {"role": "task", "bits": 2, "group_size": 128,
+        {"role": "task", "bits": 2, "group_size": DEFAULT_GROUP_SIZE, "range": DEFAULT_RANGE,
+         "scale_bits": DEFAULT_SCALE_BITS, "codec": DEFAULT_CODEC,
          "parameters": 3 * report["parameters"]["quantized"]}
     ]
     assert report["tensors_count"] == {"quantized": 4, "exact": 2, "shared": 1}

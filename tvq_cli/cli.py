@@ -17,9 +17,18 @@ from . import __version__
 from .errors import TvqError
 from .merge import MergeRequest, list_methods, merge
 from .merge.sources import parse_task_list
-from .pack import DEFAULT_GROUP_SIZE, PackOptions, dry_run, pack
+from .pack import (
+    DEFAULT_CODEC,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RANGE,
+    DEFAULT_SCALE_BITS,
+    PackOptions,
+    PackResult,
+    dry_run,
+    pack,
+)
 from .render import human_bytes, render_inspect, render_merge, render_methods
-from .report import inspect_archive
+from .report import inspect_archive, quantization_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -64,6 +73,28 @@ def pack_command(
         "--error-correction/--no-error-correction",
         help="RTVQ: take offsets against the quantized base (the paper's correction).",
     ),
+    range_method: str = typer.Option(
+        DEFAULT_RANGE,
+        "--range",
+        help="search: least-squares clipping per group; minmax: the paper's min-max ranges.",
+    ),
+    scale_bits: int = typer.Option(
+        DEFAULT_SCALE_BITS,
+        help="Bits per group step (4-8, log-coded under one fp32 scale per tensor); 0 = fp32.",
+    ),
+    codec: str = typer.Option(
+        DEFAULT_CODEC, help="zstd: entropy-code the codes (lossless); raw: bit-packed only."
+    ),
+    budget: float = typer.Option(
+        None,
+        help="Bits per weight for the whole archive (all bytes counted): choose bits per "
+        "tensor and role for the least error; overrides --bits/--base-bits/--offset-bits.",
+    ),
+    weighting: str = typer.Option(
+        "params",
+        help="With --budget: params (total squared error) or uniform (each tensor counts "
+        "the same, by relative error).",
+    ),
     keep: list[str] = typer.Option([], "--keep", help="Glob of tensor names to keep exact."),
     name: list[str] = typer.Option([], "--name", help="NAME=PATH: name a task (repeatable)."),
     dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
@@ -79,6 +110,11 @@ def pack_command(
         group_size=group_size,
         keep=tuple(keep),
         error_correction=error_correction,
+        range=range_method,
+        scale_bits=scale_bits,
+        codec=codec,
+        budget=budget,
+        weighting=weighting,
     )
     names = _parse_names(name)
     if dry:
@@ -90,6 +126,7 @@ def pack_command(
             f"{tasks} tasks, {8 * result.size_bytes / (tasks * params):.4f} bits per weight, "
             f"{tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32 checkpoints"
         )
+        _print_allocation(result)
         return
     if out is None:
         raise TvqError("--out is required (or use --dry-run)")
@@ -104,6 +141,30 @@ def pack_command(
         f"bits per weight, {tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32, "
         f"{result.seconds:.1f} s"
     )
+    _print_allocation(result)
+
+
+def _print_allocation(result: PackResult) -> None:
+    """With --budget: the predicted error and the chosen bits, by role, in parameters."""
+    alloc = result.allocation
+    if alloc is None:
+        return
+    uniform = (
+        "" if alloc.uniform_error is None else f" (best uniform bits: {alloc.uniform_error:.4f})"
+    )
+    stdout.print(
+        f"allocation for {8 * alloc.budget_bytes / _weights(result):.3f} bpw budget: "
+        f"predicted rel-L2 {alloc.rel_error:.4f}{uniform}"
+    )
+    for row in quantization_settings(result.header):
+        stdout.print(
+            f"  {row['role']}: {row['bits']} bits, group {row['group_size']}: "
+            f"{row['parameters']:,} parameters"
+        )
+
+
+def _weights(result: PackResult) -> int:
+    return len(result.header.tasks) * sum(t.numel for t in result.header.tensors)
 
 
 @app.command("inspect")

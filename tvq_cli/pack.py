@@ -10,23 +10,25 @@ from __future__ import annotations
 import fnmatch
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import __version__
+from .alloc import WEIGHTINGS, Allocation, allocate
 from .archive.format import (
     ArchiveHeader,
     Part,
     TensorEntry,
     check_task_name,
     delta_key,
-    part_keys,
     roles_for,
     shared_key,
 )
+from .archive.parts import encode_part
 from .archive.writer import ArchiveWriter, archive_size
 from .checkpoint import (
     FLOAT_DTYPES,
@@ -37,16 +39,25 @@ from .checkpoint import (
     tensor_digest,
 )
 from .errors import TvqError
-from .quant.bitpack import pack_bits
+from .quant import entropy
+from .quant.entropy import CODECS
 from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
 
 DEFAULT_GROUP_SIZE = 128
+DEFAULT_SCALE_BITS = 6
+DEFAULT_RANGE = "search"
+DEFAULT_CODEC = "zstd"
 FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
 
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Quantization settings. Defaults: TVQ 4-bit, groups of 128, RTVQ base 3 / offset 2 bits."""
+    """Quantization settings. Defaults: TVQ 4-bit, RTVQ base 3 / offset 2 bits, groups of 128
+    with searched ranges, 6-bit compact scales and entropy-coded codes (docs/fidelity.md).
+
+    `budget` (bits per weight, all bytes counted) lets the allocator choose bits per tensor
+    and role instead of `bits` / `base_bits` / `offset_bits`.
+    """
 
     scheme: str = "tvq"
     bits: int = 4
@@ -55,11 +66,27 @@ class PackOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     keep: tuple[str, ...] = ()
     error_correction: bool = True
+    range: str = DEFAULT_RANGE
+    scale_bits: int = DEFAULT_SCALE_BITS
+    codec: str = DEFAULT_CODEC
+    budget: float | None = None
+    weighting: str = "params"
+    budget_groups: tuple[int, ...] = ()  # group sizes the allocator may pick (default: group_size)
 
     def __post_init__(self) -> None:
         roles_for(self.scheme, ["x"])  # validates the scheme name
         for bits in (self.bits, self.base_bits, self.offset_bits):
-            QuantSpec(bits, self.group_size)
+            QuantSpec(bits, self.group_size, self.range, self.scale_bits)
+        for group in self.budget_groups:
+            QuantSpec(self.bits, group)
+        if self.codec not in CODECS:
+            raise TvqError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise TvqError(
+                f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"
+            )
+        if self.budget is not None and not self.budget > 0:
+            raise TvqError(f"budget must be a positive number of bits per weight: {self.budget}")
 
     def parts(self, tasks: list[str]) -> list[Part]:
         roles = roles_for(self.scheme, tasks)
@@ -67,7 +94,10 @@ class PackOptions:
             bits = [self.base_bits] + [self.offset_bits] * len(tasks)
         else:
             bits = [self.bits] * len(tasks)
-        return [Part(role, b, self.group_size) for role, b in zip(roles, bits, strict=True)]
+        return [
+            Part(role, b, self.group_size, self.range, self.scale_bits, self.codec)
+            for role, b in zip(roles, bits, strict=True)
+        ]
 
 
 @dataclass
@@ -77,6 +107,7 @@ class PackResult:
     size_bytes: int
     seconds: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    allocation: Allocation | None = None
 
 
 def default_task_name(path: Path) -> str:
@@ -173,11 +204,9 @@ def plan_tensors(
 
 
 def _write_quantized(writer: ArchiveWriter, part: Part, name: str, q: Quantized) -> None:
-    """Append the codes, scales and zero-points of one quantized part, in layout order."""
-    codes_key, scales_key, zeros_key = part_keys(part, name)
-    writer.write(codes_key, pack_bits(q.codes.numpy(), part.bits))
-    writer.write(scales_key, q.scales.numpy())
-    writer.write(zeros_key, pack_bits(q.zeros.numpy(), part.bits))
+    """Append the stored tensors of one quantized part, in layout order."""
+    for key, data in encode_part(part, name, q):
+        writer.write(key, data)
 
 
 def _pack_tensor(
@@ -206,24 +235,33 @@ def _pack_tensor(
         for task, ckpt in zip(tasks, finetuned, strict=True):
             writer.write(delta_key(task, name), tensor_bytes(ckpt.load_float(name) - pre))
         return digest
-    parts = entry.parts
+    for part, q in quantized_parts(entry, pre, finetuned, options):
+        _write_quantized(writer, part, name, q)
+    return digest
+
+
+def quantized_parts(
+    entry: TensorEntry, pre: torch.Tensor, finetuned: list[Checkpoint], options: PackOptions
+) -> Iterator[tuple[Part, Quantized]]:
+    """Quantize one tensor's roles in storage order (the pretrained value given in fp32)."""
+    name, parts = entry.name, entry.parts
     if options.scheme == "tvq":
         for part, ckpt in zip(parts, finetuned, strict=True):
-            _write_quantized(writer, part, name, quantize(ckpt.load_float(name) - pre, part.spec))
+            yield part, quantize(ckpt.load_float(name) - pre, part.spec)
     elif options.scheme == "fq":
         for part, ckpt in zip(parts, finetuned, strict=True):
-            _write_quantized(writer, part, name, quantize(ckpt.load_float(name), part.spec))
+            yield part, quantize(ckpt.load_float(name), part.spec)
     else:
-        deltas = [ckpt.load_float(name).sub_(pre) for ckpt in finetuned]
+        # not in place: a loaded tensor may share memory with the checkpoint's open handle
+        deltas = [ckpt.load_float(name) - pre for ckpt in finetuned]
         base = torch.stack(deltas).mean(dim=0) if len(deltas) > 1 else deltas[0].clone()
         base_q = quantize(base, parts[0].spec)
-        _write_quantized(writer, parts[0], name, base_q)
+        yield parts[0], base_q
         anchor = (
             dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
         )
         for part, delta in zip(parts[1:], deltas, strict=True):
-            _write_quantized(writer, part, name, quantize(delta.sub_(anchor), part.spec))
-    return digest
+            yield part, quantize(delta.sub_(anchor), part.spec)  # delta is our own copy
 
 
 def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
@@ -236,13 +274,44 @@ def dry_run(
     options: PackOptions | None = None,
     names: dict[str, str] | None = None,
 ) -> PackResult:
-    """The exact archive size for these inputs and settings, without reading a weight."""
+    """The exact archive size for these inputs and settings.
+
+    Reads no weight unless the size depends on them: entropy-coded codes are measured, and
+    with a budget the allocation is computed (and reported in `allocation`).
+    """
     options = options or PackOptions()
     finetuned = [Path(p) for p in finetuned]
     tasks = task_names(finetuned, names)
     pre, fts = _open_inputs(Path(pretrained), finetuned)
     header = plan_pack(pre, fts, tasks, options)
-    return PackResult(None, header, archive_size(header))
+    allocation = _allocate(header, pre, fts, options)
+    if allocation is None:
+        _measure_coded(header, pre, fts, options)
+    return PackResult(None, header, archive_size(header), allocation=allocation)
+
+
+def _allocate(
+    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+) -> Allocation | None:
+    if options.budget is None:
+        return None
+    return allocate(header, pre, fts, options.budget, options.weighting, options.budget_groups)
+
+
+def _measure_coded(
+    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+) -> None:
+    """Fill in the coded size of every entropy-coded part by quantizing and coding it."""
+    for entry in header.tensors:
+        if entry.kind != "quantized" or all(p.codec != "zstd" for p in entry.parts):
+            continue
+        sized = []
+        for part, q in quantized_parts(entry, pre.load_float(entry.name), fts, options):
+            if part.codec == "zstd":
+                frame = entropy.encode(q.codes.numpy(), part.bits)
+                part = replace(part, coded_nbytes=len(frame))
+            sized.append(part)
+        entry.parts = sized
 
 
 def pack(
@@ -270,8 +339,9 @@ def pack(
         raise TvqError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.exists():
         raise TvqError(f"{out.parent}: no such folder")
-    header = plan_pack(pre, fts, tasks, options)
     start = time.perf_counter()
+    header = plan_pack(pre, fts, tasks, options)
+    allocation = _allocate(header, pre, fts, options)
     digests: dict[str, bytes] = {}
     with ArchiveWriter(out, header) as writer:
         bar = tqdm(
@@ -284,4 +354,7 @@ def pack(
         kind: sum(1 for t in header.tensors if t.kind == kind)
         for kind in ("quantized", "exact", "shared")
     }
-    return PackResult(out, header, out.stat().st_size, time.perf_counter() - start, stats)
+    size = out.stat().st_size
+    if allocation is not None and size > allocation.budget_bytes:
+        raise TvqError(f"internal error: {out} is {size} bytes, over the budget")
+    return PackResult(out, header, size, time.perf_counter() - start, stats, allocation)

@@ -35,9 +35,11 @@ def render_inspect(report: dict, console: Console) -> None:
     summary.add_row("tasks", ", ".join(t["name"] for t in report["tasks"]))
     for q in report["quantization"]:
         group = "per tensor" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+        scales = f"{q['scale_bits']}-bit scales" if q["scale_bits"] else "fp32 scales"
         summary.add_row(
             f"{q['role']} quantization",
-            f"{q['bits']} bits, {group}, {q['parameters']:,} parameters",
+            f"{q['bits']} bits, {group}, {q['range']} range, {scales}, {q['codec']} codes: "
+            f"{q['parameters']:,} parameters",
         )
     p = report["parameters"]
     summary.add_row(

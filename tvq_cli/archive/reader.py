@@ -15,11 +15,11 @@ import torch
 
 from ..checkpoint import ST_TO_TORCH
 from ..errors import TvqError
-from ..quant.bitpack import unpack_bits
-from ..quant.quantizer import Quantized, dequantize, group_count
+from ..quant.quantizer import Quantized, dequantize
 from .container import crc32, decode_header
-from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout, part_keys
+from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout
 from .format import shared_key as _shared_key
+from .parts import decode_part
 
 NP_DTYPES = {
     "F64": np.float64,
@@ -127,16 +127,7 @@ class Archive:
             raise TvqError(f"{self.path}: archive has no tensor {name}") from None
 
     def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
-        codes_key, scales_key, zeros_key = part_keys(part, entry.name)
-        groups = group_count(entry.shape, part.group_size)
-        codes = unpack_bits(self.raw(codes_key), part.bits, entry.numel)
-        zeros = unpack_bits(self.raw(zeros_key), part.bits, groups)
-        scales = self.array(scales_key, "F32", (groups,))
-        if not np.isfinite(scales).all() or (scales <= 0).any():
-            raise TvqError(f"{self.path}: invalid scales in {scales_key} (damaged archive)")
-        return Quantized(
-            torch.from_numpy(codes), torch.from_numpy(scales.copy()), torch.from_numpy(zeros)
-        )
+        return decode_part(part, entry, self.raw, str(self.path))
 
     def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
         return dequantize(self.quantized(part, entry), part.spec, entry.shape)
