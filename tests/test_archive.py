@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import finetune, make_checkpoints, synthetic_model, write_checkpoint
 from safetensors import safe_open
 
-from helpers import finetune, make_checkpoints, synthetic_model, write_checkpoint
 from tvq_cli import PackOptions, TvqError, open_archive, pack
 from tvq_cli.archive import ArchiveHeader, ArchiveWriter, Part, TensorEntry
 from tvq_cli.archive.format import layout
@@ -75,8 +75,9 @@ def test_tvq_task_vectors_match_direct_quantization(tmp_path, inputs):
 def test_rtvq_reconstruction_follows_algorithm_1(tmp_path, inputs, error_correction):
     pre, fts = inputs
     out = tmp_path / "a.tvq"
-    options = PackOptions(scheme="rtvq", base_bits=3, offset_bits=2, group_size=32,
-                          error_correction=error_correction)
+    options = PackOptions(
+        scheme="rtvq", base_bits=3, offset_bits=2, group_size=32, error_correction=error_correction
+    )
     pack(pre, fts, out, options)
     archive = open_archive(out)
     name = "layers.0.fc.weight"
@@ -111,10 +112,20 @@ def test_fq_needs_pretrained_and_subtracts_it(tmp_path, inputs):
 def test_bits_and_group_size_may_differ_per_tensor_and_role(tmp_path):
     x = torch.randn(8, 24)
     entries = [
-        TensorEntry("a", (8, 24), "F32", "quantized",
-                    [Part("base", 5, 0), Part("offset:t1", 2, 8), Part("offset:t2", 7, 24)]),
-        TensorEntry("b", (8, 24), "BF16", "quantized",
-                    [Part("base", 1, 3), Part("offset:t1", 8, 0), Part("offset:t2", 3, 5)]),
+        TensorEntry(
+            "a",
+            (8, 24),
+            "F32",
+            "quantized",
+            [Part("base", 5, 0), Part("offset:t1", 2, 8), Part("offset:t2", 7, 24)],
+        ),
+        TensorEntry(
+            "b",
+            (8, 24),
+            "BF16",
+            "quantized",
+            [Part("base", 1, 3), Part("offset:t1", 8, 0), Part("offset:t2", 3, 5)],
+        ),
     ]
     header = ArchiveHeader("rtvq", ["t1", "t2"], "test", "sha256:" + "0" * 64, entries, True)
     out = tmp_path / "mixed.tvq"
@@ -139,21 +150,27 @@ def test_sharded_and_folder_inputs_give_the_same_archive(tmp_path):
     pre_tensors = synthetic_model(dtype=torch.bfloat16)
     ft_tensors = [finetune(pre_tensors, i) for i in range(2)]
     file_pre = write_checkpoint(tmp_path / "pre.safetensors", pre_tensors)
-    file_fts = [write_checkpoint(tmp_path / f"t{i}.safetensors", t) for i, t in enumerate(ft_tensors)]
+    file_fts = [
+        write_checkpoint(tmp_path / f"t{i}.safetensors", t) for i, t in enumerate(ft_tensors)
+    ]
     # A sharded folder: two shards plus an index, as Hugging Face writes them.
     sharded = tmp_path / "pre_sharded"
     sharded.mkdir()
     names = sorted(pre_tensors)
-    shards = {"model-00001-of-00002.safetensors": names[:3],
-              "model-00002-of-00002.safetensors": names[3:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:3],
+        "model-00002-of-00002.safetensors": names[3:],
+    }
     weight_map = {}
     for shard, keys in shards.items():
         write_checkpoint(sharded / shard, {k: pre_tensors[k] for k in keys})
         weight_map.update({k: shard for k in keys})
     (sharded / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
-    folder_fts = [write_checkpoint(tmp_path / f"t{i}", t, folder=True)
-                  for i, t in enumerate(ft_tensors)]
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    folder_fts = [
+        write_checkpoint(tmp_path / f"t{i}", t, folder=True) for i, t in enumerate(ft_tensors)
+    ]
     a, b = tmp_path / "a.tvq", tmp_path / "b.tvq"
     pack(file_pre, file_fts, a)
     pack(sharded, folder_fts, b)

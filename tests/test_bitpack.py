@@ -11,8 +11,10 @@ from tvq_cli.quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 @given(bits=st.integers(1, 8), data=st.data())
 def test_round_trip_any_width_and_length(bits, data):
     count = data.draw(st.integers(0, 300))
-    codes = np.array(data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=count,
-                                        max_size=count)), dtype=np.uint8)
+    codes = np.array(
+        data.draw(st.lists(st.integers(0, 2**bits - 1), min_size=count, max_size=count)),
+        dtype=np.uint8,
+    )
     stream = pack_bits(codes, bits)
     assert stream.dtype == np.uint8
     assert stream.size == packed_nbytes(count, bits) == (count * bits + 7) // 8

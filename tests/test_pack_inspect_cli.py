@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import finetune, make_checkpoints, run_cli, synthetic_model, write_checkpoint
 from safetensors.torch import save_file
 
-from helpers import finetune, make_checkpoints, run_cli, synthetic_model, write_checkpoint
 from tvq_cli.pack import DEFAULT_CODEC, DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS
 
 
@@ -57,9 +57,15 @@ def test_inspect_json_reports_storage_figures(tmp_path, inputs):
     assert report["bits_per_weight"] == pytest.approx(8 * size / (3 * params))
     assert report["compression"]["vs_fp32"] == pytest.approx(3 * params * 4 / size)
     assert report["quantization"] == [
-        {"role": "task", "bits": 2, "group_size": DEFAULT_GROUP_SIZE, "range": DEFAULT_RANGE,
-         "scale_bits": DEFAULT_SCALE_BITS, "codec": DEFAULT_CODEC,
-         "parameters": 3 * report["parameters"]["quantized"]}
+        {
+            "role": "task",
+            "bits": 2,
+            "group_size": DEFAULT_GROUP_SIZE,
+            "range": DEFAULT_RANGE,
+            "scale_bits": DEFAULT_SCALE_BITS,
+            "codec": DEFAULT_CODEC,
+            "parameters": 3 * report["parameters"]["quantized"],
+        }
     ]
     assert report["tensors_count"] == {"quantized": 4, "exact": 2, "shared": 1}
 
@@ -67,8 +73,11 @@ def test_inspect_json_reports_storage_figures(tmp_path, inputs):
 def test_more_bits_less_error_and_rtvq_beats_tvq2(tmp_path, inputs):
     pre, fts = inputs
     errors = {}
-    for label, args in {"tvq2": ["--bits", "2"], "tvq4": ["--bits", "4"],
-                        "rtvq": ["--scheme", "rtvq"]}.items():
+    for label, args in {
+        "tvq2": ["--bits", "2"],
+        "tvq4": ["--bits", "4"],
+        "rtvq": ["--scheme", "rtvq"],
+    }.items():
         out = tmp_path / f"{label}.tvq"
         assert run_cli("pack", "--pretrained", pre, *fts, "--out", out, *args)[0] == 0
         report = json.loads(run_cli("inspect", out, "--json", "--against", pre, *fts)[1])
@@ -91,8 +100,18 @@ def test_per_tensor_report(tmp_path, inputs):
 def test_keep_glob_and_names(tmp_path, inputs):
     pre, fts = inputs
     out = tmp_path / "tasks.tvq"
-    code, _, err = run_cli("pack", "--pretrained", pre, *fts, "--out", out, "--keep", "embed.*",
-                           "--name", f"alpha={fts[0]}")
+    code, _, err = run_cli(
+        "pack",
+        "--pretrained",
+        pre,
+        *fts,
+        "--out",
+        out,
+        "--keep",
+        "embed.*",
+        "--name",
+        f"alpha={fts[0]}",
+    )
     assert code == 0, err
     report = json.loads(run_cli("inspect", out, "--json", "--tensors")[1])
     kinds = {r["tensor"]: r["kind"] for r in report["tensors"]}
@@ -195,7 +214,9 @@ def test_duplicate_names_and_overwrite_rules(tmp_path, inputs):
     before = out.read_bytes()
     code, _, stderr = run_cli("pack", "--pretrained", pre, *fts, "--out", out, "--bits", "2")
     assert code == 1 and "already exists" in stderr and out.read_bytes() == before
-    assert run_cli("pack", "--pretrained", pre, *fts, "--out", out, "--bits", "2", "--force")[0] == 0
+    assert (
+        run_cli("pack", "--pretrained", pre, *fts, "--out", out, "--bits", "2", "--force")[0] == 0
+    )
     assert out.read_bytes() != before
 
 
@@ -220,8 +241,16 @@ def test_error_mid_write_leaves_previous_archive_and_no_litter(tmp_path, inputs)
     tensors = finetune(synthetic_model(), 7)
     tensors["position_ids"] = tensors["position_ids"] * 2  # fails on the last tensor
     save_file(tensors, str(tmp_path / "late_bad.safetensors"))
-    code, _, stderr = run_cli("pack", "--pretrained", pre, fts[0], tmp_path / "late_bad.safetensors",
-                              "--out", out, "--force")
+    code, _, stderr = run_cli(
+        "pack",
+        "--pretrained",
+        pre,
+        fts[0],
+        tmp_path / "late_bad.safetensors",
+        "--out",
+        out,
+        "--force",
+    )
     assert code == 1 and "position_ids differs" in stderr
     assert out.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
