@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..checkpoint import SINGLE_FILE as WEIGHTS_NAME
+from ..checkpoint import Checkpoint
 from ..errors import TvqError
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 
@@ -50,46 +49,11 @@ def save_checkpoint(
     return weights
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise TvqError(f"cannot read safetensors file {path}: {exc}") from exc
-
-
-def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    index = read_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise TvqError(f"{index_path} has no 'weight_map'")
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / str(shard)
-        if Path(str(shard)).is_absolute() or ".." in Path(str(shard)).parts:
-            raise TvqError(f"{index_path} names a shard outside its folder: {shard!r}")
-        for name, tensor in _load_file(shard_path).items():
-            if weight_map.get(name) == shard:
-                state[name] = tensor
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise TvqError(f"sharded checkpoint {index_path} lacks tensors {missing[:5]}")
-    return state
-
-
 def load_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint given as a file, a folder, or a sharded folder."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        if (checkpoint / WEIGHTS_NAME).is_file():
-            return _load_file(checkpoint / WEIGHTS_NAME)
-        if (checkpoint / INDEX_NAME).is_file():
-            return _load_sharded(checkpoint / INDEX_NAME)
-        raise TvqError(f"{checkpoint} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    if checkpoint.name.endswith(".index.json"):
-        return _load_sharded(checkpoint)
-    if not checkpoint.is_file():
-        raise TvqError(f"no checkpoint at {checkpoint}")
-    return _load_file(checkpoint)
+    """Tensors of a checkpoint given as a file, a folder, or a sharded folder (zoo models are
+    small, so loading them whole is fine here)."""
+    ckpt = Checkpoint(checkpoint)
+    return {name: ckpt.load(name) for name in ckpt.names}
 
 
 def save_head(path: Path, head: torch.nn.Linear) -> None:
@@ -105,7 +69,7 @@ def save_head(path: Path, head: torch.nn.Linear) -> None:
 
 def load_head(path: Path) -> torch.nn.Linear:
     """The linear head stored at ``path``, ready for inference."""
-    state = _load_file(path)
+    state = load_state(path)
     if set(state) != {"weight", "bias"} or state["weight"].ndim != 2:
         raise TvqError(f"{path} is not a zoo head (expected 'weight' [C, D] and 'bias' [C])")
     n_classes, dim = state["weight"].shape
