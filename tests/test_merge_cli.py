@@ -215,7 +215,7 @@ def test_errors_are_one_line_and_write_nothing(packed):
         root, out, *base, "--method", "average", "--bits", 4
     )
     before = pre.read_bytes()
-    code, _, err = run_cli("merge", *base[:3], "--out", pre, "--method", "average", "--overwrite")
+    code, _, err = run_cli("merge", *base[:3], "--out", pre, "--method", "average", "--force")
     assert code == 1 and "refusing to overwrite an input" in err and pre.read_bytes() == before
 
 
@@ -235,14 +235,14 @@ def test_mismatched_archives_are_refused_unless_forced(tmp_path):
     assert json.loads(stdout)["fingerprint_mismatch"] == [str(b)]
 
 
-def test_existing_output_needs_overwrite(packed):
+def test_existing_output_needs_force(packed):
     root, pre, _, archive = packed
     out = root / "m.safetensors"
     out.write_bytes(b"keep me")
     args = ("merge", archive, "--pretrained", pre, "--method", "average", "--out", out)
     code, _, err = run_cli(*args)
-    assert code == 1 and "--overwrite" in err and out.read_bytes() == b"keep me"
-    code, _, err = run_cli(*args, "--overwrite")
+    assert code == 1 and "--force" in err and out.read_bytes() == b"keep me"
+    code, _, err = run_cli(*args, "--force")
     assert code == 0, err and load_file(out)
 
 

@@ -225,8 +225,9 @@ def merge_command(
     tie_tolerance: float = typer.Option(
         None, "--tie-tolerance", help=".tvq output: distance to a midpoint that is a tie."
     ),
-    force: bool = typer.Option(False, "--force", help="Merge despite a fingerprint mismatch."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output; merge despite a fingerprint mismatch."
+    ),
     list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -270,7 +271,6 @@ def merge_command(
         task=task,
         all_tasks=all_tasks,
         force=force,
-        overwrite=overwrite,
         max_shard_size=max_shard_size,
         bits=bits,
         group_size=group_size,

@@ -196,7 +196,7 @@ def check_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         if resolved == p or resolved in p.parents:
             raise TvqError(f"{out}: refusing to overwrite an input ({path})")
     if out.exists() and not overwrite:
-        raise TvqError(f"{out}: already exists (use --overwrite to replace it)")
+        raise TvqError(f"{out}: already exists (use --force to replace it)")
     if not out.parent.exists():
         raise TvqError(f"{out.parent}: no such folder")
 

@@ -39,6 +39,7 @@ from .checkpoint import (
     tensor_digest,
 )
 from .errors import TvqError
+from .output import check_target
 from .quant import entropy
 from .quant.entropy import CODECS
 from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
@@ -330,15 +331,9 @@ def pack(
     finetuned = [Path(p) for p in finetuned]
     tasks = task_names(finetuned, names)
     pre, fts = _open_inputs(Path(pretrained), finetuned)
-    inputs = {f.resolve() for c in [pre, *fts] for f in c.files}
-    if out.resolve() in inputs:
-        raise TvqError(f"{out}: refusing to overwrite an input checkpoint")
     if out.is_dir():
         raise TvqError(f"{out}: is a folder; give an archive file name such as tasks.tvq")
-    if out.exists() and not overwrite:
-        raise TvqError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.exists():
-        raise TvqError(f"{out.parent}: no such folder")
+    check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
     start = time.perf_counter()
     header = plan_pack(pre, fts, tasks, options)
     allocation = _allocate(header, pre, fts, options)

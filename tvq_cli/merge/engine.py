@@ -41,8 +41,7 @@ class MergeRequest:
     dtype: str | None = None
     task: str | None = None
     all_tasks: bool = False
-    force: bool = False
-    overwrite: bool = False
+    force: bool = False  # overwrite an existing output; merge despite a fingerprint mismatch
     max_shard_size: int | str = DEFAULT_MAX_SHARD
     bits: int | None = None
     group_size: int | None = None
@@ -84,7 +83,7 @@ class MergeJob:
         self.weights_given = weights is not None
         self._check_output_options()
         self.max_shard = parse_size(request.max_shard_size)
-        check_target(self.out, request.overwrite, self._inputs())
+        check_target(self.out, request.force, self._inputs())
 
     def _targets(self, cls: type[MergeMethod], tasks: list[str]) -> list[int]:
         request = self.request
