@@ -15,6 +15,9 @@ nearest to each shrink factor, so the search already accounts for the scale's ro
 
 from __future__ import annotations
 
+import math
+from functools import cache
+
 import torch
 
 from . import scale_codec
@@ -67,20 +70,37 @@ def _errors(
     return out
 
 
+@cache
+def _grid(search: bool, scale_bits: int) -> torch.Tensor:
+    """Shrink factors (fp32 scales) or distinct step-code shifts (compact scales), 1.0 first."""
+    factors = SHRINK_FACTORS if search else (1.0,)
+    if not scale_bits:
+        return torch.tensor(factors)
+    per_octave = scale_codec.codes_per_octave(scale_bits)
+    shifts = sorted({round(per_octave * math.log2(1.0 / c)) for c in factors})
+    return torch.tensor(shifts, dtype=torch.int32)
+
+
+@cache
+def _steps(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse candidate indices (every `COARSE_STRIDE`-th and the last) and fine offsets."""
+    coarse = sorted(set(range(0, count, COARSE_STRIDE)) | {count - 1})
+    fine = [d for d in range(-(COARSE_STRIDE - 1), COARSE_STRIDE) if d]
+    return torch.tensor(coarse), torch.tensor(fine)
+
+
 def _candidates(
     scale_mm: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Candidate scales (1/step) [groups, C], largest step first, their step codes, grid top."""
-    factors = SHRINK_FACTORS if spec.range == "search" else (1.0,)
+    search = spec.range == "search"
     if not spec.scale_bits:
-        return scale_mm[:, None] / torch.tensor(factors)[None, :], None, 1.0
+        return scale_mm[:, None] / _grid(search, 0)[None, :], None, 1.0
     steps = 1.0 / scale_mm
     top = scale_codec.super_scale(steps)
     base = scale_codec.covering_codes(steps, top, spec.scale_bits).to(torch.int32)
-    per_octave = scale_codec.codes_per_octave(spec.scale_bits)
-    shifts = sorted({round(per_octave * torch.log2(torch.tensor(1.0 / c)).item()) for c in factors})
     limit = (1 << spec.scale_bits) - 1
-    codes = (base[:, None] + torch.tensor(shifts, dtype=torch.int32)[None, :]).clamp_(0, limit)
+    codes = (base[:, None] + _grid(search, spec.scale_bits)[None, :]).clamp_(0, limit)
     codes = codes.to(torch.uint8)
     return 1.0 / scale_codec.decode_steps(codes, top, spec.scale_bits), codes, top
 
@@ -101,14 +121,13 @@ def _best(
     count = scales.shape[1]
     if count == 1:
         return torch.zeros(groups.shape[0], dtype=torch.long)
-    coarse = sorted(set(range(0, count, COARSE_STRIDE)) | {count - 1})
+    coarse, fine = _steps(count)
     err = _errors(groups, scales[:, coarse], zero, levels, mask)
     err[:, 1:] *= 1 + MARGIN
     pick = err.argmin(dim=1)  # first of equal minima: the larger step
     best_err = err.gather(1, pick[:, None])
-    best = torch.tensor(coarse)[pick]
-    fine = [d for d in range(-(COARSE_STRIDE - 1), COARSE_STRIDE) if d]
-    index = (best[:, None] + torch.tensor(fine)[None, :]).clamp_(1, count - 1)
+    best = coarse[pick]
+    index = (best[:, None] + fine[None, :]).clamp_(1, count - 1)
     fine_err = _errors(groups, scales.gather(1, index), zero, levels, mask)
     fine_err *= 1 + MARGIN
     better = fine_err.min(dim=1)
