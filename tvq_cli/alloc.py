@@ -265,19 +265,7 @@ def allocate(
             f"budget {budget_bpw} bits per weight is too small: these settings need at least "
             f"{8 * (smallest + fixed) / (len(header.tasks) * params):.3f}"
         )
-    for _ in range(4):  # the header's own length moves a little with the choice
-        pick = choose(items, available)
-        uniform_pick, uniform_err = _uniform(items, available)
-        chosen_err = sum(item.options[j].error for item, j in zip(items, pick, strict=True))
-        if uniform_err is not None and uniform_err < chosen_err:
-            pick = uniform_pick
-        _apply(header, items, pick)
-        size = archive_size(header)
-        if size <= budget:
-            break
-        available -= size - budget
-    else:
-        raise TvqError("internal error: allocation exceeds the budget")
+    pick, size, uniform_err = _fit(header, items, available, budget)
     err = sum(item.options[j].error for item, j in zip(items, pick, strict=True))
     rel = (err / norm2) ** 0.5 if weighting == "params" and norm2 > 0 else float("nan")
     uni_rel = (
@@ -286,6 +274,41 @@ def allocate(
         else None
     )
     return Allocation(budget, size, rel, uni_rel)
+
+
+def _fit(
+    header: ArchiveHeader, items: list[Item], available: int, budget: int
+) -> tuple[list[int], int, float | None]:
+    """The least-error choice whose whole archive fits `budget`: (pick, size, uniform error).
+
+    The header's own length moves a little with the choice (coded sizes are written in it),
+    so `available` is corrected by what the real size over- or undershoots, a few times; the
+    best fitting choice is kept. Spending the undershoot matters at a budget equal to a
+    uniform archive's size: that archive must stay reachable.
+    """
+    best: tuple[float, list[int], int, float | None] | None = None
+    for _ in range(6):
+        pick = choose(items, available)
+        uniform_pick, uniform_err = _uniform(items, available)
+        chosen_err = _total(items, pick)
+        if uniform_err is not None and uniform_err < chosen_err:
+            pick, chosen_err = uniform_pick, uniform_err
+        _apply(header, items, pick)
+        size = archive_size(header)
+        if size <= budget and (best is None or chosen_err < best[0]):
+            best = (chosen_err, pick, size, uniform_err)
+        if size == budget:
+            break
+        available += budget - size
+    if best is None:
+        raise TvqError("internal error: allocation exceeds the budget")
+    _, pick, size, uniform_err = best
+    _apply(header, items, pick)
+    return pick, size, uniform_err
+
+
+def _total(items: list[Item], pick: list[int]) -> float:
+    return sum(item.options[j].error for item, j in zip(items, pick, strict=True))
 
 
 def _unquantized_bytes(header: ArchiveHeader) -> int:
