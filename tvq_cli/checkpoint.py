@@ -75,6 +75,11 @@ def resolve_weight_files(path: Path) -> tuple[list[Path], dict[str, Path] | None
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as exc:
             raise TvqError(f"{index}: not a valid safetensors index ({exc})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TvqError(f"{index}: its weight_map is empty or malformed")
+        for shard in set(weight_map.values()):
+            if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise TvqError(f"{index}: names a shard outside its folder: {shard!r}")
         mapping = {name: path / shard for name, shard in weight_map.items()}
         files = sorted(set(mapping.values()))
         for shard in files:

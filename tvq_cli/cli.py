@@ -15,9 +15,20 @@ from rich.console import Console
 
 from . import __version__
 from .errors import TvqError
-from .pack import DEFAULT_GROUP_SIZE, PackOptions, dry_run, pack
-from .render import human_bytes, render_inspect
-from .report import inspect_archive
+from .merge import MergeRequest, list_methods, merge
+from .merge.sources import parse_task_list
+from .pack import (
+    DEFAULT_CODEC,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RANGE,
+    DEFAULT_SCALE_BITS,
+    PackOptions,
+    PackResult,
+    dry_run,
+    pack,
+)
+from .render import human_bytes, render_inspect, render_merge, render_methods
+from .report import inspect_archive, quantization_settings
 
 app = typer.Typer(
     add_completion=False,
@@ -62,6 +73,28 @@ def pack_command(
         "--error-correction/--no-error-correction",
         help="RTVQ: take offsets against the quantized base (the paper's correction).",
     ),
+    range_method: str = typer.Option(
+        DEFAULT_RANGE,
+        "--range",
+        help="search: least-squares clipping per group; minmax: the paper's min-max ranges.",
+    ),
+    scale_bits: int = typer.Option(
+        DEFAULT_SCALE_BITS,
+        help="Bits per group step (4-8, log-coded under one fp32 scale per tensor); 0 = fp32.",
+    ),
+    codec: str = typer.Option(
+        DEFAULT_CODEC, help="zstd: entropy-code the codes (lossless); raw: bit-packed only."
+    ),
+    budget: float = typer.Option(
+        None,
+        help="Bits per weight for the whole archive (all bytes counted): choose bits per "
+        "tensor and role for the least error; overrides --bits/--base-bits/--offset-bits.",
+    ),
+    weighting: str = typer.Option(
+        "params",
+        help="With --budget: params (total squared error) or uniform (each tensor counts "
+        "the same, by relative error).",
+    ),
     keep: list[str] = typer.Option([], "--keep", help="Glob of tensor names to keep exact."),
     name: list[str] = typer.Option([], "--name", help="NAME=PATH: name a task (repeatable)."),
     dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
@@ -83,6 +116,11 @@ def pack_command(
         group_size=group_size,
         keep=tuple(keep),
         error_correction=error_correction,
+        range=range_method,
+        scale_bits=scale_bits,
+        codec=codec,
+        budget=budget,
+        weighting=weighting,
     )
     names = _parse_names(name)
     if dry:
@@ -94,6 +132,7 @@ def pack_command(
             f"{tasks} tasks, {8 * result.size_bytes / (tasks * params):.4f} bits per weight, "
             f"{tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32 checkpoints"
         )
+        _print_allocation(result)
         return
     if out is None:
         raise TvqError("--out is required (or use --dry-run)")
@@ -116,6 +155,30 @@ def pack_command(
         f"bits per weight, {tasks * params * 4 / result.size_bytes:.2f}x smaller than fp32, "
         f"{result.seconds:.1f} s"
     )
+    _print_allocation(result)
+
+
+def _print_allocation(result: PackResult) -> None:
+    """With --budget: the predicted error and the chosen bits, by role, in parameters."""
+    alloc = result.allocation
+    if alloc is None:
+        return
+    uniform = (
+        "" if alloc.uniform_error is None else f" (best uniform bits: {alloc.uniform_error:.4f})"
+    )
+    stdout.print(
+        f"allocation for {8 * alloc.budget_bytes / _weights(result):.3f} bpw budget: "
+        f"predicted rel-L2 {alloc.rel_error:.4f}{uniform}"
+    )
+    for row in quantization_settings(result.header):
+        stdout.print(
+            f"  {row['role']}: {row['bits']} bits, group {row['group_size']}: "
+            f"{row['parameters']:,} parameters"
+        )
+
+
+def _weights(result: PackResult) -> int:
+    return len(result.header.tasks) * sum(t.numel for t in result.header.tensors)
 
 
 @app.command("inspect")
@@ -145,6 +208,98 @@ def inspect_command(
         print(json.dumps(report, indent=2))
     else:
         render_inspect(report, stdout)
+
+
+@app.command("merge")
+def merge_command(
+    archives: list[Path] = typer.Argument(None, help="Archives holding the task vectors."),
+    pretrained: Path = typer.Option(None, "--pretrained", help="The pretrained checkpoint."),
+    method: str = typer.Option(None, "--method", "-m", help="Merge method (--list-methods)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="NAME.safetensors, a folder, or NAME.tvq (quantized)."
+    ),
+    lam: float = typer.Option(None, "--lambda", help="Scaling coefficient."),
+    topk: float = typer.Option(None, "--topk", help="ties/dare: percent of magnitudes kept."),
+    topk_scope: str = typer.Option(None, "--topk-scope", help="ties/dare: global or tensor."),
+    p: float = typer.Option(None, "--p", help="dare: drop probability."),
+    then: str = typer.Option(None, "--then", help="dare: task_arithmetic or ties."),
+    alpha: float = typer.Option(None, "--alpha", help="lines: base coefficient."),
+    beta: float = typer.Option(None, "--beta", help="lines / breadcrumbs: see docs/merge.md."),
+    gamma: float = typer.Option(None, "--gamma", help="breadcrumbs: outlier fraction dropped."),
+    k: float = typer.Option(None, "--k", help="consensus: masks that must agree."),
+    mask_lambda: float = typer.Option(None, "--mask-lambda", help="tall / consensus: mask lambda."),
+    weights: str = typer.Option(None, "--weights", help="Per-task weights, e.g. 1,0.5,2."),
+    tasks: str = typer.Option(None, "--tasks", help="Merge only these tasks, e.g. a,b."),
+    task: str = typer.Option(None, "--task", help="tall / emr: the task whose model to write."),
+    all_tasks: bool = typer.Option(False, "--all-tasks", help="tall / emr: one model per task."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw (dare, rounding)."),
+    dtype: str = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: as input)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Folder shard size."),
+    bits: int = typer.Option(None, "--bits", help=".tvq output: bits per code."),
+    group_size: int = typer.Option(None, "--group-size", help=".tvq output: group size."),
+    rounding: str = typer.Option(None, "--rounding", help=".tvq output: nearest or noise."),
+    samples: int = typer.Option(None, "--samples", help=".tvq output: noise samples (16)."),
+    tie_tolerance: float = typer.Option(
+        None, "--tie-tolerance", help=".tvq output: distance to a midpoint that is a tie."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output; merge despite a fingerprint mismatch."
+    ),
+    list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Merge task vectors from ARCHIVES into a model (or a quantized one-task archive)."""
+    if list_methods_flag:
+        methods = list_methods()
+        if as_json:
+            print(json.dumps(methods, indent=2))
+        else:
+            render_methods(methods, stdout)
+        return
+    for value, flag in ((archives, "ARCHIVE"), (pretrained, "--pretrained"), (out, "--out")):
+        if not value:
+            raise TvqError(f"{flag} is required (see 'tvq merge --help')")
+    if method is None:
+        raise TvqError("--method is required (see 'tvq merge --list-methods')")
+    flags = {
+        "lambda": lam,
+        "topk": topk,
+        "topk_scope": topk_scope,
+        "p": p,
+        "then": then,
+        "alpha": alpha,
+        "beta": beta,
+        "gamma": gamma,
+        "k": k,
+        "mask_lambda": mask_lambda,
+    }
+    options = {name: value for name, value in flags.items() if value is not None}
+    request = MergeRequest(
+        archives=list(archives),
+        pretrained=pretrained,
+        out=out,
+        method=method,
+        options=options,
+        tasks=parse_task_list(tasks),
+        weights=weights,
+        seed=seed,
+        dtype=dtype,
+        task=task,
+        all_tasks=all_tasks,
+        force=force,
+        max_shard_size=max_shard_size,
+        bits=bits,
+        group_size=group_size,
+        rounding=rounding,
+        samples=samples,
+        tie_tolerance=tie_tolerance,
+    )
+    report = merge(request, progress=_show_progress(quiet))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_merge(report, stdout)
 
 
 def _version_callback(value: bool) -> None:

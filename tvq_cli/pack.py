@@ -13,28 +13,41 @@ import contextlib
 import fnmatch
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import __version__
+from .alloc import WEIGHTINGS, Allocation, allocate
 from .archive.format import ITEMSIZE, ArchiveHeader, Part, TensorEntry, check_task_name, roles_for
 from .archive.writer import ArchiveWriter, archive_size
-from .checkpoint import FLOAT_DTYPES, Checkpoint, combine_digests
+from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorSpec, combine_digests
 from .errors import TvqError
-from .pack_tensor import Settings, TensorPacker
+from .output import check_target
+from .pack_tensor import Settings, TensorPacker, task_mean
 from .pipeline import Prefetcher, Writer, default_threads, fixed_mmap_threshold, torch_threads
-from .quant.quantizer import QuantSpec
+from .quant import entropy
+from .quant.entropy import CODECS
+from .quant.quantizer import Quantized, QuantSpec, dequantize, quantize
 
 DEFAULT_GROUP_SIZE = 128
+DEFAULT_SCALE_BITS = 6
+DEFAULT_RANGE = "search"
+DEFAULT_CODEC = "zstd"
 FINGERPRINT_PLACEHOLDER = "sha256:" + "0" * 64
 
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Quantization settings. Defaults: TVQ 4-bit, groups of 128, RTVQ base 3 / offset 2 bits."""
+    """Quantization settings. Defaults: TVQ 4-bit, RTVQ base 3 / offset 2 bits, groups of 128
+    with searched ranges, 6-bit compact scales and entropy-coded codes (docs/fidelity.md).
+
+    `budget` (bits per weight, all bytes counted) lets the allocator choose bits per tensor
+    and role instead of `bits` / `base_bits` / `offset_bits`.
+    """
 
     scheme: str = "tvq"
     bits: int = 4
@@ -43,11 +56,27 @@ class PackOptions:
     group_size: int = DEFAULT_GROUP_SIZE
     keep: tuple[str, ...] = ()
     error_correction: bool = True
+    range: str = DEFAULT_RANGE
+    scale_bits: int = DEFAULT_SCALE_BITS
+    codec: str = DEFAULT_CODEC
+    budget: float | None = None
+    weighting: str = "params"
+    budget_groups: tuple[int, ...] = ()  # group sizes the allocator may pick (default: group_size)
 
     def __post_init__(self) -> None:
         roles_for(self.scheme, ["x"])  # validates the scheme name
         for bits in (self.bits, self.base_bits, self.offset_bits):
-            QuantSpec(bits, self.group_size)
+            QuantSpec(bits, self.group_size, self.range, self.scale_bits)
+        for group in self.budget_groups:
+            QuantSpec(self.bits, group)
+        if self.codec not in CODECS:
+            raise TvqError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise TvqError(
+                f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"
+            )
+        if self.budget is not None and not self.budget > 0:
+            raise TvqError(f"budget must be a positive number of bits per weight: {self.budget}")
 
     def parts(self, tasks: list[str]) -> list[Part]:
         roles = roles_for(self.scheme, tasks)
@@ -55,7 +84,10 @@ class PackOptions:
             bits = [self.base_bits] + [self.offset_bits] * len(tasks)
         else:
             bits = [self.bits] * len(tasks)
-        return [Part(role, b, self.group_size) for role, b in zip(roles, bits, strict=True)]
+        return [
+            Part(role, b, self.group_size, self.range, self.scale_bits, self.codec)
+            for role, b in zip(roles, bits, strict=True)
+        ]
 
 
 @dataclass
@@ -65,6 +97,7 @@ class PackResult:
     size_bytes: int
     seconds: float = 0.0
     stats: dict[str, int] = field(default_factory=dict)
+    allocation: Allocation | None = None
 
 
 def default_task_name(path: Path) -> str:
@@ -132,26 +165,32 @@ def plan_pack(
     if len(tasks) != len(finetuned):
         raise TvqError("internal error: one task name per fine-tuned checkpoint")
     check_compatible(pretrained, finetuned)
-    parts = options.parts(tasks)
+    return ArchiveHeader(
+        scheme=options.scheme,
+        tasks=list(tasks),
+        tool_version=__version__,
+        pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
+        tensors=plan_tensors(pretrained.specs, options.parts(tasks), options.keep),
+        error_correction=options.error_correction if options.scheme == "rtvq" else None,
+    )
+
+
+def plan_tensors(
+    specs: dict[str, TensorSpec], parts: list[Part], keep: tuple[str, ...] = ()
+) -> list[TensorEntry]:
+    """How each tensor is stored: non-float shared, 1-D or `keep` exact, the rest quantized."""
     entries = []
-    for name, spec in pretrained.specs.items():
+    for name, spec in specs.items():
         if not spec.is_float:
             kind = "shared"
-        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in options.keep):
+        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in keep):
             kind = "exact"
         else:
             kind = "quantized"
         entries.append(
             TensorEntry(name, spec.shape, spec.dtype, kind, parts if kind == "quantized" else [])
         )
-    return ArchiveHeader(
-        scheme=options.scheme,
-        tasks=list(tasks),
-        tool_version=__version__,
-        pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
-        tensors=entries,
-        error_correction=options.error_correction if options.scheme == "rtvq" else None,
-    )
+    return entries
 
 
 def _write_all(writer: ArchiveWriter, outputs: list) -> None:
@@ -178,6 +217,30 @@ def check_threads(threads: int | None) -> int:
     return threads
 
 
+def quantized_parts(
+    entry: TensorEntry, pre: torch.Tensor, finetuned: list[Checkpoint], options: PackOptions
+) -> Iterator[tuple[Part, Quantized]]:
+    """Quantize one tensor's roles in storage order (the pretrained value given in fp32)."""
+    name, parts = entry.name, entry.parts
+    if options.scheme == "tvq":
+        for part, ckpt in zip(parts, finetuned, strict=True):
+            yield part, quantize(ckpt.load_float(name) - pre, part.spec)
+    elif options.scheme == "fq":
+        for part, ckpt in zip(parts, finetuned, strict=True):
+            yield part, quantize(ckpt.load_float(name), part.spec)
+    else:
+        # not in place: a loaded tensor may share memory with the checkpoint's open handle
+        deltas = [ckpt.load_float(name) - pre for ckpt in finetuned]
+        base = task_mean(deltas)
+        base_q = quantize(base, parts[0].spec)
+        yield parts[0], base_q
+        anchor = (
+            dequantize(base_q, parts[0].spec, entry.shape) if options.error_correction else base
+        )
+        for part, delta in zip(parts[1:], deltas, strict=True):
+            yield part, quantize(delta.sub_(anchor), part.spec)  # delta is our own copy
+
+
 def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
     return Checkpoint(pretrained), [Checkpoint(p) for p in finetuned]
 
@@ -188,13 +251,44 @@ def dry_run(
     options: PackOptions | None = None,
     names: dict[str, str] | None = None,
 ) -> PackResult:
-    """The exact archive size for these inputs and settings, without reading a weight."""
+    """The exact archive size for these inputs and settings.
+
+    Reads no weight unless the size depends on them: entropy-coded codes are measured, and
+    with a budget the allocation is computed (and reported in `allocation`).
+    """
     options = options or PackOptions()
     finetuned = [Path(p) for p in finetuned]
     tasks = task_names(finetuned, names)
     pre, fts = _open_inputs(Path(pretrained), finetuned)
     header = plan_pack(pre, fts, tasks, options)
-    return PackResult(None, header, archive_size(header))
+    allocation = _allocate(header, pre, fts, options)
+    if allocation is None:
+        _measure_coded(header, pre, fts, options)
+    return PackResult(None, header, archive_size(header), allocation=allocation)
+
+
+def _allocate(
+    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+) -> Allocation | None:
+    if options.budget is None:
+        return None
+    return allocate(header, pre, fts, options.budget, options.weighting, options.budget_groups)
+
+
+def _measure_coded(
+    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+) -> None:
+    """Fill in the coded size of every entropy-coded part by quantizing and coding it."""
+    for entry in header.tensors:
+        if entry.kind != "quantized" or all(p.codec != "zstd" for p in entry.parts):
+            continue
+        sized = []
+        for part, q in quantized_parts(entry, pre.load_float(entry.name), fts, options):
+            if part.codec == "zstd":
+                frame = entropy.encode(q.codes.numpy(), part.bits)
+                part = replace(part, coded_nbytes=len(frame))
+            sized.append(part)
+        entry.parts = sized
 
 
 def pack(
@@ -221,17 +315,12 @@ def pack(
     finetuned = [Path(p) for p in finetuned]
     tasks = task_names(finetuned, names)
     pre, fts = _open_inputs(Path(pretrained), finetuned)
-    inputs = {f.resolve() for c in [pre, *fts] for f in c.files}
-    if out.resolve() in inputs:
-        raise TvqError(f"{out}: refusing to overwrite an input checkpoint")
     if out.is_dir():
         raise TvqError(f"{out}: is a folder; give an archive file name such as tasks.tvq")
-    if out.exists() and not overwrite:
-        raise TvqError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.exists():
-        raise TvqError(f"{out.parent}: no such folder")
-    header = plan_pack(pre, fts, tasks, options)
+    check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
     start = time.perf_counter()
+    header = plan_pack(pre, fts, tasks, options)
+    allocation = _allocate(header, pre, fts, options)
     settings = Settings(
         options.scheme,
         options.error_correction,
@@ -272,4 +361,7 @@ def pack(
         kind: sum(1 for t in header.tensors if t.kind == kind)
         for kind in ("quantized", "exact", "shared")
     }
-    return PackResult(out, header, out.stat().st_size, time.perf_counter() - start, stats)
+    size = out.stat().st_size
+    if allocation is not None and size > allocation.budget_bytes:
+        raise TvqError(f"internal error: {out} is {size} bytes, over the budget")
+    return PackResult(out, header, size, time.perf_counter() - start, stats, allocation)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .archive.format import Part, TensorEntry, delta_key, part_keys, shared_key
+from .archive.parts import encode_part
 from .checkpoint import all_finite, tensor_bytes
 from .errors import TvqError
 from .pipeline import TensorInputs, torch_threads
@@ -110,7 +111,7 @@ class TensorPacker:
             return self._exact(inputs)
         cols = entry.shape[-1]
         if self.settings.device.type == "cpu" and all(
-            kernel.covers(p.spec, cols) for p in entry.parts
+            kernel.covers(p.spec, cols) and p.codec == "raw" for p in entry.parts
         ):
             return self._blocked(inputs)
         with torch_threads(self.threads):
@@ -275,9 +276,4 @@ def _check(tensor: torch.Tensor, path: Path, name: str) -> None:
 
 
 def _stored(part: Part, name: str, q: Quantized) -> list[Output]:
-    codes, scales, zeros = part_keys(part, name)
-    return [
-        (codes, pack_bits(q.codes.cpu().numpy(), part.bits)),
-        (scales, q.scales.cpu().numpy()),
-        (zeros, pack_bits(q.zeros.cpu().numpy(), part.bits)),
-    ]
+    return encode_part(part, name, q.cpu())

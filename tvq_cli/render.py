@@ -35,9 +35,11 @@ def render_inspect(report: dict, console: Console) -> None:
     summary.add_row("tasks", ", ".join(t["name"] for t in report["tasks"]))
     for q in report["quantization"]:
         group = "per tensor" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+        scales = f"{q['scale_bits']}-bit scales" if q["scale_bits"] else "fp32 scales"
         summary.add_row(
             f"{q['role']} quantization",
-            f"{q['bits']} bits, {group}, {q['parameters']:,} parameters",
+            f"{q['bits']} bits, {group}, {q['range']} range, {scales}, {q['codec']} codes: "
+            f"{q['parameters']:,} parameters",
         )
     p = report["parameters"]
     summary.add_row(
@@ -109,3 +111,67 @@ def render_inspect(report: dict, console: Console) -> None:
                 quant or "-",
             )
         console.print(table)
+
+
+def render_methods(methods: list[dict], console: Console) -> None:
+    table = Table(title="merge methods (details: docs/merge.md)")
+    table.add_column("method", style="bold")
+    table.add_column("what it does")
+    table.add_column("options (default)")
+    for m in methods:
+        options = ", ".join(f"{o['flag']} ({o['default']})" for o in m["options"]) or "-"
+        extra = []
+        if m["takes_weights"]:
+            extra.append("--weights")
+        if m["per_task"]:
+            extra.append("--task NAME | --all-tasks")
+        table.add_row(m["name"], m["summary"], options + ("; " + ", ".join(extra) if extra else ""))
+    console.print(table)
+
+
+def _coefficients(values: dict) -> str:
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+            parts.append(f"{key}: {value}")
+        else:
+            parts.append(f"{key}={_fmt(value)}")
+    return "; ".join(parts) or "none"
+
+
+def render_merge(report: dict, console: Console) -> None:
+    out = report["output"]
+    n = len(report["tasks"])
+    console.print(
+        f"merged {n} task{'s' if n != 1 else ''} ({', '.join(report['tasks'])}) "
+        f"with {report['method']}"
+    )
+    console.print(f"  coefficients: {_coefficients(report['coefficients'])}")
+    if report["weights"] is not None:
+        console.print(f"  weights: {', '.join(_fmt(w) for w in report['weights'])}")
+    if report["fingerprint_mismatch"]:
+        console.print(
+            "  [yellow]forced: pretrained fingerprint differs for "
+            f"{', '.join(report['fingerprint_mismatch'])}[/yellow]"
+        )
+    what = {"safetensors": "model file", "folder": "model folder", "tvq": "archive"}[out["format"]]
+    if out.get("targets"):
+        what += f" for task(s) {', '.join(out['targets'])}"
+    detail = f"dtype {out['dtype']}" if out["format"] != "tvq" else out["grid"]
+    console.print(
+        f"  wrote {what} {out['path']}: {human_bytes(out['bytes'])} in {len(out['files'])} "
+        f"file(s), {detail}, {report['seconds']:.1f} s"
+    )
+    rounding = report.get("rounding")
+    if rounding:
+        overall = rounding["overall"]
+        console.print(
+            f"  rounding: {rounding['mode']} ({rounding['samples']} samples, seed "
+            f"{report['seed']}); {rounding['ambiguous']:,} ambiguous values; "
+            f"{rounding['tensors_changed']} of {rounding['tensors']} tensors changed"
+        )
+        if overall["cosine_nearest"] is not None:
+            near = ", ".join(f"{c:.6f}" for c in overall["cosine_nearest"])
+            chosen = ", ".join(f"{c:.6f}" for c in overall["cosine_chosen"])
+            console.print(f"  cosine per input, nearest: {near}; chosen: {chosen}")

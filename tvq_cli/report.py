@@ -12,13 +12,34 @@ from pathlib import Path
 
 import torch
 
-from .archive.format import storage_class
+from .archive.format import ArchiveHeader, storage_class
 from .archive.reader import Archive
 from .checkpoint import Checkpoint
 from .errors import TvqError
 from .pack import check_compatible
 
 ORIGINAL_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def quantization_settings(header: ArchiveHeader) -> list[dict]:
+    """Parameters per (role, bits, group size, range, scale bits, codec): the allocation."""
+    settings: dict[tuple, int] = defaultdict(int)
+    for entry in header.tensors:
+        for p in entry.parts:
+            key = (p.role.split(":")[0], p.bits, p.group_size, p.range, p.scale_bits, p.codec)
+            settings[key] += entry.numel
+    return [
+        {
+            "role": role,
+            "bits": bits,
+            "group_size": group,
+            "range": rng,
+            "scale_bits": scale_bits,
+            "codec": codec,
+            "parameters": count,
+        }
+        for (role, bits, group, rng, scale_bits, codec), count in sorted(settings.items())
+    ]
 
 
 def storage_summary(archive: Archive) -> dict:
@@ -35,10 +56,6 @@ def storage_summary(archive: Archive) -> dict:
     }
     all_params = sum(params.values())
     original_bytes = sum(t.numel * ORIGINAL_ITEMSIZE.get(t.dtype, 4) for t in header.tensors)
-    settings: dict[tuple[str, int, int], int] = defaultdict(int)
-    for entry in header.tensors:
-        for part in entry.parts:
-            settings[(part.role.split(":")[0], part.bits, part.group_size)] += entry.numel
     return {
         "archive": str(archive.path),
         "format_version": 1,
@@ -47,10 +64,7 @@ def storage_summary(archive: Archive) -> dict:
         "error_correction": header.error_correction,
         "pretrained_fingerprint": header.pretrained_fingerprint,
         "tasks": [{"name": name} for name in header.tasks],
-        "quantization": [
-            {"role": role, "bits": bits, "group_size": group, "parameters": count}
-            for (role, bits, group), count in sorted(settings.items())
-        ],
+        "quantization": quantization_settings(header),
         "parameters": {"total": all_params, **params},
         "tensors_count": {
             kind: sum(1 for t in header.tensors if t.kind == kind)
@@ -196,7 +210,15 @@ def inspect_archive(
                 "shape": list(t.shape),
                 "dtype": t.dtype,
                 "parts": [
-                    {"role": p.role, "bits": p.bits, "group_size": p.group_size} for p in t.parts
+                    {
+                        "role": p.role,
+                        "bits": p.bits,
+                        "group_size": p.group_size,
+                        "range": p.range,
+                        "scale_bits": p.scale_bits,
+                        "codec": p.codec,
+                    }
+                    for p in t.parts
                 ],
             }
             for t in archive.header.tensors

@@ -27,12 +27,18 @@ def crc32(data) -> int:
 
 
 def encode_header(
-    header: ArchiveHeader, stored: list[StoredTensor], checksums: dict[str, int]
+    header: ArchiveHeader,
+    stored: list[StoredTensor],
+    checksums: dict[str, int],
+    reserve: int = 0,
 ) -> bytes:
     """The container header bytes (length prefix included) for a complete archive.
 
     Checksums are fixed-width hex, so the header has the same length before and after the
-    payload's checksums are known: the writer reserves it, then patches it in place.
+    payload's checksums are known: the writer reserves it, then patches it in place. With
+    entropy-coded parts the final sizes are only known at the end; the writer reserves the
+    length of the header with every coded size at its bound and pads the final one to
+    `reserve` bytes with spaces (the padding safetensors allows).
     """
     meta = header.to_json()
     sums = {HEADER_CHECKSUM: f"{crc32(meta.encode()):08x}"}
@@ -50,6 +56,10 @@ def encode_header(
         offset += s.nbytes
     raw = json.dumps(doc, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
+    if reserve:
+        if 8 + len(raw) > reserve:
+            raise TvqError("internal error: archive header outgrew its reserved space")
+        raw += b" " * (reserve - 8 - len(raw))
     return struct.pack("<Q", len(raw)) + raw
 
 

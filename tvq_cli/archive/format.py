@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import TvqError
+from ..quant import entropy
 from ..quant.bitpack import packed_nbytes
-from ..quant.quantizer import QuantSpec, group_count
+from ..quant.quantizer import RANGE_METHODS, QuantSpec, group_count
 
 FORMAT_NAME = "tvq-archive"
 FORMAT_VERSION = 1
@@ -53,14 +54,49 @@ class Part:
     role: str
     bits: int
     group_size: int
+    range: str = "minmax"  # how ranges were chosen (needs no storage)
+    scale_bits: int = 0  # 0: fp32 scales; 4-8: log-coded steps + one fp32 super-scale
+    codec: str = "raw"  # "raw": dense bit-packed codes; "zstd": entropy-coded (docs/format.md)
+    coded_nbytes: int = 0  # zstd only: size of the stored codes frame
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size)
+        return QuantSpec(self.bits, self.group_size, self.range, self.scale_bits)
+
+    def to_json(self) -> list:
+        """`[role, bits, group]`, plus a dict of the fidelity options that differ from v1."""
+        extra = {
+            key: getattr(self, key)
+            for key, default in PART_DEFAULTS.items()
+            if getattr(self, key) != default
+        }
+        return [self.role, self.bits, self.group_size, *([extra] if extra else [])]
+
+    @classmethod
+    def from_json(cls, item: list) -> Part:
+        role, bits, group, *rest = item
+        extra = rest[0] if rest else {}
+        if len(rest) > 1 or not isinstance(extra, dict) or set(extra) - set(PART_DEFAULTS):
+            raise TvqError(f"archive header part {role!r} is malformed")
+        part = cls(str(role), int(bits), int(group), **extra)
+        if part.range not in RANGE_METHODS or part.codec not in entropy.CODECS:
+            raise TvqError(f"archive header part {role!r} names an unknown method")
+        if not isinstance(part.coded_nbytes, int) or part.coded_nbytes < 0:
+            raise TvqError(f"archive header part {role!r} has a bad coded size")
+        return part
+
+    def coded_bound(self, numel: int) -> Part:
+        """This part with the largest coded size it can have (what the writer reserves)."""
+        if self.codec != "zstd":
+            return self
+        return replace(self, coded_nbytes=entropy.compress_bound(numel, self.bits))
 
     @property
     def task(self) -> str | None:
         return self.role.split(":", 1)[1] if ":" in self.role else None
+
+
+PART_DEFAULTS = {"range": "minmax", "scale_bits": 0, "codec": "raw", "coded_nbytes": 0}
 
 
 @dataclass
@@ -119,7 +155,7 @@ class ArchiveHeader:
                     "shape": list(t.shape),
                     "dtype": t.dtype,
                     "kind": t.kind,
-                    "parts": [[p.role, p.bits, p.group_size] for p in t.parts],
+                    "parts": [p.to_json() for p in t.parts],
                 }
                 for t in self.tensors
             ],
@@ -143,7 +179,7 @@ class ArchiveHeader:
                     shape=tuple(int(d) for d in t["shape"]),
                     dtype=str(t["dtype"]),
                     kind=str(t["kind"]),
-                    parts=[Part(str(r), int(b), int(g)) for r, b, g in t["parts"]],
+                    parts=[Part.from_json(p) for p in t["parts"]],
                 )
                 for t in doc["tensors"]
             ]
@@ -218,6 +254,29 @@ def part_keys(part: Part, name: str) -> tuple[str, str, str]:
     return f"{prefix}:codes", f"{prefix}:scales", f"{prefix}:zeros"
 
 
+def superscale_key(part: Part, name: str) -> str:
+    """Key of a compact-scale part's fp32 super-scale (the top of its step grid)."""
+    return f"{part.role}:{name}:superscale"
+
+
+def part_layout(part: Part, entry: TensorEntry) -> list[StoredTensor]:
+    """The stored tensors of one quantized part: codes, scales, zero-points (+ super-scale)."""
+    codes, scales, zeros = part_keys(part, entry.name)
+    groups = group_count(entry.shape, part.group_size)
+    if part.codec == "zstd":
+        stored = [StoredTensor(codes, "U8", (part.coded_nbytes,))]
+    else:
+        stored = [StoredTensor(codes, "U8", (packed_nbytes(entry.numel, part.bits),))]
+    if part.scale_bits:
+        stored.append(StoredTensor(scales, "U8", (packed_nbytes(groups, part.scale_bits),)))
+    else:
+        stored.append(StoredTensor(scales, "F32", (groups,)))
+    stored.append(StoredTensor(zeros, "U8", (packed_nbytes(groups, part.bits),)))
+    if part.scale_bits:
+        stored.append(StoredTensor(superscale_key(part, entry.name), "F32", (1,)))
+    return stored
+
+
 def delta_key(task: str, name: str) -> str:
     return f"delta:{task}:{name}"
 
@@ -237,12 +296,14 @@ def layout(header: ArchiveHeader) -> list[StoredTensor]:
                 stored.append(StoredTensor(delta_key(task, entry.name), "F32", entry.shape))
         else:
             for part in entry.parts:
-                codes, scales, zeros = part_keys(part, entry.name)
-                groups = group_count(entry.shape, part.group_size)
-                stored.append(StoredTensor(codes, "U8", (packed_nbytes(entry.numel, part.bits),)))
-                stored.append(StoredTensor(scales, "F32", (groups,)))
-                stored.append(StoredTensor(zeros, "U8", (packed_nbytes(groups, part.bits),)))
+                stored.extend(part_layout(part, entry))
     return stored
+
+
+def bound_header(header: ArchiveHeader) -> ArchiveHeader:
+    """The header with every coded size at its upper bound: the writer reserves its length."""
+    tensors = [replace(t, parts=[p.coded_bound(t.numel) for p in t.parts]) for t in header.tensors]
+    return replace(header, tensors=tensors)
 
 
 def storage_class(key: str) -> str:

@@ -18,11 +18,11 @@ import torch
 
 from ..checkpoint import ST_TO_TORCH
 from ..errors import TvqError
-from ..quant.bitpack import unpack_bits
-from ..quant.quantizer import Quantized, dequantize, group_count
+from ..quant.quantizer import Quantized, dequantize
 from .container import MAX_HEADER_BYTES, crc32, decode_header
-from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout, part_keys
+from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout
 from .format import shared_key as _shared_key
+from .parts import decode_part
 
 NP_DTYPES = {
     "F64": np.float64,
@@ -129,7 +129,7 @@ class Archive:
         for entry in self.header.tensors:
             if entry.kind == "quantized":
                 for part in entry.parts:
-                    self._scales(part, entry)
+                    self.quantized(part, entry)  # decodes codes, checks scales
             elif entry.kind == "exact":
                 for task in self.tasks:
                     self._delta(task, entry)
@@ -143,19 +143,7 @@ class Archive:
             raise TvqError(f"{self.path}: archive has no tensor {name}") from None
 
     def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
-        codes_key, scales_key, zeros_key = part_keys(part, entry.name)
-        groups = group_count(entry.shape, part.group_size)
-        codes = unpack_bits(self.raw(codes_key), part.bits, entry.numel)
-        zeros = unpack_bits(self.raw(zeros_key), part.bits, groups)
-        scales = self._scales(part, entry)
-        return Quantized(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(zeros))
-
-    def _scales(self, part: Part, entry: TensorEntry) -> np.ndarray:
-        key = part_keys(part, entry.name)[1]
-        scales = self.array(key, "F32", (group_count(entry.shape, part.group_size),))
-        if not np.isfinite(scales).all() or (scales <= 0).any():
-            raise TvqError(f"{self.path}: invalid scales in {key} (damaged archive)")
-        return scales
+        return decode_part(part, entry, self.raw, str(self.path))
 
     def _delta(self, task: str, entry: TensorEntry) -> np.ndarray:
         key = delta_key(task, entry.name)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import TvqError
 from .container import crc32, encode_header
-from .format import ArchiveHeader, layout
+from .format import ArchiveHeader, bound_header, layout, part_keys
 
 
 def _umask() -> int:
@@ -23,19 +24,38 @@ def _umask() -> int:
     return mask
 
 
+def reserved_header_length(header: ArchiveHeader) -> int:
+    """Bytes the writer reserves for the header: its length with coded sizes at their bound."""
+    bound = bound_header(header)
+    return len(encode_header(bound, layout(bound), {}))
+
+
 def archive_size(header: ArchiveHeader) -> int:
-    """Exact size in bytes of the archive `header` describes (used by --dry-run)."""
-    stored = layout(header)
-    return len(encode_header(header, stored, {})) + sum(s.nbytes for s in stored)
+    """Exact size in bytes of the archive `header` describes (used by --dry-run).
+
+    For entropy-coded parts the header must carry their real coded sizes.
+    """
+    return reserved_header_length(header) + sum(s.nbytes for s in layout(header))
 
 
 class ArchiveWriter:
-    """Write an archive whose every stored tensor is known up front from its header."""
+    """Write an archive whose every stored tensor is known up front from its header.
+
+    Entropy-coded codes may be shorter than their planned bound; their real sizes are put into
+    `header` (its parts' `coded_nbytes`) when the archive is finished.
+    """
 
     def __init__(self, path: Path, header: ArchiveHeader):
         self.path = Path(path)
         self.header = header
-        self.stored = layout(header)
+        self.stored = layout(bound_header(header))
+        self._coded = {
+            part_keys(p, t.name)[0]: (i, j)
+            for i, t in enumerate(header.tensors)
+            for j, p in enumerate(t.parts)
+            if p.codec == "zstd"
+        }
+        self._sizes: dict[str, int] = {}
         self._next = 0
         self._checksums: dict[str, int] = {}
         self._file = None
@@ -49,7 +69,7 @@ class ArchiveWriter:
             self._tmp = directory / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._file = os.fdopen(fd, "wb")
-            self._header_len = len(encode_header(self.header, self.stored, {}))
+            self._header_len = reserved_header_length(self.header)
             self._file.write(b"\0" * self._header_len)
         except BaseException as exc:
             self._discard()
@@ -66,12 +86,16 @@ class ArchiveWriter:
         expected = self.stored[self._next]
         view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
         view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-        if key != expected.key or view.nbytes != expected.nbytes:
+        size_ok = (
+            view.nbytes <= expected.nbytes if key in self._coded else view.nbytes == expected.nbytes
+        )
+        if key != expected.key or not size_ok:
             raise TvqError(
                 f"internal error: wrote {key} ({view.nbytes} bytes), "
                 f"expected {expected.key} ({expected.nbytes} bytes)"
             )
         self._checksums[key] = crc32(view)
+        self._sizes[key] = view.nbytes
         try:
             self._file.write(view)
         except OSError as exc:
@@ -82,9 +106,15 @@ class ArchiveWriter:
         if self._next != len(self.stored):
             missing = self.stored[self._next].key
             raise TvqError(f"internal error: archive incomplete, {missing} was never written")
-        header_bytes = encode_header(self.header, self.stored, self._checksums)
-        if len(header_bytes) != self._header_len:
-            raise TvqError("internal error: header length changed while writing")
+        for key, (i, j) in self._coded.items():
+            entry = self.header.tensors[i]
+            parts = list(entry.parts)  # entries may share one parts list
+            parts[j] = replace(parts[j], coded_nbytes=self._sizes[key])
+            entry.parts = parts
+        self.stored = layout(self.header)
+        header_bytes = encode_header(
+            self.header, self.stored, self._checksums, reserve=self._header_len
+        )
         try:
             self._file.seek(0)
             self._file.write(header_bytes)

@@ -19,7 +19,12 @@ from .quantizer import QuantSpec
 
 def covers(spec: QuantSpec, cols: int) -> bool:
     """Whether this kernel reproduces `quantize(x, spec)` for rows of `cols` elements."""
-    return spec.group_size > 0 and cols % spec.group_size == 0
+    return (
+        spec.group_size > 0
+        and cols % spec.group_size == 0
+        and spec.range == "minmax"
+        and spec.scale_bits == 0
+    )
 
 
 def quantize_into(

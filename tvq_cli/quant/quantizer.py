@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TvqError
+from .scale_codec import check_scale_bits
+
+RANGE_METHODS = ("minmax", "search")
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,13 @@ class QuantSpec:
 
     bits: int
     group_size: int
+    range: str = "minmax"  # "minmax" (the paper) or "search" (least-squares clipping)
+    scale_bits: int = 0  # 0: fp32 scales; 4-8: log-coded steps under a per-tensor scale
 
     def __post_init__(self) -> None:
+        if self.range not in RANGE_METHODS:
+            raise TvqError(f"range must be one of {', '.join(RANGE_METHODS)}, got {self.range!r}")
+        check_scale_bits(self.scale_bits)
         if not 1 <= self.bits <= 8:
             raise TvqError(f"bits must be between 1 and 8, got {self.bits}")
         if self.group_size < 0:
@@ -44,6 +52,15 @@ class Quantized:
     codes: torch.Tensor  # uint8, numel elements
     scales: torch.Tensor  # float32, one per group
     zeros: torch.Tensor  # uint8, one per group
+    step_codes: torch.Tensor | None = None  # uint8 per group, compact scales only
+    super_scale: float = 1.0  # the compact-scale grid's top step
+
+    def cpu(self) -> Quantized:
+        """The same codes and scales in host memory (quantization may run on a GPU)."""
+        steps = None if self.step_codes is None else self.step_codes.cpu()
+        return Quantized(
+            self.codes.cpu(), self.scales.cpu(), self.zeros.cpu(), steps, self.super_scale
+        )
 
 
 def group_count(shape: tuple[int, ...], group_size: int) -> int:
@@ -82,6 +99,10 @@ def _ungrouped(grouped: torch.Tensor, shape: tuple[int, ...], padded_cols: int) 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
     """Quantize a float tensor; returns codes in the tensor's row-major order."""
+    if spec.range != "minmax" or spec.scale_bits:
+        from .range_search import quantize_searched
+
+        return quantize_searched(x, spec)
     x = x.to(torch.float32)
     if x.numel() == 0:
         empty = torch.zeros(0, dtype=torch.uint8)
@@ -108,3 +129,14 @@ def dequantize(q: Quantized, spec: QuantSpec, shape: tuple[int, ...]) -> torch.T
     groups, padded_cols = _grouped(codes, spec.group_size)
     values = (groups - q.zeros.to(torch.float32)[:, None]) / q.scales[:, None]
     return _ungrouped(values, shape, padded_cols)
+
+
+def expand_groups(values: torch.Tensor, shape: tuple[int, ...], group_size: int) -> torch.Tensor:
+    """Broadcast one value per group (e.g. a step size) to every element of a tensor of `shape`."""
+    values = values.to(torch.float32).reshape(-1)
+    if group_size == 0 or len(shape) == 0:
+        return values[:1].expand(shape).clone() if values.numel() else torch.zeros(shape)
+    cols = shape[-1]
+    per_row = -(-cols // group_size)
+    rows = values.reshape(-1, per_row).repeat_interleave(group_size, dim=1)[:, :cols]
+    return rows.reshape(shape).contiguous()

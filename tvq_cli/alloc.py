@@ -1,0 +1,323 @@
+"""Bit allocation under a budget: bits (and group size) per tensor and role, least error.
+
+`tvq pack --budget R` asks for an archive of at most R bits per weight, every byte counted.
+First pass: for every quantized tensor, each candidate setting is applied to the tensor's real
+task vectors, and its exact stored size (from `format.part_layout`, entropy-coded sizes
+measured) and squared reconstruction error are recorded. Then a greedy walk along each
+tensor's lower convex hull of (bytes, error) takes the steps with the most error removed per
+byte until the budget is spent, fills what is left with any step that still fits, and is never
+worse than the best uniform setting that fits. Items: one per (tensor, task) for TVQ and FQ;
+one per tensor for RTVQ, whose options are (base bits, offset bits) pairs, so the split
+between base and offsets is measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, replace
+from itertools import product
+
+import torch
+
+from .archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
+from .archive.writer import archive_size, reserved_header_length
+from .checkpoint import Checkpoint
+from .errors import TvqError
+from .pack_tensor import task_mean
+from .quant import entropy
+from .quant.quantizer import dequantize, quantize
+
+WEIGHTINGS = ("params", "uniform")
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+RTVQ_BITS = (1, 2, 3, 4, 5, 6)
+
+
+@dataclass
+class Option:
+    parts: list[Part]  # with exact coded sizes
+    nbytes: int
+    error: float  # weighted squared error of the reconstructed task vectors
+
+
+@dataclass
+class Item:
+    entry: int  # index into header.tensors
+    slots: list[int]  # which of the entry's parts this item decides
+    options: list[Option]
+
+
+@dataclass
+class Allocation:
+    """What the allocator chose and what it expects."""
+
+    budget_bytes: int
+    size_bytes: int
+    rel_error: float  # predicted rel-L2 over all task vectors (weighting "params")
+    uniform_error: float | None  # the best uniform setting's, for comparison (None: none fits)
+
+
+def _sized(part: Part, entry: TensorEntry, q) -> tuple[Part, int]:
+    """The part with its coded size filled in, and its stored bytes."""
+    if part.codec == "zstd":
+        part = replace(part, coded_nbytes=len(entropy.encode(q.codes.numpy(), part.bits)))
+    return part, sum(s.nbytes for s in part_layout(part, entry))
+
+
+def _sq_error(q, part: Part, entry: TensorEntry, x: torch.Tensor) -> float:
+    diff = dequantize(q, part.spec, entry.shape).sub_(x)
+    return float(diff.double().square().sum())
+
+
+def _measure_entry(
+    entry: TensorEntry,
+    index: int,
+    pre: torch.Tensor,
+    finetuned: list[Checkpoint],
+    scheme: str,
+    error_correction: bool,
+    groups: tuple[int, ...],
+    weighting: str,
+) -> tuple[list[Item], float]:
+    """The items of one quantized tensor and its task vectors' total squared norm."""
+    # not in place: a loaded tensor may share memory with the checkpoint's open handle
+    deltas = [ckpt.load_float(entry.name) - pre for ckpt in finetuned]
+    norm2 = sum(float(d.double().square().sum()) for d in deltas)
+    weight = 1.0 if weighting == "params" else 1.0 / max(norm2, 1e-30)
+    proto = entry.parts
+    if scheme in ("tvq", "fq"):
+        items = []
+        for slot, delta in enumerate(deltas):
+            x = delta + pre if scheme == "fq" else delta
+            options = []
+            for bits, group in product(BITS, groups):
+                part = replace(proto[slot], bits=bits, group_size=group)
+                q = quantize(x, part.spec)
+                part, nbytes = _sized(part, entry, q)
+                options.append(Option([part], nbytes, weight * _sq_error(q, part, entry, x)))
+            items.append(Item(index, [slot], options))
+        return items, norm2
+    base = task_mean(deltas)  # the same base, bit for bit, as the pack pipeline's
+    options = []
+    for base_bits, group in product(RTVQ_BITS, groups):
+        base_part = replace(proto[0], bits=base_bits, group_size=group)
+        base_q = quantize(base, base_part.spec)
+        base_hat = dequantize(base_q, base_part.spec, entry.shape)
+        base_part, base_bytes = _sized(base_part, entry, base_q)
+        anchor = base_hat if error_correction else base
+        for offset_bits in RTVQ_BITS:
+            parts, nbytes, err = [base_part], base_bytes, 0.0
+            for slot, delta in enumerate(deltas, start=1):
+                part = replace(proto[slot], bits=offset_bits, group_size=group)
+                q = quantize(delta - anchor, part.spec)
+                part, size = _sized(part, entry, q)
+                tau_hat = dequantize(q, part.spec, entry.shape).add_(base_hat)
+                err += float(tau_hat.sub_(delta).double().square().sum())
+                parts.append(part)
+                nbytes += size
+            options.append(Option(parts, nbytes, weight * err))
+    return [Item(index, list(range(len(proto))), options)], norm2
+
+
+def _hull(options: list[Option]) -> list[int]:
+    """Indices of the lower convex hull of (bytes, error), from the smallest option up."""
+    order = sorted(range(len(options)), key=lambda i: (options[i].nbytes, options[i].error))
+    hull: list[int] = []
+    for i in order:
+        if hull and options[i].error >= options[hull[-1]].error:
+            continue
+        while len(hull) >= 2:
+            a, b = options[hull[-2]], options[hull[-1]]
+            c = options[i]
+            # drop b if it lies on or above the segment a-c
+            if (b.error - a.error) * (c.nbytes - a.nbytes) >= (c.error - a.error) * (
+                b.nbytes - a.nbytes
+            ):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def choose(items: list[Item], available: int) -> list[int]:
+    """Option index per item: least total error with total bytes <= `available`."""
+    hulls = [_hull(item.options) for item in items]
+    pos = [0] * len(items)
+    pick = [h[0] for h in hulls]
+    total = sum(items[k].options[p].nbytes for k, p in enumerate(pick))
+    if total > available:
+        raise TvqError("budget is below the smallest archive these settings can make")
+    heap: list[tuple[float, int, int]] = []
+
+    def push(k: int) -> None:
+        if pos[k] + 1 < len(hulls[k]):
+            cur, nxt = items[k].options[hulls[k][pos[k]]], items[k].options[hulls[k][pos[k] + 1]]
+            gain = (cur.error - nxt.error) / max(nxt.nbytes - cur.nbytes, 1)
+            heapq.heappush(heap, (-gain, k, pos[k]))
+
+    for k in range(len(items)):
+        push(k)
+    while heap:
+        _, k, at = heapq.heappop(heap)
+        if at != pos[k]:
+            continue
+        nxt = items[k].options[hulls[k][pos[k] + 1]]
+        extra = nxt.nbytes - items[k].options[pick[k]].nbytes
+        if total + extra > available:
+            continue  # this item's next step does not fit; others' may
+        total += extra
+        pos[k] += 1
+        pick[k] = hulls[k][pos[k]]
+        push(k)
+    return _fill(items, pick, available - total)
+
+
+def _fill(items: list[Item], pick: list[int], left: int) -> list[int]:
+    """Spend what the hull walk left on any single upgrade that fits, best gain per byte first."""
+    while True:
+        best = None
+        for k, item in enumerate(items):
+            cur = item.options[pick[k]]
+            for j, opt in enumerate(item.options):
+                extra = opt.nbytes - cur.nbytes
+                if opt.error < cur.error and extra <= left:
+                    gain = (cur.error - opt.error) / max(extra, 1)
+                    if best is None or gain > best[0]:
+                        best = (gain, k, j, extra)
+        if best is None:
+            return pick
+        _, k, j, extra = best
+        pick[k] = j
+        left -= extra
+
+
+def _uniform(items: list[Item], available: int) -> tuple[list[int] | None, float | None]:
+    """The best setting shared by every item (same option index everywhere) that fits."""
+    count = min(len(item.options) for item in items)
+    best: tuple[float, int] | None = None
+    for j in range(count):
+        if sum(item.options[j].nbytes for item in items) <= available:
+            err = sum(item.options[j].error for item in items)
+            if best is None or err < best[0]:
+                best = (err, j)
+    if best is None:
+        return None, None
+    return [best[1]] * len(items), best[0]
+
+
+def _apply(header: ArchiveHeader, items: list[Item], pick: list[int]) -> None:
+    for item, j in zip(items, pick, strict=True):
+        entry = header.tensors[item.entry]
+        parts = list(entry.parts)
+        for slot, part in zip(item.slots, item.options[j].parts, strict=True):
+            parts[slot] = part
+        entry.parts = parts
+
+
+def allocate(
+    header: ArchiveHeader,
+    pretrained: Checkpoint,
+    finetuned: list[Checkpoint],
+    budget_bpw: float,
+    weighting: str = "params",
+    groups: tuple[int, ...] = (),
+) -> Allocation:
+    """Set every quantized tensor's parts in `header` to fit `budget_bpw`; least error."""
+    if weighting not in WEIGHTINGS:
+        raise TvqError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if not budget_bpw > 0:
+        raise TvqError(f"budget must be a positive number of bits per weight, got {budget_bpw}")
+    params = sum(t.numel for t in header.tensors)
+    budget = int(budget_bpw * len(header.tasks) * params / 8)
+    items: list[Item] = []
+    norm2 = 0.0
+    for index, entry in enumerate(header.tensors):
+        if entry.kind != "quantized":
+            continue
+        pre = pretrained.load_float(entry.name)
+        grid = groups or (entry.parts[0].group_size,)
+        new, n2 = _measure_entry(
+            entry,
+            index,
+            pre,
+            finetuned,
+            header.scheme,
+            bool(header.error_correction),
+            grid,
+            weighting,
+        )
+        items.extend(new)
+        norm2 += n2
+    if not items:
+        size = archive_size(header)
+        if size > budget:
+            raise TvqError(f"budget {budget_bpw} bpw is below the archive's {_bpw(header, size)}")
+        return Allocation(budget, size, 0.0, None)
+    _apply(
+        header,
+        items,
+        [max(range(len(i.options)), key=lambda j, i=i: i.options[j].nbytes) for i in items],
+    )
+    fixed = reserved_header_length(header) + _unquantized_bytes(header)
+    available = budget - fixed
+    smallest = sum(min(o.nbytes for o in item.options) for item in items)
+    if smallest > available:
+        raise TvqError(
+            f"budget {budget_bpw} bits per weight is too small: these settings need at least "
+            f"{8 * (smallest + fixed) / (len(header.tasks) * params):.3f}"
+        )
+    pick, size, uniform_err = _fit(header, items, available, budget)
+    err = sum(item.options[j].error for item, j in zip(items, pick, strict=True))
+    rel = (err / norm2) ** 0.5 if weighting == "params" and norm2 > 0 else float("nan")
+    uni_rel = (
+        (uniform_err / norm2) ** 0.5
+        if uniform_err is not None and weighting == "params" and norm2 > 0
+        else None
+    )
+    return Allocation(budget, size, rel, uni_rel)
+
+
+def _fit(
+    header: ArchiveHeader, items: list[Item], available: int, budget: int
+) -> tuple[list[int], int, float | None]:
+    """The least-error choice whose whole archive fits `budget`: (pick, size, uniform error).
+
+    The header's own length moves a little with the choice (coded sizes are written in it),
+    so `available` is corrected by what the real size over- or undershoots, a few times; the
+    best fitting choice is kept. Spending the undershoot matters at a budget equal to a
+    uniform archive's size: that archive must stay reachable.
+    """
+    best: tuple[float, list[int], int, float | None] | None = None
+    for _ in range(6):
+        pick = choose(items, available)
+        uniform_pick, uniform_err = _uniform(items, available)
+        chosen_err = _total(items, pick)
+        if uniform_err is not None and uniform_err < chosen_err:
+            pick, chosen_err = uniform_pick, uniform_err
+        _apply(header, items, pick)
+        size = archive_size(header)
+        if size <= budget and (best is None or chosen_err < best[0]):
+            best = (chosen_err, pick, size, uniform_err)
+        if size == budget:
+            break
+        available += budget - size
+    if best is None:
+        raise TvqError("internal error: allocation exceeds the budget")
+    _, pick, size, uniform_err = best
+    _apply(header, items, pick)
+    return pick, size, uniform_err
+
+
+def _total(items: list[Item], pick: list[int]) -> float:
+    return sum(item.options[j].error for item, j in zip(items, pick, strict=True))
+
+
+def _unquantized_bytes(header: ArchiveHeader) -> int:
+    """Payload bytes of the exact and shared tensors (fixed whatever the allocation)."""
+    stored = layout(replace(header, tensors=[t for t in header.tensors if t.kind != "quantized"]))
+    return sum(s.nbytes for s in stored)
+
+
+def _bpw(header: ArchiveHeader, size: int) -> str:
+    params = sum(t.numel for t in header.tensors)
+    return f"{8 * size / (len(header.tasks) * params):.3f} bpw"

@@ -1,0 +1,70 @@
+"""One quantized part <-> its stored tensors (codes, scales, zero-points, super-scale).
+
+The single place that knows how a `Quantized` is laid out on disk for each part option
+(fp32 or compact scales, raw or entropy-coded codes); `format.part_layout` gives the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..errors import TvqError
+from ..quant import entropy, scale_codec
+from ..quant.bitpack import pack_bits, unpack_bits
+from ..quant.quantizer import Quantized, group_count
+from .format import Part, TensorEntry, part_keys, superscale_key
+
+
+def encode_part(part: Part, name: str, q: Quantized) -> list[tuple[str, np.ndarray | bytes]]:
+    """The stored tensors of `q`, as (key, bytes) in layout order."""
+    codes_key, scales_key, zeros_key = part_keys(part, name)
+    codes = q.codes.numpy()
+    if part.codec == "zstd":
+        stored: list[tuple[str, np.ndarray | bytes]] = [
+            (codes_key, entropy.encode(codes, part.bits))
+        ]
+    else:
+        stored = [(codes_key, pack_bits(codes, part.bits))]
+    if part.scale_bits:
+        stored.append((scales_key, pack_bits(q.step_codes.numpy(), part.scale_bits)))
+    else:
+        stored.append((scales_key, q.scales.numpy()))
+    stored.append((zeros_key, pack_bits(q.zeros.numpy(), part.bits)))
+    if part.scale_bits:
+        stored.append((superscale_key(part, name), np.array([q.super_scale], np.float32)))
+    return stored
+
+
+def decode_part(
+    part: Part, entry: TensorEntry, raw: Callable[[str], np.ndarray], where: str = "archive"
+) -> Quantized:
+    """Rebuild a part's `Quantized` from its stored bytes (`raw(key)` checks checksums)."""
+    codes_key, scales_key, zeros_key = part_keys(part, entry.name)
+    groups = group_count(entry.shape, part.group_size)
+    if part.codec == "zstd":
+        try:
+            codes = entropy.decode(raw(codes_key), part.bits, entry.numel)
+        except TvqError as exc:
+            raise TvqError(f"{where}: {codes_key}: {exc}") from None
+    else:
+        codes = unpack_bits(raw(codes_key), part.bits, entry.numel)
+    zeros = unpack_bits(raw(zeros_key), part.bits, groups)
+    step_codes = None
+    top = 1.0
+    if part.scale_bits:
+        top = float(raw(superscale_key(part, entry.name)).view(np.float32)[0])
+        if not np.isfinite(top) or top <= 0:
+            raise TvqError(f"{where}: invalid super-scale of {scales_key} (damaged archive)")
+        step_codes = torch.from_numpy(unpack_bits(raw(scales_key), part.scale_bits, groups))
+        scales = 1.0 / scale_codec.decode_steps(step_codes, top, part.scale_bits)
+    else:
+        scales_np = raw(scales_key).view(np.float32)
+        if scales_np.size != groups:
+            raise TvqError(f"{where}: {scales_key} has the wrong size (damaged archive)")
+        scales = torch.from_numpy(scales_np.copy())
+    if not torch.isfinite(scales).all() or (scales <= 0).any():
+        raise TvqError(f"{where}: invalid scales in {scales_key} (damaged archive)")
+    return Quantized(torch.from_numpy(codes), scales, torch.from_numpy(zeros), step_codes, top)

@@ -1,0 +1,210 @@
+"""The merge-method interface, the registry of methods by name, and option validation.
+
+A method turns the stacked task vectors of one tensor, ``taus`` of shape [T, *shape], into the
+merged task vector that is added to the pretrained tensor. Methods that need a whole-model
+statistic (TIES' global top-k threshold, EMR's rescalers) declare `stat_passes`: the engine
+streams every float tensor through `observe` that many times before merging, so no method ever
+holds more than one tensor's task vectors. Methods that build one model per task (TALL, EMR)
+set `per_task` and return one tensor per target task.
+
+Every coefficient is an `Option` with its reference default; unknown options, options the
+method does not take and out-of-range values are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import TvqError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One coefficient: its CLI flag is `--` + name with '_' as '-'."""
+
+    name: str
+    default: Any  # a value, or a callable(method) -> value for defaults that depend on others
+    help: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    default_text: str = ""  # how a computed default is shown, e.g. "1/T"
+
+    @property
+    def shown_default(self) -> Any:
+        return self.default_text or self.default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, method: str) -> Any:
+        where = f"{method}: {self.flag}"
+        if self.choices:
+            if value not in self.choices:
+                raise TvqError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        try:
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            raise TvqError(f"{where} expects a number, got {value!r}") from None
+        if self.kind is int and number != float(value):
+            raise TvqError(f"{where} expects a whole number, got {value!r}")
+        if not math.isfinite(number):
+            raise TvqError(f"{where} must be finite, got {value!r}")
+        too_low = self.low is not None and (
+            number <= self.low if self.low_open else number < self.low
+        )
+        too_high = self.high is not None and (
+            number >= self.high if self.high_open else number > self.high
+        )
+        if too_low or too_high:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            span = f"{lo}{_num(self.low, '-inf')}, {_num(self.high, 'inf')}{hi}"
+            raise TvqError(f"{where} must be in {span}, got {value}")
+        return number
+
+
+def _num(value: float | None, missing: str) -> str:
+    return missing if value is None else f"{value:g}"
+
+
+@dataclass
+class MergeContext:
+    """What a method may know about the merge besides the task vectors themselves."""
+
+    tasks: list[str]
+    weights: torch.Tensor  # one per task; all ones unless --weights
+    tensor_names: list[str]  # the float tensors, in model order
+    seed: int = 0
+    targets: list[int] = field(default_factory=list)  # per-task methods: which task models
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+
+class MergeMethod:
+    """Base class: subclasses set the class attributes and implement `merge`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    formula: ClassVar[str]
+    paper: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    takes_weights: ClassVar[bool] = False
+    per_task: ClassVar[bool] = False
+
+    def __init__(self, values: dict[str, Any], ctx: MergeContext):
+        self.ctx = ctx
+        known = {o.name: o for o in self.options}
+        for key in values:
+            if key not in known:
+                flags = ", ".join(o.flag for o in self.options) or "no options"
+                raise TvqError(
+                    f"method {self.name} does not take --{key.replace('_', '-')} "
+                    f"(it takes: {flags})"
+                )
+        self.values: dict[str, Any] = {}
+        for option in self.options:  # defaults may depend on earlier options
+            if option.name in values:
+                self.values[option.name] = option.check(values[option.name], self.name)
+            else:
+                default = option.default
+                self.values[option.name] = default(self) if callable(default) else default
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve several options or the number of tasks."""
+
+    @property
+    def stat_passes(self) -> int:
+        return 0
+
+    def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
+        """See one tensor's task vectors during statistics pass `pass_index`."""
+
+    def end_pass(self, pass_index: int) -> None:
+        """All tensors have been observed in pass `pass_index`."""
+
+    def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The merged task vector of one tensor (per-task methods: one per target)."""
+        raise NotImplementedError
+
+    def coefficients(self) -> dict[str, Any]:
+        """The resolved coefficients, for the report."""
+        return dict(self.values)
+
+    # --- helpers shared by methods -----------------------------------------------------------
+    def weighted_sum(self, taus: torch.Tensor) -> torch.Tensor:
+        """sum_t w_t tau_t."""
+        return torch.tensordot(self.ctx.weights, taus, dims=1)
+
+    def rng(self, name: str, task: str, stream: str) -> torch.Generator:
+        """A generator seeded by (seed, tensor, task, purpose): reproducible in any order."""
+        return derive_generator(self.ctx.seed, name, task, stream)
+
+
+def derive_generator(seed: int, *keys: str) -> torch.Generator:
+    """A torch generator seeded from --seed and names, independent of processing order."""
+    text = "\0".join([str(seed), *keys]).encode()
+    derived = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator().manual_seed(derived)
+
+
+def broadcast(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Weights of shape [T] viewed as [T, 1, 1, ...] to multiply a [T, *shape] stack."""
+    return weights.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make a method available by its name."""
+    if not re.fullmatch(r"[a-z_]+", cls.name) or cls.name in REGISTRY:
+        raise ValueError(f"bad or duplicate merge method name {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    from . import methods  # noqa: F401 - importing registers every method
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise TvqError(
+            f"unknown merge method {name!r} (choose from {', '.join(sorted(REGISTRY))})"
+        ) from None
+
+
+def all_methods() -> list[type[MergeMethod]]:
+    from . import methods  # noqa: F401
+
+    return [REGISTRY[n] for n in sorted(REGISTRY)]
+
+
+def parse_weights(text: str | None, n_tasks: int) -> torch.Tensor | None:
+    """`--weights 1,0.5,2` into a tensor (None when not given)."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise TvqError(f"--weights expects numbers separated by commas, got {text!r}") from None
+    if len(values) != n_tasks:
+        raise TvqError(f"--weights has {len(values)} values for {n_tasks} tasks")
+    if not all(math.isfinite(v) for v in values):
+        raise TvqError("--weights must be finite numbers")
+    return torch.tensor(values, dtype=torch.float32)

@@ -1,0 +1,22 @@
+"""Task arithmetic (Ilharco et al., 2023, "Editing models with task arithmetic")."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import MergeMethod, Option, register
+
+LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the summed task vectors.")
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    summary = "Add the (weighted) sum of task vectors, scaled by lambda."
+    formula = "theta = theta_pre + lambda * sum_t w_t tau_t"
+    paper = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023"
+    options = (LAMBDA,)
+    takes_weights = True
+
+    def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        return self.values["lambda"] * self.weighted_sum(taus)

@@ -1,0 +1,123 @@
+"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
+
+Trimming keeps each task's top-k% magnitudes. With the default global scope the cut-off is the
+exact k-th value over the whole flattened model, as in the paper's code, found in two streaming
+passes (`topk.StreamingKth`); a third pass counts the elected signs, whose majority decides the
+elements where the election is a tie (sum exactly zero), again as the paper's code does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import TvqError
+from ..base import MergeMethod, Option, broadcast, register
+from ..topk import StreamingKth
+
+LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the merged task vector.")
+TOPK = Option(
+    "topk", 20.0, "Percent of each task's largest magnitudes kept.", low=0, high=100, low_open=True
+)
+SCOPE = Option(
+    "topk_scope",
+    "global",
+    "Where the top-k% cut-off is computed: over the whole model, or per tensor.",
+    kind=str,
+    choices=("global", "tensor"),
+)
+
+
+def kth_rank(n: int, topk: float) -> int:
+    """The rank (1-based, ascending) of the cut-off: kthvalue(|x|, n - int(topk/100 * n))."""
+    return n - int(topk / 100.0 * n)
+
+
+@register
+class Ties(MergeMethod):
+    name = "ties"
+    summary = "Trim to the top-k% per task, elect signs, disjoint mean of agreeing values."
+    formula = (
+        "trim_t = tau_t * (|tau_t| >= kth_t); s = sign(sum_t w_t trim_t); "
+        "theta = theta_pre + lambda * sum_t w_t trim_t [sign(trim_t) = s] / "
+        "sum_t w_t [sign(trim_t) = s, trim_t != 0]"
+    )
+    paper = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023"
+    options = (LAMBDA, TOPK, SCOPE)
+    takes_weights = True
+
+    def validate(self) -> None:
+        if bool((self.ctx.weights <= 0).any()):
+            raise TvqError(f"{self.name}: --weights must be positive (they weight a disjoint mean)")
+        self._kth = [StreamingKth() for _ in self.ctx.tasks]
+        self._thresholds: torch.Tensor | None = None
+        self._sign_total = 0.0
+        self._majority: float | None = None
+
+    @property
+    def is_global(self) -> bool:
+        return self.values["topk_scope"] == "global"
+
+    @property
+    def stat_passes(self) -> int:
+        return 3 if self.is_global else 0
+
+    def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
+        if pass_index == 0:
+            for kth, tau in zip(self._kth, taus, strict=True):
+                kth.observe_high(tau)
+        elif pass_index == 1:
+            for kth, tau in zip(self._kth, taus, strict=True):
+                if kth.count and kth_rank(kth.count, self.values["topk"]) >= 1:
+                    kth.observe_low(tau)
+        else:
+            trimmed = self._trim(taus, self._thresholds)
+            self._sign_total += float(self._elect(trimmed).sum())
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            for kth in self._kth:
+                k = kth_rank(kth.count, self.values["topk"])
+                if k >= 1:
+                    kth.select(k)
+        elif pass_index == 1:
+            values = [
+                kth.value() if kth_rank(kth.count, self.values["topk"]) >= 1 else 0.0
+                for kth in self._kth
+            ]
+            self._thresholds = torch.tensor(values, dtype=torch.float32)
+        else:
+            self._majority = float(torch.sign(torch.tensor(self._sign_total)))
+
+    def tensor_thresholds(self, taus: torch.Tensor) -> torch.Tensor:
+        """Per-task cut-offs computed on this tensor alone."""
+        flat = taus.reshape(taus.shape[0], -1).abs()
+        k = kth_rank(flat.shape[1], self.values["topk"])
+        if k < 1:
+            return torch.zeros(taus.shape[0])
+        return flat.kthvalue(k, dim=1).values
+
+    @staticmethod
+    def _trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        return taus * (taus.abs() >= broadcast(thresholds, taus))
+
+    def _elect(self, trimmed: torch.Tensor) -> torch.Tensor:
+        return torch.sign((broadcast(self.ctx.weights, trimmed) * trimmed).sum(0))
+
+    def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        if self.is_global:
+            thresholds, majority = self._thresholds, self._majority
+            trimmed = self._trim(taus, thresholds)
+            elected = self._elect(trimmed)
+        else:
+            trimmed = self._trim(taus, self.tensor_thresholds(taus))
+            elected = self._elect(trimmed)
+            majority = float(torch.sign(elected.sum()))
+        elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
+        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+        weights = broadcast(self.ctx.weights, taus)
+        numerator = (weights * trimmed * agree).sum(0)
+        denominator = (weights * agree).sum(0)
+        merged = torch.where(
+            denominator != 0, numerator / denominator.clamp_min(1e-30), torch.zeros(())
+        )
+        return self.values["lambda"] * merged

@@ -1,0 +1,143 @@
+"""The task vectors to merge: one or more archives, checked against the pretrained model.
+
+Archives are merged together only when they were packed against the same pretrained model
+(same fingerprint) and describe the same tensors. Task vectors are produced one tensor at a
+time, stacked over tasks, so at most T copies of one tensor are in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..archive.format import Part, TensorEntry
+from ..archive.reader import Archive
+from ..checkpoint import FLOAT_DTYPES, Checkpoint
+from ..errors import TvqError
+from ..quant.quantizer import expand_groups
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One task of one archive."""
+
+    archive: Archive
+    task: str
+
+    def own_part(self, entry: TensorEntry) -> Part | None:
+        """The quantized part that carries this task's own error (None for exact tensors).
+
+        RTVQ: the task's offset; the base is shared by every task, so its error does not
+        separate them.
+        """
+        if entry.kind != "quantized":
+            return None
+        prefix = {"tvq": "task", "fq": "ft", "rtvq": "offset"}[self.archive.scheme]
+        return next(p for p in entry.parts if p.role == f"{prefix}:{self.task}")
+
+
+def parse_task_list(text: str | None) -> list[str] | None:
+    """`a,b,c` into names (None when not given); empty entries and duplicates are errors."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise TvqError(f"--tasks expects names separated by commas, got {text!r}")
+    if len(set(names)) != len(names):
+        raise TvqError(f"--tasks names a task twice: {text!r}")
+    return names
+
+
+class Sources:
+    """Selected tasks across archives, all checked against one pretrained checkpoint."""
+
+    def __init__(
+        self,
+        archives: list[Path | str],
+        pretrained: Checkpoint,
+        tasks: list[str] | None = None,
+        force: bool = False,
+    ):
+        if not archives:
+            raise TvqError("give at least one archive to merge")
+        self.pretrained = pretrained
+        for name, spec in pretrained.specs.items():
+            if spec.is_float and spec.dtype not in FLOAT_DTYPES:
+                raise TvqError(
+                    f"{pretrained.path}: tensor {name} has unsupported dtype {spec.dtype}"
+                )
+        opened = [Archive(p) for p in archives]
+        self.fingerprint = pretrained.fingerprint()
+        self.mismatched: list[str] = []
+        for archive in opened:
+            self._check_tensors(archive)
+            if archive.header.pretrained_fingerprint != self.fingerprint:
+                if not force:
+                    raise TvqError(
+                        f"{archive.path}: was packed against a different pretrained model than "
+                        f"{pretrained.path} (fingerprints differ); use --force to merge anyway"
+                    )
+                self.mismatched.append(str(archive.path))
+        available: dict[str, TaskRef] = {}
+        for archive in opened:
+            for task in archive.tasks:
+                if task in available:
+                    raise TvqError(
+                        f"task {task!r} is in both {available[task].archive.path} and "
+                        f"{archive.path}: task names must be unique across archives"
+                    )
+                available[task] = TaskRef(archive, task)
+        if tasks is None:
+            tasks = list(available)
+        unknown = [t for t in tasks if t not in available]
+        if unknown:
+            raise TvqError(
+                f"no task named {unknown[0]!r} in the archives (they hold {', '.join(available)})"
+            )
+        if not tasks:
+            raise TvqError("no tasks selected")
+        self.refs = [available[t] for t in tasks]
+        self.archives = opened
+
+    def _check_tensors(self, archive: Archive) -> None:
+        specs = self.pretrained.specs
+        for entry in archive.header.tensors:
+            spec = specs.get(entry.name)
+            if spec is None:
+                raise TvqError(
+                    f"{archive.path}: tensor {entry.name} is not in {self.pretrained.path} "
+                    "(packed from a different model?)"
+                )
+            if spec.shape != entry.shape or spec.dtype != entry.dtype:
+                raise TvqError(
+                    f"{archive.path}: tensor {entry.name} is {entry.dtype}{list(entry.shape)} "
+                    f"but {spec.dtype}{list(spec.shape)} in {self.pretrained.path}"
+                )
+        missing = set(specs) - set(archive.entries)
+        if missing:
+            raise TvqError(
+                f"{archive.path}: has no tensor {sorted(missing)[0]} of {self.pretrained.path}"
+            )
+
+    @property
+    def tasks(self) -> list[str]:
+        return [r.task for r in self.refs]
+
+    def task_vectors(self, name: str, pre: torch.Tensor) -> torch.Tensor:
+        """fp32 task vectors of every selected task for one float tensor, stacked: [T, *shape]."""
+        return torch.stack([r.archive.task_vector(r.task, name, pre) for r in self.refs])
+
+    def steps(self, name: str) -> list[torch.Tensor | None]:
+        """Per element quantization step of each task's own part (None where stored exact)."""
+        steps: list[torch.Tensor | None] = []
+        for ref in self.refs:
+            entry = ref.archive.entry(name)
+            part = ref.own_part(entry)
+            if part is None:
+                steps.append(None)
+                continue
+            q = ref.archive.quantized(part, entry)
+            steps.append(expand_groups(1.0 / q.scales, entry.shape, part.group_size))
+        return steps

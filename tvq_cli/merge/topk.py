@@ -1,0 +1,57 @@
+"""Exact k-th smallest |x| over a whole model, streamed tensor by tensor in two passes.
+
+For non-negative float32 values the IEEE bit pattern, read as an integer, orders exactly like
+the value. Pass 1 counts values by the high 16 bits of their pattern (65,536 bins) and finds
+the bin that holds the k-th smallest; pass 2 counts, inside that bin only, by the low 16 bits.
+The two bins name the exact bit pattern of the k-th smallest value: the same threshold
+`torch.kthvalue` would give on the flattened model, with 2 x 65,536 counters of memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BINS = 1 << 16
+
+
+def _patterns(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1).to(torch.float32).abs().view(torch.int32)
+
+
+class StreamingKth:
+    """The k-th smallest |x| (1-based) of every value seen, exact, in two streaming passes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._high = torch.zeros(BINS, dtype=torch.int64)
+        self._low = torch.zeros(BINS, dtype=torch.int64)
+        self._bin: int | None = None
+        self._rank = 0
+
+    def observe_high(self, x: torch.Tensor) -> None:
+        """Pass 1: count the values of one tensor by the high half of their bit pattern."""
+        bits = _patterns(x)
+        self.count += bits.numel()
+        self._high += torch.bincount(bits >> 16, minlength=BINS)
+
+    def select(self, k: int) -> None:
+        """After pass 1: fix the rank k (1 <= k <= count) to find."""
+        if not 1 <= k <= self.count:
+            raise ValueError(f"rank {k} out of range for {self.count} values")
+        cumulative = torch.cumsum(self._high, 0)
+        self._bin = int(torch.searchsorted(cumulative, k))
+        before = int(cumulative[self._bin - 1]) if self._bin > 0 else 0
+        self._rank = k - before
+
+    def observe_low(self, x: torch.Tensor) -> None:
+        """Pass 2: count, inside the selected high bin, by the low half of the bit pattern."""
+        bits = _patterns(x)
+        inside = bits[(bits >> 16) == self._bin] & 0xFFFF
+        if inside.numel():
+            self._low += torch.bincount(inside, minlength=BINS)
+
+    def value(self) -> float:
+        """After pass 2: the exact k-th smallest |x|."""
+        low = int(torch.searchsorted(torch.cumsum(self._low, 0), self._rank))
+        pattern = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+        return float(pattern.view(torch.float32)[0])

@@ -1,0 +1,222 @@
+"""Writing merged models: one .safetensors file, or a Hugging Face style folder.
+
+Tensors are streamed: every name, dtype and shape is known before the first weight is merged,
+so each safetensors header is written up front and tensors are appended one at a time (never
+the whole model in memory). A folder gets the pretrained folder's non-weight files (config,
+tokenizer, ...) and, when it exceeds the shard size, `model-0000i-of-0000N.safetensors` shards
+with a `model.safetensors.index.json` as `save_pretrained` writes them. Everything is written
+under a hidden temporary name beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .checkpoint import INDEX_FILE, SINGLE_FILE, ST_TO_TORCH, TensorSpec, tensor_bytes
+from .errors import TvqError
+
+DEFAULT_MAX_SHARD = 5 * 10**9  # save_pretrained's historical default, "5GB"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin)\.index\.json$")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from '5GB', '500MB', '2GiB' or a plain integer (decimal units as in transformers)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+        if not match or match.group(2) not in _UNITS:
+            raise TvqError(f"invalid size {text!r}: use e.g. 5GB, 500MB, 2GiB or a byte count")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise TvqError(f"size must be positive, got {text!r}")
+    return value
+
+
+class SafetensorsStream:
+    """One safetensors file whose tensors are declared up front and appended in order."""
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str]):
+        self.path = path
+        self.specs = specs
+        self._order = list(specs)
+        self._next = 0
+        doc: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for name, spec in specs.items():
+            nbytes = spec.numel * spec.itemsize
+            doc[name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(doc, separators=(",", ":")).encode()
+        raw += b" " * ((-len(raw)) % 8)
+        self.nbytes = 8 + len(raw) + offset
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        spec = self.specs.get(name)
+        if name != expected or spec is None:
+            raise TvqError(f"internal error: wrote {name}, expected {expected}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != ST_TO_TORCH[spec.dtype]:
+            raise TvqError(f"internal error: {name} has the wrong shape or dtype")
+        self._file.write(tensor_bytes(tensor))
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def shard_plan(specs: dict[str, TensorSpec], max_bytes: int) -> list[dict[str, TensorSpec]]:
+    """Split tensors, in order, into shards of at most `max_bytes` (a larger tensor stands alone).
+
+    Same greedy rule as transformers' `save_pretrained`.
+    """
+    shards: list[dict[str, TensorSpec]] = [{}]
+    size = 0
+    for name, spec in specs.items():
+        nbytes = spec.numel * spec.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = spec
+        size += nbytes
+    return shards
+
+
+class ModelWriter:
+    """Stream one model to `path`: a .safetensors file, or a folder (sharded when large)."""
+
+    def __init__(
+        self,
+        path: Path,
+        specs: dict[str, TensorSpec],
+        *,
+        folder: bool,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD,
+        copy_from: Path | None = None,
+    ):
+        self.path = path
+        metadata = {"format": "pt"}
+        self._where: dict[str, SafetensorsStream] = {}
+        self.files: list[Path] = []
+        if not folder:
+            shards = [specs]
+            names = [path]
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            if copy_from is not None:
+                copy_non_weight_files(copy_from, path)
+            shards = shard_plan(specs, max_shard_bytes)
+            n = len(shards)
+            names = (
+                [path / SINGLE_FILE]
+                if n == 1
+                else [path / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+            )
+        self._pending = list(zip(names, shards, strict=True))
+        self._streams: list[SafetensorsStream] = []
+        self._index = (
+            {name: file.name for file, shard in self._pending for name in shard}
+            if len(shards) > 1
+            else None
+        )
+        self._metadata = metadata
+        self._total = sum(s.numel * s.itemsize for s in specs.values())
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor (in the order of `specs`)."""
+        if not self._streams or self._streams[-1].complete:
+            if not self._pending:
+                raise TvqError(f"internal error: unexpected tensor {name}")
+            file, shard = self._pending.pop(0)
+            if self._streams:
+                self._streams[-1].close()
+            self._streams.append(SafetensorsStream(file, shard, self._metadata))
+            self.files.append(file)
+        self._streams[-1].write(name, tensor)
+
+    def finish(self) -> None:
+        if self._pending or not self._streams or not self._streams[-1].complete:
+            raise TvqError("internal error: the merged model is incomplete")
+        self._streams[-1].close()
+        if self._index is not None:
+            doc = {"metadata": {"total_size": self._total}, "weight_map": self._index}
+            index = self.path / INDEX_FILE
+            index.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            self.files.append(index)
+
+    def abort(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+def copy_non_weight_files(source: Path, target: Path) -> None:
+    """Copy config, tokenizer and other files; weights and weight indexes are not copied."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {
+            n
+            for n in names
+            if n.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEXES.match(n) or n.startswith(".")
+        }
+
+    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+
+
+def check_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse to clobber inputs, or an existing output unless asked to."""
+    resolved = out.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if resolved == p or resolved in p.parents:
+            raise TvqError(f"{out}: refusing to overwrite an input ({path})")
+    if out.exists() and not overwrite:
+        raise TvqError(f"{out}: already exists (use --force to replace it)")
+    if not out.parent.exists():
+        raise TvqError(f"{out.parent}: no such folder")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, folder: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; move it into place only if the block succeeds."""
+    directory = out.parent if str(out.parent) else Path(".")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory))
+    except OSError as exc:
+        raise TvqError(f"cannot write in {directory}: {exc.strerror}") from None
+    staged = tmp / out.name
+    try:
+        yield staged
+        if folder:
+            staged.mkdir(exist_ok=True)
+        if out.is_dir() and not out.is_symlink():
+            trash = tmp / ".replaced"
+            os.replace(out, trash)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
