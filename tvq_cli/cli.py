@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .cli_zoo import zoo_app
 from .errors import TvqError
 from .merge import MergeRequest, list_methods, merge
 from .merge.sources import parse_task_list
@@ -36,6 +37,7 @@ app = typer.Typer(
     help="Store many fine-tunes of one model as bit-packed quantized task vectors.",
     pretty_exceptions_enable=False,
 )
+app.add_typer(zoo_app, name="zoo")
 stdout = Console()
 stderr = Console(stderr=True)
 
