@@ -2,8 +2,8 @@
 
 Every step is a real `tvq` command: the demo prints it as a user would type it (paths as
 given, relative to the current folder), then runs it in-process. It builds (or reuses) the zoo,
-packs it three ways (every tensor exact as the fp32 reference, TVQ 4-bit, RTVQ B3O2), shows the
-inspect summary, merges each archive with task arithmetic and TIES, scores the merges, and
+packs it four ways (every tensor exact as the fp32 reference, TVQ 4-bit and 2-bit, RTVQ B3O2),
+shows the inspect summary, merges each archive with task arithmetic and TIES, scores the merges, and
 ends with one table: what each scheme costs in bits and what it costs in accuracy.
 """
 
