@@ -37,7 +37,9 @@ def test_eval_json_matches_the_library(zoo: Zoo) -> None:
 
 
 def test_eval_selected_tasks_as_a_table(zoo: Zoo) -> None:
-    code, out, _ = run_cli("zoo", "eval", zoo.pretrained, "--zoo", zoo.root, "--tasks", "mod3,digit")
+    code, out, _ = run_cli(
+        "zoo", "eval", zoo.pretrained, "--zoo", zoo.root, "--tasks", "mod3,digit"
+    )
     assert code == 0
     assert "mod3" in out and "digit" in out and "parity" not in out
     expected = evaluate(zoo.pretrained, zoo, ["mod3", "digit"])
