@@ -378,6 +378,22 @@ def rd_markdown(points: dict[str, list[tuple[str, Cell]]]) -> str:
     return "\n".join(lines)
 
 
+def rtvq_vs_tvq(points: dict[str, list[tuple[str, Cell]]]) -> str:
+    """RTVQ B3O2's error next to TVQ's at the same bits (log-linear between TVQ 2 and TVQ 3)."""
+    out = []
+    for setting, pts in points.items():
+        by = {c.label: c for _, c in pts}
+        t2, t3, r = by["TVQ 2"], by["TVQ 3"], by["RTVQ B3O2"]
+        w = (r.quant_bpw - t2.quant_bpw) / (t3.quant_bpw - t2.quant_bpw)
+        tvq_at = t2.rel_l2 ** (1 - w) * t3.rel_l2**w
+        out.append(
+            f"- {setting}: RTVQ B3O2 {r.rel_l2:.3f} at {r.quant_bpw:.2f} bits; TVQ at the same "
+            f"bits (interpolated) {tvq_at:.3f}: RTVQ is "
+            f"{'better' if r.rel_l2 < tvq_at else 'worse'} by a factor {tvq_at / r.rel_l2:.2f}."
+        )
+    return "\n".join(out)
+
+
 def plot_rd(points: dict[str, list[tuple[str, Cell]]]) -> None:
     import matplotlib  # benchmark-only dependency: the tests import this module without it
 
@@ -539,6 +555,7 @@ def render(
         tvq2_default=f"{cells['default'][6].acc['Task Arithmetic']:.1f}",
         fp32_ta=f"{cells['paper'][0].acc['Task Arithmetic']:.1f}",
         rd_table=rd_markdown(rd),
+        rtvq_vs_tvq=rtvq_vs_tvq(rd),
         storage_table=storage_markdown(params, sizes),
         vit_params=f"{params:,}",
         storage_seconds=f"{storage_seconds:.1f}",
@@ -639,6 +656,16 @@ rel-L2 = 2^-R; the last column is how far above that bound each point is.
 ![error vs bits](results_rd.png)
 
 {rd_table}
+
+RTVQ against TVQ at equal bits per quantized weight (the paper's Figure 4 shows RTVQ below
+TVQ at low bits):
+
+{rtvq_vs_tvq}
+
+So on this zoo RTVQ B3O2 lowers the error of 2-bit TVQ at 0.375 extra bits, but spending those
+bits on TVQ itself would lower it as much or more. FQ's error is larger than the task vector
+itself below 8 bits: quantizing the fine-tuned weights spends the bits on the pretrained
+weights' range, not on what fine-tuning changed.
 
 ## 4. Storage for CLIP ViT-L/14 (paper Table 5)
 
