@@ -657,8 +657,8 @@ rel-L2 = 2^-R; the last column is how far above that bound each point is.
 
 {rd_table}
 
-RTVQ against TVQ at equal bits per quantized weight (the paper's Figure 4 shows RTVQ below
-TVQ at low bits):
+RTVQ against TVQ at equal bits per quantized weight (the paper introduces RTVQ to lower TVQ's
+error in the low-bit regime, Section 4.3):
 
 {rtvq_vs_tvq}
 
