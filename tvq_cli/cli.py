@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .cli_zoo import zoo_app
+from .demo import DEFAULT_DIR as DEFAULT_DEMO_DIR
+from .demo import run_demo
 from .errors import TvqError
 from .merge import MergeRequest, list_methods, merge
 from .merge.sources import parse_task_list
@@ -36,6 +39,7 @@ app = typer.Typer(
     help="Store many fine-tunes of one model as bit-packed quantized task vectors.",
     pretty_exceptions_enable=False,
 )
+app.add_typer(zoo_app, name="zoo")
 stdout = Console()
 stderr = Console(stderr=True)
 
@@ -300,6 +304,21 @@ def merge_command(
         print(json.dumps(report, indent=2))
     else:
         render_merge(report, stdout)
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(
+        DEFAULT_DEMO_DIR, "--dir", help="Working folder (a zoo already built there is reused)."
+    ),
+) -> None:
+    """Build the example zoo, pack it, merge it and score it: every step a printed command."""
+    run_demo(out, run=main, echo=_echo_plain)
+
+
+def _echo_plain(text: str) -> None:
+    """Print as is: no markup, and no line breaks inside a command that must stay typeable."""
+    stdout.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _version_callback(value: bool) -> None:

@@ -175,3 +175,39 @@ def render_merge(report: dict, console: Console) -> None:
             near = ", ".join(f"{c:.6f}" for c in overall["cosine_nearest"])
             chosen = ", ".join(f"{c:.6f}" for c in overall["cosine_chosen"])
             console.print(f"  cosine per input, nearest: {near}; chosen: {chosen}")
+
+
+def render_zoo(manifest: dict, root: str, console: Console) -> None:
+    table = Table(title=f"model zoo {root} (seed {manifest['seed']})")
+    table.add_column("task", style="bold")
+    table.add_column("pretrained %", justify="right")
+    table.add_column("fine-tuned %", justify="right")
+    table.add_column("TA merge %", justify="right")
+    for t in manifest["tasks"]:
+        table.add_row(
+            t["name"],
+            f"{t['accuracy_pretrained_probe']:.2f}",
+            f"{t['accuracy_finetuned']:.2f}",
+            f"{t['accuracy_task_arithmetic']:.2f}",
+        )
+    rows = manifest["tasks"]
+    means = [
+        sum(t[key] for t in rows) / len(rows)
+        for key in ("accuracy_pretrained_probe", "accuracy_finetuned", "accuracy_task_arithmetic")
+    ]
+    table.add_row("mean", *(f"{m:.2f}" for m in means), style="bold")
+    console.print(table)
+    console.print(
+        f"{manifest['n_parameters']:,} parameters per backbone; task arithmetic with lambda "
+        f"{manifest['task_arithmetic_lambda']}; heads frozen at the pretrained linear probe"
+    )
+
+
+def render_accuracy(report: dict, console: Console) -> None:
+    table = Table(title=f"accuracy of {report['checkpoint']}")
+    table.add_column("task", style="bold")
+    table.add_column("accuracy %", justify="right")
+    for task, acc in report["accuracy"].items():
+        table.add_row(task, f"{acc:.2f}")
+    table.add_row("mean", f"{report['mean']:.2f}", style="bold")
+    console.print(table)
