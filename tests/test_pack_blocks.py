@@ -12,11 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tvq_cli
-from tvq_cli.archive.format import part_keys
+from tvq_cli.archive.parts import encode_part
 from tvq_cli.pack import PackOptions
 from tvq_cli.pack_tensor import block_rows, task_mean
 from tvq_cli.quant import kernel
-from tvq_cli.quant.bitpack import pack_bits
 from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
 
 # With blocks of 1024 elements: 203 rows of 9 make blocks of 112 and 91 rows (the last one 819
@@ -65,11 +64,8 @@ def _expected(pre: Path, fts: list[Path], options: PackOptions, name: str) -> di
         ]
     out = {}
     for part, value in values:
-        q = quantize(value, part.spec)
-        codes, scales, zeros = part_keys(part, name)
-        out[codes] = pack_bits(q.codes.numpy(), part.bits).tobytes()
-        out[scales] = q.scales.numpy().tobytes()
-        out[zeros] = pack_bits(q.zeros.numpy(), part.bits).tobytes()
+        for key, data in encode_part(part, name, quantize(value, part.spec)):
+            out[key] = bytes(memoryview(data))
     return out
 
 

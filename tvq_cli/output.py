@@ -194,9 +194,9 @@ def check_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     for path in inputs:
         p = path.resolve()
         if resolved == p or resolved in p.parents:
-            raise TvqError(f"{out}: refusing to overwrite an input ({path})")
+            raise TvqError(f"{out}: refusing to overwrite an input checkpoint")
     if out.exists() and not overwrite:
-        raise TvqError(f"{out}: already exists (use --force to replace it)")
+        raise TvqError(f"{out}: already exists (use --force to overwrite)")
     if not out.parent.exists():
         raise TvqError(f"{out.parent}: no such folder")
 
