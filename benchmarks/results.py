@@ -146,9 +146,7 @@ def merged_accuracy(zoo: Zoo, archive: Path, method: str, work: Path) -> float:
     """Mean accuracy of the method's merge; per-task methods score each task's own model."""
     per_task = method in PER_TASK
     out = work / (f"merged-{method}" if per_task else f"merged-{method}.safetensors")
-    request = MergeRequest(
-        [archive], zoo.pretrained, out, method, all_tasks=per_task, overwrite=True
-    )
+    request = MergeRequest([archive], zoo.pretrained, out, method, all_tasks=per_task, force=True)
     merge(request)
     if not per_task:
         return mean_accuracy(evaluate(out, zoo))

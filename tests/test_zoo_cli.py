@@ -48,7 +48,7 @@ def test_eval_selected_tasks_as_a_table(zoo: Zoo) -> None:
 
 def test_eval_errors_are_one_line(zoo: Zoo, tmp_path: Path) -> None:
     cases = [
-        (tmp_path / "missing.safetensors", zoo.root, "no checkpoint"),
+        (tmp_path / "missing.safetensors", zoo.root, "no such file or folder"),
         (zoo.pretrained, tmp_path, "is not a model zoo"),
         (zoo.head_path("digit"), zoo.root, "does not match the zoo backbone"),
     ]

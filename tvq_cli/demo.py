@@ -85,7 +85,7 @@ def run_demo(root: Path, run: Run, echo: Echo = print) -> list[DemoRow]:
         for method in METHODS:
             merged = root / "merged" / f"{archive.stem}-{method}.safetensors"
             step("merge", archive, "--pretrained", pre, "--method", method, "--out", merged,
-                 "--overwrite", "--quiet")  # fmt: skip
+                 "--force", "--quiet")  # fmt: skip
             report = json.loads(step("zoo", "eval", merged, "--zoo", zoo, "--json", capture=True))
             accuracy[method] = report["mean"]
             per_task = ", ".join(f"{t} {a:.1f}" for t, a in report["accuracy"].items())
