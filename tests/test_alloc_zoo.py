@@ -1,18 +1,8 @@
 """The budget allocator on the example zoo's real task vectors (issue 6's test list)."""
 
 import pytest
-import torch
 
 from tvq_cli import PackOptions, inspect_archive, pack
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small tensors: thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("scheme", "bits", "strict"), [("rtvq", 2, True), ("tvq", 3, False)])

@@ -16,15 +16,6 @@ from tvq_cli.quant import entropy, scale_codec
 from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small tensors: on a shared 2-core runner thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sq_error(x: torch.Tensor, spec: QuantSpec) -> float:
     x_hat = dequantize(quantize(x, spec), spec, tuple(x.shape))
     return float((x_hat.double() - x.double()).square().sum())
