@@ -16,6 +16,7 @@ nearest to each shrink factor, so the search already accounts for the scale's ro
 from __future__ import annotations
 
 import math
+import threading
 from functools import cache
 
 import torch
@@ -38,6 +39,19 @@ def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> to
     return cols.expand(rows, -1).reshape(-1, group_size)
 
 
+_local = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """This thread's float32 work buffer of at least `size` elements, reused across calls:
+    a fresh buffer of a megabyte costs a page fault per 4 KiB (pack maps every allocation
+    over 1 MiB on its own), more than the arithmetic done in it."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _local.buffer = torch.empty(size)
+    return buffer
+
+
 def _errors(
     groups: torch.Tensor,
     scales: torch.Tensor,
@@ -56,13 +70,15 @@ def _errors(
     out = torch.zeros(n, k, dtype=torch.float32)
     cols = min(width, max(1, BLOCK // k))
     rows = max(1, BLOCK // (cols * k))
+    buffer = _scratch(rows * k * cols)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         s = scales[r0:r1, :, None]
         z = zero[r0:r1, None, None]
         for c0 in range(0, width, cols):
             x = groups[r0:r1, None, c0 : c0 + cols]
-            d = torch.mul(x, s).add_(z).round_().clamp_(0, levels)
+            d = buffer[: (r1 - r0) * k * x.shape[2]].view(r1 - r0, k, x.shape[2])
+            torch.mul(x, s, out=d).add_(z).round_().clamp_(0, levels)
             d.sub_(z).div_(s).sub_(x).square_()
             if mask is not None:
                 d.mul_(mask[r0:r1, None, c0 : c0 + cols])
