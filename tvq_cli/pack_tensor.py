@@ -4,7 +4,10 @@ Quantized tensors whose groups tile the rows (the default group size on transfor
 are processed in blocks of whole rows: each block of every input is converted to fp32, its
 task vectors formed, quantized and bit-packed in per-thread buffers that stay in cache, and
 blocks run in parallel on a thread pool. Groups never cross rows, so a block's codes, scales and
-zero-points are exactly those of the whole tensor. Every other case (per-tensor ranges, groups
+zero-points are exactly those of the whole tensor; the same holds for range search, which is
+per group. Compact scales hang on two per-tensor values taken from every group's range, so
+those parts first pass over the blocks for the ranges alone; zstd frames are compressed once
+a part's codes are complete. Every other case (per-tensor ranges, groups
 that do not divide the rows, `--device cuda`) takes the whole tensor at once through
 `quantize` itself. RTVQ's base is the task vectors' sum in task order divided by T, so both
 routes give the same bytes whatever the block size or thread count.
