@@ -5,6 +5,7 @@ the inputs, which are deleted afterwards unless --inputs names a folder to keep 
 
     PYTHONPATH=$PWD python benchmarks/bench_pack.py                  # TinyLlama-1.1B shapes
     PYTHONPATH=$PWD python benchmarks/bench_pack.py --config small   # a 30M smoke test
+    PYTHONPATH=$PWD python benchmarks/bench_pack.py --config layer   # one 2048-wide layer
     PYTHONPATH=$PWD python benchmarks/bench_pack.py --py-spy         # also profile TVQ 4-bit
     PYTHONPATH=$PWD python benchmarks/bench_pack.py --inputs /tmp/tvq-bench/m  # keep, reuse
 
@@ -14,7 +15,9 @@ about 1e-3 of the weights' scale) rounded into bf16. Checkpoints are written ten
 sharded Hugging Face style (model-0000k-of-0000n.safetensors + model.safetensors.index.json),
 never holding a whole model in memory.
 
-For each scheme (TVQ 4-bit, TVQ 2-bit, RTVQ 3+2-bit; groups of 128) it runs `tvq pack` in a
+For each scheme (TVQ 4-bit, TVQ 2-bit, RTVQ 3+2-bit with the default settings: groups of 128,
+searched ranges, 6-bit compact scales, zstd codes; and TVQ 4-bit with the paper's settings:
+one min-max range per tensor, fp32 scales, raw codes) it runs `tvq pack` in a
 child process and prints the command's wall time (Python and torch start-up included), the
 time of the `tvq pack` command itself (imports excluded), throughput in GB/s of fp32-equivalent
 input ((T + 1) models x parameters x 4 bytes) over that time, peak
@@ -45,12 +48,18 @@ CONFIGS = {
     # 4 key/value heads of 64, vocabulary 32000, untied lm_head: 1,100,048,384 parameters.
     "tinyllama": dict(vocab=32000, hidden=2048, mlp=5632, layers=22, heads=32, kv_heads=4),
     "small": dict(vocab=4096, hidden=512, mlp=1408, layers=8, heads=8, kv_heads=2),
+    # one TinyLlama-sized layer (60M parameters): for quick comparisons while iterating
+    "layer": dict(vocab=2048, hidden=2048, mlp=5632, layers=1, heads=32, kv_heads=32),
 }
 SHARD_BYTES = 1 << 30
 SCHEMES = {
     "TVQ 4-bit": ["--scheme", "tvq", "--bits", "4"],
     "TVQ 2-bit": ["--scheme", "tvq", "--bits", "2"],
     "RTVQ 3+2-bit": ["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"],
+    "TVQ 4-bit, paper settings": [
+        *("--scheme", "tvq", "--bits", "4", "--group-size", "0"),
+        *("--range", "minmax", "--scale-bits", "0", "--codec", "raw"),
+    ],
 }
 CHILD = (  # `tvq` with its run time (after imports) and peak RSS reported on stderr
     "import sys, time\n"
@@ -216,6 +225,9 @@ def main() -> int:
         "--inputs", type=Path, help="keep the generated checkpoints here and reuse them next time"
     )
     parser.add_argument("--py-spy", action="store_true", help="profile the TVQ 4-bit run")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SCHEMES), help="run only these schemes"
+    )
     opts = parser.parse_args()
 
     shapes = list(llama_shapes(**CONFIGS[opts.config]))
@@ -248,6 +260,8 @@ def main() -> int:
         file_bytes = sum(p.stat().st_size for f in models for p in f.glob("*.safetensors"))
         failed = False
         for name, args in SCHEMES.items():
+            if opts.only and name not in opts.only:
+                continue
             cat = cat_seconds(models)
             spy = work / "profile.txt" if opts.py_spy and name == "TVQ 4-bit" else None
             seconds, inside, peak = run_pack(models[0], models[1:], work / "out.tvq", args, spy)

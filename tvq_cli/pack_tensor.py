@@ -4,7 +4,10 @@ Quantized tensors whose groups tile the rows (the default group size on transfor
 are processed in blocks of whole rows: each block of every input is converted to fp32, its
 task vectors formed, quantized and bit-packed in per-thread buffers that stay in cache, and
 blocks run in parallel on a thread pool. Groups never cross rows, so a block's codes, scales and
-zero-points are exactly those of the whole tensor. Every other case (per-tensor ranges, groups
+zero-points are exactly those of the whole tensor; the same holds for range search, which is
+per group. Compact scales hang on two per-tensor values taken from every group's range, so
+those parts first pass over the blocks for the ranges alone; zstd frames are compressed once
+a part's codes are complete. Every other case (per-tensor ranges, groups
 that do not divide the rows, `--device cuda`) takes the whole tensor at once through
 `quantize` itself. RTVQ's base is the task vectors' sum in task order divided by T, so both
 routes give the same bytes whatever the block size or thread count.
@@ -21,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .archive.format import Part, TensorEntry, delta_key, part_keys, shared_key
-from .archive.parts import encode_part
+from .archive.format import Part, TensorEntry, delta_key, shared_key
+from .archive.parts import encode_part, store_part
 from .checkpoint import all_finite, tensor_bytes
 from .errors import TvqError
 from .pipeline import TensorInputs, torch_threads
-from .quant import kernel
-from .quant.bitpack import pack_bits, pack_into, packed_nbytes
+from .quant import entropy, kernel, range_search
+from .quant.bitpack import pack_into, packed_nbytes
 from .quant.quantizer import Quantized, dequantize, group_count, quantize
 
 BLOCK_ELEMENTS = 1 << 17  # elements per block of rows: fp32 buffers of 512 KiB stay in cache
@@ -68,26 +71,59 @@ class _Workspace:
 
 
 class _Parts:
-    """The growing stored tensors of one quantized tensor: packed codes, scales, zero codes."""
+    """The growing stored tensors of one quantized tensor: packed (or byte-aligned, for zstd)
+    codes, scales or step codes, zero codes; and, for compact scales, every group's range,
+    gathered in a first pass because the grid's top step depends on all of them."""
 
     def __init__(self, entry: TensorEntry):
         self.entry = entry
         self.cols = entry.shape[-1]
-        self.packed = [np.empty(packed_nbytes(entry.numel, p.bits), np.uint8) for p in entry.parts]
-        groups = [group_count(entry.shape, p.group_size) for p in entry.parts]
+        parts = entry.parts
+        self.width = [entropy.SYMBOL_BITS[p.bits] if p.codec == "zstd" else p.bits for p in parts]
+        self.packed = [np.empty(packed_nbytes(entry.numel, w), np.uint8) for w in self.width]
+        groups = [group_count(entry.shape, p.group_size) for p in parts]
         self.scales = [torch.empty(g) for g in groups]
         self.zeros = [torch.empty(g, dtype=torch.uint8) for g in groups]
+        compact = [p.scale_bits > 0 for p in parts]
+        self.steps = [
+            torch.empty(g, dtype=torch.uint8) if c else None
+            for g, c in zip(groups, compact, strict=True)
+        ]
+        self.lo = [torch.empty(g) if c else None for g, c in zip(groups, compact, strict=True)]
+        self.hi = [torch.empty(g) if c else None for g, c in zip(groups, compact, strict=True)]
+        self.grid = [(1.0, 1.0)] * len(parts)  # (fallback, top) of range_search.grid_top
+        self.ready = [not c for c in compact]  # grid known: the part can be coded
+        self.kept: torch.Tensor | None = None  # RTVQ's base codes, when offsets come later
 
-    def outputs(self) -> list[Output]:
-        out: list[Output] = []
-        for i, part in enumerate(self.entry.parts):
-            codes, scales, zeros = part_keys(part, self.entry.name)
-            out += [
-                (codes, self.packed[i]),
-                (scales, self.scales[i].numpy()),
-                (zeros, pack_bits(self.zeros[i].numpy(), part.bits)),
-            ]
-        return out
+    def groups(self, index: int, first: int, count: int) -> slice:
+        """The groups of part `index` in the block of `count` elements from row `first`."""
+        size = self.entry.parts[index].group_size
+        start = first * (self.cols // size)
+        return slice(start, start + count // size)
+
+    def ranges(self, index: int, x: torch.Tensor, first: int) -> None:
+        """Record the range of every group of block `x` of part `index`."""
+        groups = self.groups(index, first, x.numel())
+        lo, hi = range_search.group_ranges(x.reshape(-1, self.entry.parts[index].group_size))
+        self.lo[index][groups] = lo
+        self.hi[index][groups] = hi
+
+    def finish_ranges(self, indices: Iterable[int]) -> None:
+        for i in indices:
+            self.grid[i] = range_search.grid_top(self.lo[i], self.hi[i], self.entry.parts[i].spec)
+            self.ready[i] = True
+
+    def stored(self, index: int, codes: np.ndarray | bytes) -> list[Output]:
+        steps = self.steps[index]
+        return store_part(
+            self.entry.parts[index],
+            self.entry.name,
+            codes,
+            self.scales[index].numpy(),
+            self.zeros[index].numpy(),
+            None if steps is None else steps.numpy(),
+            self.grid[index][1],
+        )
 
 
 class TensorPacker:
@@ -111,7 +147,7 @@ class TensorPacker:
             return self._exact(inputs)
         cols = entry.shape[-1]
         if self.settings.device.type == "cpu" and all(
-            kernel.covers(p.spec, cols) and p.codec == "raw" for p in entry.parts
+            p.group_size > 0 and cols % p.group_size == 0 for p in entry.parts
         ):
             return self._blocked(inputs)
         with torch_threads(self.threads):
@@ -175,12 +211,36 @@ class TensorPacker:
         parts = _Parts(entry)
         rows = entry.numel // parts.cols
         step = block_rows(parts.cols)
+        phases = _phases(entry.parts, self.settings.scheme, self.settings.error_correction)
+        if "offsets" in phases and self.settings.error_correction:
+            parts.kept = torch.empty(entry.numel, dtype=torch.uint8)
+        for phase in phases:
 
-        def block(first: int) -> None:
-            self._block(inputs, parts, first, min(rows, first + step), step * parts.cols)
+            def block(first: int, phase: str = phase, check: bool = phase == phases[0]) -> None:
+                end = min(rows, first + step)
+                self._block(inputs, parts, first, end, step * parts.cols, phase, check)
 
-        self._map(block, range(0, rows, step))
-        return parts.outputs()
+            self._map(block, range(0, rows, step))
+            pending = [i for i, ready in enumerate(parts.ready) if not ready]
+            if phase == "ranges":
+                parts.finish_ranges([0] if self.settings.scheme == "rtvq" else pending)
+            elif phase == "base":
+                parts.finish_ranges(pending)
+        return self._stored(parts)
+
+    def _stored(self, parts: _Parts) -> list[Output]:
+        """Every part's stored tensors; zstd frames of the parts are compressed in parallel."""
+        entry = parts.entry
+        codes: list[np.ndarray | bytes] = list(parts.packed)
+
+        def compress(i: int) -> None:
+            codes[i] = entropy.compress(parts.packed[i])
+
+        self._map(compress, [i for i, p in enumerate(entry.parts) if p.codec == "zstd"])
+        out: list[Output] = []
+        for i in range(len(entry.parts)):
+            out += parts.stored(i, codes[i])
+        return out
 
     def _map(self, job: Callable[[int], None], items: Iterable[int]) -> None:
         if self._pool is None:
@@ -197,13 +257,24 @@ class TensorPacker:
             ws = self._local.ws = _Workspace(size, len(self.settings.finetuned), rtvq)
         return ws
 
-    def _block(self, inputs: TensorInputs, parts: _Parts, first: int, end: int, size: int) -> None:
+    def _block(
+        self,
+        inputs: TensorInputs,
+        parts: _Parts,
+        first: int,
+        end: int,
+        size: int,
+        phase: str,
+        check: bool,
+    ) -> None:
+        """One phase (see `_phases`) of one block of rows; `check`: test inputs are finite."""
         settings, name, cols = self.settings, inputs.entry.name, parts.cols
         ws = self._workspace(size)
         count = (end - first) * cols
         pre = ws.pre[:count].view(-1, cols)
         pre.copy_(inputs.pretrained.view(-1, cols)[first:end])
-        _check(pre, settings.pretrained, name)
+        if check:
+            _check(pre, settings.pretrained, name)
         fts = [
             (path, raw.view(-1, cols)[first:end])
             for path, raw in zip(settings.finetuned, inputs.finetuned, strict=True)
@@ -214,20 +285,43 @@ class TensorPacker:
                 x.copy_(ft)  # widen, then subtract: a mixed-dtype sub is not vectorized
                 if settings.scheme == "tvq":
                     x.sub_(pre)
-                _check(x, path, name)
-                self._emit(ws, parts, i, x, first)
+                if check:
+                    _check(x, path, name)
+                if phase == "ranges":
+                    parts.ranges(i, x, first)
+                else:
+                    self._emit(ws, parts, i, x, first)
             return
         deltas = ws.deltas[: len(fts) * count].view(len(fts), -1)
         for delta, (path, ft) in zip(deltas, fts, strict=True):
             delta.view(-1, cols).copy_(ft)
             delta.sub_(pre.view(-1))
-            _check(delta, path, name)
+            if check:
+                _check(delta, path, name)
         base = ws.base[:count]
         task_mean(list(deltas), out=base)
-        anchor = ws.anchor[:count] if settings.error_correction else base
-        self._emit(ws, parts, 0, base, first, anchor if settings.error_correction else None)
+        if phase == "ranges":
+            parts.ranges(0, base, first)
+            return
+        ec = settings.error_correction
+        anchor = ws.anchor[:count] if ec else base
+        if phase == "offsets":
+            if ec:
+                offset = first * cols
+                kept = parts.kept[offset : offset + count]
+                groups = parts.groups(0, first, count)
+                spec = parts.entry.parts[0].spec
+                kernel.dequantize_into(
+                    kept, spec, parts.scales[0][groups], parts.zeros[0][groups], anchor
+                )
+        else:
+            self._emit(ws, parts, 0, base, first, anchor if ec else None)
         for i, delta in enumerate(deltas, start=1):
-            self._emit(ws, parts, i, delta.sub_(anchor), first)
+            delta.sub_(anchor)
+            if not parts.ready[i]:  # compact offsets: coded in the "offsets" phase
+                parts.ranges(i, delta, first)
+            else:
+                self._emit(ws, parts, i, delta, first)
 
     def _emit(
         self,
@@ -242,19 +336,49 @@ class TensorPacker:
         `anchor` (RTVQ's error correction) before the codes are packed."""
         part = parts.entry.parts[index]
         count = x.numel()
-        start = first * (parts.cols // part.group_size)
-        groups = slice(start, start + count // part.group_size)
+        groups = parts.groups(index, first, count)
         scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]
         codes = ws.codes[:count]
-        kernel.quantize_into(x.reshape(-1), part.spec, codes, scales, zeros, ws.work[:count])
+        if kernel.covers(part.spec, parts.cols):
+            kernel.quantize_into(x.reshape(-1), part.spec, codes, scales, zeros, ws.work[:count])
+        else:
+            grouped = x.reshape(-1, part.group_size)
+            if part.scale_bits:
+                lo, hi = parts.lo[index][groups], parts.hi[index][groups]
+            else:
+                lo, hi = range_search.group_ranges(grouped)
+            fallback, top = parts.grid[index]
+            q = range_search.quantize_groups(grouped, lo, hi, part.spec, fallback, top)
+            codes.copy_(q.codes.view(-1))
+            scales.copy_(q.scales)
+            zeros.copy_(q.zeros)
+            if q.step_codes is not None:
+                parts.steps[index][groups] = q.step_codes
         if anchor is not None:
             kernel.dequantize_into(codes, part.spec, scales, zeros, anchor)
+        if index == 0 and parts.kept is not None:
+            offset = first * parts.cols
+            parts.kept[offset : offset + count] = codes
         padded = -(-count // 8) * 8
         ws.codes[count:padded] = 0
-        packed = ws.packed[: padded * part.bits // 8]
-        pack_into(ws.codes[:padded].numpy(), part.bits, packed, ws.scratch)
-        start, size = first * parts.cols * part.bits // 8, packed_nbytes(count, part.bits)
+        width = parts.width[index]
+        packed = ws.packed[: padded * width // 8]
+        pack_into(ws.codes[:padded].numpy(), width, packed, ws.scratch)
+        start, size = first * parts.cols * width // 8, packed_nbytes(count, width)
         parts.packed[index][start : start + size] = packed[:size]
+
+
+def _phases(parts: list[Part], scheme: str, error_correction: bool) -> list[str]:
+    """Passes over a tensor's blocks. Compact scales need every group's range before any group
+    is coded (the grid's top is the tensor's largest step), so such parts get a "ranges" pass
+    first. TVQ / FQ: ["ranges"], "all". RTVQ: ["ranges" of the base], "base" (the base coded;
+    the offsets coded too, or only their ranges taken when they have compact scales), then
+    ["offsets"] (coded against the base's reconstruction, kept from the "base" pass)."""
+    compact = [p.scale_bits > 0 for p in parts]
+    if scheme != "rtvq":
+        return (["ranges"] if any(compact) else []) + ["all"]
+    first = ["ranges"] if compact[0] else []
+    return first + ["base"] + (["offsets"] if any(compact[1:]) else [])
 
 
 def task_mean(deltas: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,21 +20,36 @@ from .format import Part, TensorEntry, part_keys, superscale_key
 
 def encode_part(part: Part, name: str, q: Quantized) -> list[tuple[str, np.ndarray | bytes]]:
     """The stored tensors of `q`, as (key, bytes) in layout order."""
-    codes_key, scales_key, zeros_key = part_keys(part, name)
     codes = q.codes.numpy()
     if part.codec == "zstd":
-        stored: list[tuple[str, np.ndarray | bytes]] = [
-            (codes_key, entropy.encode(codes, part.bits))
-        ]
+        stored_codes: np.ndarray | bytes = entropy.encode(codes, part.bits)
     else:
-        stored = [(codes_key, pack_bits(codes, part.bits))]
+        stored_codes = pack_bits(codes, part.bits)
+    steps = None if q.step_codes is None else q.step_codes.numpy()
+    return store_part(
+        part, name, stored_codes, q.scales.numpy(), q.zeros.numpy(), steps, q.super_scale
+    )
+
+
+def store_part(
+    part: Part,
+    name: str,
+    stored_codes: np.ndarray | bytes,
+    scales: np.ndarray,
+    zeros: np.ndarray,
+    step_codes: np.ndarray | None,
+    top: float,
+) -> list[tuple[str, np.ndarray | bytes]]:
+    """The stored tensors of a part whose codes are already packed or coded, in layout order."""
+    codes_key, scales_key, zeros_key = part_keys(part, name)
+    stored: list[tuple[str, np.ndarray | bytes]] = [(codes_key, stored_codes)]
     if part.scale_bits:
-        stored.append((scales_key, pack_bits(q.step_codes.numpy(), part.scale_bits)))
+        stored.append((scales_key, pack_bits(step_codes, part.scale_bits)))
     else:
-        stored.append((scales_key, q.scales.numpy()))
-    stored.append((zeros_key, pack_bits(q.zeros.numpy(), part.bits)))
+        stored.append((scales_key, scales))
+    stored.append((zeros_key, pack_bits(zeros, part.bits)))
     if part.scale_bits:
-        stored.append((superscale_key(part, name), np.array([q.super_scale], np.float32)))
+        stored.append((superscale_key(part, name), np.array([top], np.float32)))
     return stored
 
 

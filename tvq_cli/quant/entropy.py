@@ -34,8 +34,12 @@ def compress_bound(count: int, bits: int) -> int:
 
 def encode(codes: np.ndarray, bits: int) -> bytes:
     """One zstd frame holding `codes` (uint8, each < 2**bits)."""
-    symbols = pack_bits(codes, SYMBOL_BITS[bits])
-    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(symbols.tobytes())
+    return compress(pack_bits(codes, SYMBOL_BITS[bits]))
+
+
+def compress(symbols: np.ndarray) -> bytes:
+    """The zstd frame of codes already laid out byte-aligned (`SYMBOL_BITS` per code)."""
+    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(symbols)
 
 
 def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:

@@ -16,6 +16,7 @@ nearest to each shrink factor, so the search already accounts for the scale's ro
 from __future__ import annotations
 
 import math
+import threading
 from functools import cache
 
 import torch
@@ -38,6 +39,19 @@ def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> to
     return cols.expand(rows, -1).reshape(-1, group_size)
 
 
+_local = threading.local()
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """This thread's float32 work buffer of at least `size` elements, reused across calls:
+    a fresh buffer of a megabyte costs a page fault per 4 KiB (pack maps every allocation
+    over 1 MiB on its own), more than the arithmetic done in it."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = _local.buffer = torch.empty(size)
+    return buffer
+
+
 def _errors(
     groups: torch.Tensor,
     scales: torch.Tensor,
@@ -56,13 +70,15 @@ def _errors(
     out = torch.zeros(n, k, dtype=torch.float32)
     cols = min(width, max(1, BLOCK // k))
     rows = max(1, BLOCK // (cols * k))
+    buffer = _scratch(rows * k * cols)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         s = scales[r0:r1, :, None]
         z = zero[r0:r1, None, None]
         for c0 in range(0, width, cols):
             x = groups[r0:r1, None, c0 : c0 + cols]
-            d = torch.mul(x, s).add_(z).round_().clamp_(0, levels)
+            d = buffer[: (r1 - r0) * k * x.shape[2]].view(r1 - r0, k, x.shape[2])
+            torch.mul(x, s, out=d).add_(z).round_().clamp_(0, levels)
             d.sub_(z).div_(s).sub_(x).square_()
             if mask is not None:
                 d.mul_(mask[r0:r1, None, c0 : c0 + cols])
@@ -90,19 +106,18 @@ def _steps(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _candidates(
-    scale_mm: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """Candidate scales (1/step) [groups, C], largest step first, their step codes, grid top."""
+    scale_mm: torch.Tensor, spec: QuantSpec, top: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidate scales (1/step) [groups, C], largest step first, and their step codes."""
     search = spec.range == "search"
     if not spec.scale_bits:
-        return scale_mm[:, None] / _grid(search, 0)[None, :], None, 1.0
+        return scale_mm[:, None] / _grid(search, 0)[None, :], None
     steps = 1.0 / scale_mm
-    top = scale_codec.super_scale(steps)
     base = scale_codec.covering_codes(steps, top, spec.scale_bits).to(torch.int32)
     limit = (1 << spec.scale_bits) - 1
     codes = (base[:, None] + _grid(search, spec.scale_bits)[None, :]).clamp_(0, limit)
     codes = codes.to(torch.uint8)
-    return 1.0 / scale_codec.decode_steps(codes, top, spec.scale_bits), codes, top
+    return 1.0 / scale_codec.decode_steps(codes, top, spec.scale_bits), codes
 
 
 def _best(
@@ -135,6 +150,53 @@ def _best(
     return torch.where(take, index.gather(1, better.indices[:, None])[:, 0], best)
 
 
+def group_ranges(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's min-max range widened to include 0: (lo, hi)."""
+    return groups.amin(dim=1).clamp(max=0.0), groups.amax(dim=1).clamp(min=0.0)
+
+
+def grid_top(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[float, float]:
+    """The two per-tensor values of compact scales, from every group's range: the step given
+    to all-zero groups (`fallback`) and the grid's top step (`top`); (1.0, 1.0) for fp32
+    scales. The only part of the search that needs the whole tensor."""
+    if not spec.scale_bits:
+        return 1.0, 1.0
+    span = hi - lo
+    fallback = scale_codec.super_scale(span / spec.levels)
+    return fallback, scale_codec.super_scale(1.0 / _minmax_scale(span, spec.levels, fallback))
+
+
+def _minmax_scale(span: torch.Tensor, levels: int, fallback: float) -> torch.Tensor:
+    # All-zero groups reconstruct exactly with any step; give them the grid's top.
+    return torch.where(span > 0, levels / torch.where(span > 0, span, 1.0), 1.0 / fallback)
+
+
+def quantize_groups(
+    groups: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    spec: QuantSpec,
+    fallback: float,
+    top: float,
+    mask: torch.Tensor | None = None,
+) -> Quantized:
+    """Search and quantize [groups, G] given their ranges and the tensor's `grid_top`; codes
+    come back in the groups' order. Every step is per group, so any block of whole groups
+    gives exactly the codes, scales and step codes of the whole tensor."""
+    levels = spec.levels
+    scale_mm = _minmax_scale(hi - lo, levels, fallback)
+    zero = torch.round(-scale_mm * lo).clamp_(0, levels)
+    scales, step_codes = _candidates(scale_mm, spec, top)
+    best = _best(groups, scales, zero, levels, mask)[:, None]
+    scale = scales.gather(1, best)[:, 0].contiguous()
+    codes = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, levels)
+    codes = codes.to(torch.uint8)
+    if step_codes is None:
+        return Quantized(codes, scale, zero.to(torch.uint8))
+    code = step_codes.gather(1, best)[:, 0].contiguous()
+    return Quantized(codes, scale, zero.to(torch.uint8), code, top)
+
+
 def quantize_searched(x: torch.Tensor, spec: QuantSpec) -> Quantized:
     """Quantize like `quantize`, with searched ranges and/or compact scales."""
     x = x.to(torch.float32)
@@ -142,22 +204,10 @@ def quantize_searched(x: torch.Tensor, spec: QuantSpec) -> Quantized:
         step_code = torch.zeros(1, dtype=torch.uint8) if spec.scale_bits else None
         empty = torch.zeros(0, dtype=torch.uint8)
         return Quantized(empty, torch.ones(1), torch.zeros(1, dtype=torch.uint8), step_code)
-    levels = spec.levels
     groups, padded_cols = _grouped(x, spec.group_size)
     mask = _valid_mask(tuple(x.shape), spec.group_size, padded_cols)
-    lo = groups.amin(dim=1).clamp(max=0.0)
-    hi = groups.amax(dim=1).clamp(min=0.0)
-    span = hi - lo
-    # All-zero groups reconstruct exactly with any step; give them the grid's top.
-    fallback = scale_codec.super_scale(span / levels) if spec.scale_bits else 1.0
-    scale_mm = torch.where(span > 0, levels / torch.where(span > 0, span, 1.0), 1.0 / fallback)
-    zero = torch.round(-scale_mm * lo).clamp_(0, levels)
-    scales, step_codes, top = _candidates(scale_mm, spec)
-    best = _best(groups, scales, zero, levels, mask)[:, None]
-    scale = scales.gather(1, best)[:, 0].contiguous()
-    q = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, levels)
-    codes = _ungrouped(q.to(torch.uint8), tuple(x.shape), padded_cols).reshape(-1)
-    if step_codes is None:
-        return Quantized(codes.contiguous(), scale, zero.to(torch.uint8))
-    code = step_codes.gather(1, best)[:, 0].contiguous()
-    return Quantized(codes.contiguous(), scale, zero.to(torch.uint8), code, top)
+    lo, hi = group_ranges(groups)
+    fallback, top = grid_top(lo, hi, spec)
+    q = quantize_groups(groups, lo, hi, spec, fallback, top, mask)
+    q.codes = _ungrouped(q.codes, tuple(x.shape), padded_cols).reshape(-1).contiguous()
+    return q
