@@ -8,6 +8,8 @@ elements where the election is a tie (sum exactly zero), again as the paper's co
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ...errors import TvqError
@@ -51,6 +53,7 @@ class Ties(MergeMethod):
         self._kth = [StreamingKth() for _ in self.ctx.tasks]
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0.0
+        self._sign_lock = threading.Lock()
         self._majority: float | None = None
 
     @property
@@ -60,6 +63,11 @@ class Ties(MergeMethod):
     @property
     def stat_passes(self) -> int:
         return 3 if self.is_global else 0
+
+    @property
+    def elementwise(self) -> bool:
+        """Global scope only: a per-tensor cut-off needs the whole tensor."""
+        return self.is_global
 
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
         if pass_index == 0:
@@ -71,7 +79,9 @@ class Ties(MergeMethod):
                     kth.observe_low(tau)
         else:
             trimmed = self._trim(taus, self._thresholds)
-            self._sign_total += float(self._elect(trimmed).sum())
+            signs = float(self._elect(trimmed).sum())  # a whole number: exact in any order
+            with self._sign_lock:
+                self._sign_total += signs
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
