@@ -10,8 +10,11 @@ project's, with torch pinned to the version installed here):
 
 Inputs: the ~1.1B-parameter bf16 TinyLlama-shaped pretrained model and 4 fine-tunes of
 `bench_pack.py` (same builder, sharded, plus a `config.json` mergekit needs to recognise the
-architecture), and a TVQ archive of the fine-tunes packed with default settings (4-bit). Built
-on first use and deleted afterwards unless `--inputs` keeps them.
+architecture), and a TVQ archive of the fine-tunes packed with default settings (4-bit, groups
+of 128, 6-bit log-coded scales, zstd codes) except `--range minmax`: the default least-squares
+range search makes packing several times slower but stores exactly the same kinds of parts, so
+merging reads and decodes the same amount. Built on first use and deleted afterwards unless
+`--inputs` keeps them.
 
 For task arithmetic (lambda 0.3) and TIES (top 20%, lambda 0.3) it runs, each in a child
 process, mergekit's merge from the five checkpoints (`mergekit-yaml`, CPU) and `tvq merge`
@@ -120,7 +123,7 @@ def main() -> int:
         archive = work / "tasks4bit.tvq"
         if not archive.exists():
             pack = [sys.executable, "-m", "tvq_cli", "pack", *map(str, models[1:])]
-            pack += ["--pretrained", str(models[0]), "-o", str(archive), "-q"]
+            pack += ["--pretrained", str(models[0]), "-o", str(archive), "-q", "--range", "minmax"]
             subprocess.run(pack, check=True)
         print(
             f"inputs {opts.config}: {params:,} parameters, {len(models)} bf16 models; "
