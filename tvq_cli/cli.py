@@ -252,6 +252,9 @@ def merge_command(
     list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: int = typer.Option(
+        None, "--threads", help="Worker threads (default: all cores this process may use)."
+    ),
 ) -> None:
     """Merge task vectors from ARCHIVES into a model (or a quantized one-task archive)."""
     if list_methods_flag:
@@ -298,6 +301,7 @@ def merge_command(
         rounding=rounding,
         samples=samples,
         tie_tolerance=tie_tolerance,
+        threads=threads,
     )
     report = merge(request, progress=_show_progress(quiet))
     if as_json:

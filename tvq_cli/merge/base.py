@@ -131,6 +131,14 @@ class MergeMethod:
     def stat_passes(self) -> int:
         return 0
 
+    @property
+    def elementwise(self) -> bool:
+        """True when `observe` and `merge` may be given any columns of the flattened task
+        vectors ([T, block]) and give, block by block, what they give on the whole tensor;
+        the engine then runs them on cache-sized blocks in parallel (so `observe` must be
+        thread-safe)."""
+        return False
+
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
         """See one tensor's task vectors during statistics pass `pass_index`."""
 

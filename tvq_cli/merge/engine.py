@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import ST_TO_TORCH, TORCH_TO_ST, Checkpoint, TensorSpec
+from ..checkpoint import ST_TO_TORCH, TORCH_TO_ST, Checkpoint, TensorSpec, all_finite
 from ..errors import TvqError
 from ..output import DEFAULT_MAX_SHARD, ModelWriter, atomic_output, check_target, parse_size
+from ..pipeline import Writer, default_threads, fixed_mmap_threshold, torch_threads
 from .base import MergeContext, MergeMethod, method_class, parse_weights
 from .quantized_out import ArchiveOutput
 from .sources import Sources
+from .stream import BlockRunner, TaskVectorBuffer, column_blocks, decode_into
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,6 +51,7 @@ class MergeRequest:
     rounding: str | None = None
     samples: int | None = None
     tie_tolerance: float | None = None
+    threads: int | None = None  # worker threads; default: every core this process may use
 
     @property
     def quantized(self) -> bool:
@@ -83,7 +87,11 @@ class MergeJob:
         self.weights_given = weights is not None
         self._check_output_options()
         self.max_shard = parse_size(request.max_shard_size)
+        self.threads = _threads(request.threads)
         check_target(self.out, request.force, self._inputs())
+        largest = max((self.pre.specs[n].numel for n in self.float_names), default=1)
+        self.buffer = TaskVectorBuffer(len(tasks), largest)
+        self.runner = BlockRunner(self.threads)
 
     def _targets(self, cls: type[MergeMethod], tasks: list[str]) -> list[int]:
         request = self.request
@@ -124,20 +132,50 @@ class MergeJob:
         return paths + [a.path for a in self.sources.archives]
 
     # --- running ------------------------------------------------------------------------------
-    def tensors(self, desc: str) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(name, pretrained fp32, task vectors [T, ...]) for every float tensor, in order."""
-        bar = tqdm(
-            self.float_names, desc=desc, unit="tensor", disable=not self.progress, file=sys.stderr
+    def _bar(self, desc: str) -> tqdm:
+        return tqdm(
+            total=len(self.float_names),
+            desc=desc,
+            unit="tensor",
+            disable=not self.progress,
+            file=sys.stderr,
         )
-        for name in bar:
-            base = self.pre.load_float(name)
-            yield name, base, self.sources.task_vectors(name, base)
+
+    def decode(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """Every selected task's fp32 task vector of `name`, decoded in parallel into the
+        shared buffer: [T, numel], valid until the next call."""
+        rows = self.buffer.rows(self.pre.specs[name].numel)
+        self.runner.map(
+            lambda t: decode_into(self.sources, t, name, base, rows[t]), list(range(len(rows)))
+        )
+        return rows
+
+    def _stacked(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return rows.view(rows.shape[0], *self.pre.specs[name].shape)
+
+    def tensors(self, desc: str) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
+        """(name, pretrained fp32 or None when not needed, task vectors [T, ...]) for every
+        float tensor, in order; the task vectors are valid until the next item."""
+        with self._bar(desc) as bar:
+            for name in self.float_names:
+                base = self.pre.load_float(name) if self.sources.needs_pretrained else None
+                yield name, base, self._stacked(name, self.decode(name, base))
+                bar.update()
 
     def run_statistics(self) -> None:
+        blocked = self.method.elementwise
         for index in range(self.method.stat_passes):
             for name, _, taus in self.tensors(f"statistics {index + 1}"):
-                self.method.observe(index, name, taus)
+                if blocked:
+                    self._observe_blocks(index, name, taus.view(taus.shape[0], -1))
+                else:
+                    self.method.observe(index, name, taus)
             self.method.end_pass(index)
+
+    def _observe_blocks(self, index: int, name: str, flat: torch.Tensor) -> None:
+        self.runner.map(
+            lambda s: self.method.observe(index, name, flat[:, s]), column_blocks(flat.shape[1])
+        )
 
     def output_specs(self) -> dict[str, TensorSpec]:
         dtype = self.request.dtype
@@ -176,21 +214,7 @@ class MergeJob:
                 for p in paths
             ]
             try:
-                float_names = set(self.float_names)
-                stream = self.tensors("merge")
-                for name in self.pre.names:
-                    if name not in float_names:
-                        raw = self.pre.load(name)
-                        for writer in writers:
-                            writer.write(name, raw)
-                        continue
-                    _, base, taus = next(stream)
-                    merged = self.method.merge(name, taus)
-                    deltas = merged if isinstance(merged, list) else [merged]
-                    for writer, delta in zip(writers, deltas, strict=True):
-                        writer.write(name, (base + delta).to(torch_dtypes[name]))
-                for writer in writers:
-                    writer.finish()
+                self._stream_models(writers, torch_dtypes)
             except BaseException:
                 for writer in writers:
                     writer.abort()
@@ -204,6 +228,75 @@ class MergeJob:
             "dtype": self.request.dtype or "as pretrained",
             "targets": self._target_names() if self.method.per_task else None,
         }
+
+    def _stream_models(self, writers: list[ModelWriter], dtypes: dict[str, torch.dtype]) -> None:
+        """Merge and write every tensor in file order: the next pretrained tensor is read while
+        the current one is merged, and the previous one is written meanwhile."""
+        names = self.pre.names
+        float_names = set(self.float_names)
+        bar = self._bar("merge")
+        blocked = self.method.elementwise and not self.method.per_task
+        largest = max(
+            (self.pre.specs[n].numel * torch.finfo(dtypes[n]).bits // 8 for n in self.float_names),
+            default=1,
+        )
+        outs = [torch.empty(largest, dtype=torch.uint8) for _ in range(2 if blocked else 0)]
+        reader = ThreadPoolExecutor(1, thread_name_prefix="tvq-read")
+        writer = Writer()
+        try:
+            pending = reader.submit(self.pre.load, names[0]) if names else None
+            for i, name in enumerate(names):
+                raw = pending.result()
+                if i + 1 < len(names):
+                    pending = reader.submit(self.pre.load, names[i + 1])
+                if name not in float_names:
+                    outputs = [raw] * len(writers)
+                else:
+                    bar.update()
+                    if blocked:
+                        out = outs[i % 2][: raw.numel() * torch.finfo(dtypes[name]).bits // 8]
+                        outputs = [self._merge_blocks(name, raw, out.view(dtypes[name]))]
+                    else:
+                        outputs = self._merge_whole(name, raw, dtypes[name])
+                writer.submit(
+                    lambda name=name, outputs=outputs: [
+                        w.write(name, t) for w, t in zip(writers, outputs, strict=True)
+                    ]
+                )
+            writer.wait()
+        finally:
+            bar.close()
+            writer.close()
+            reader.shutdown(wait=True, cancel_futures=True)
+        for w in writers:
+            w.finish()
+
+    def _pretrained_float(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        base = raw.to(torch.float32)
+        if not all_finite(base):
+            raise TvqError(f"{self.pre.path}: tensor {name} contains NaN or Inf")
+        return base
+
+    def _merge_whole(self, name: str, raw: torch.Tensor, dtype: torch.dtype) -> list:
+        base = self._pretrained_float(name, raw)
+        taus = self._stacked(name, self.decode(name, base))
+        merged = self.method.merge(name, taus)
+        deltas = merged if isinstance(merged, list) else [merged]
+        return [(base + delta).to(dtype) for delta in deltas]
+
+    def _merge_blocks(self, name: str, raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """An elementwise method on column blocks: the same values as on the whole tensor."""
+        base_flat = raw.reshape(-1)
+        taus = self.decode(
+            name, None if not self.sources.needs_pretrained else self._pretrained_float(name, raw)
+        )
+
+        def block(s: slice) -> None:
+            base = self._pretrained_float(name, base_flat[s])
+            out[s] = base.add_(self.method.merge(name, taus[:, s]))
+
+        self.runner.map(block, column_blocks(taus.shape[1]))
+        return out.view(raw.shape)
 
     def _target_names(self) -> list[str]:
         return [self.sources.tasks[i] for i in self.method.ctx.targets]
@@ -224,6 +317,15 @@ class MergeJob:
         }
 
 
+def _threads(threads: int | None) -> int:
+    """pack's semantics: default every core this process may use, at least 1."""
+    if threads is None:
+        return default_threads()
+    if threads < 1:
+        raise TvqError(f"--threads must be at least 1, got {threads}")
+    return threads
+
+
 def _weights(weights: str | list[float] | None, n: int) -> torch.Tensor | None:
     if weights is None or isinstance(weights, str):
         return parse_weights(weights, n)
@@ -234,11 +336,18 @@ def run_merge(request: MergeRequest, progress: bool = False) -> dict:
     """Check, merge and write; returns the report (schema in docs/merge.md)."""
     start = time.perf_counter()
     job = MergeJob(request, progress)
-    if request.quantized:
-        archive_output = ArchiveOutput(job)  # checks the quantized-output options first
-        job.run_statistics()
-        output, rounding = archive_output.write()
-        return job.report(output, time.perf_counter() - start, rounding)
-    job.run_statistics()
-    output = job.write_models()
-    return job.report(output, time.perf_counter() - start)
+    fixed_mmap_threshold()
+    # blocks run on the job's own threads; whole-tensor methods keep torch's intra-op threads
+    intra_op = 1 if job.method.elementwise else job.threads
+    try:
+        with torch_threads(intra_op):
+            if request.quantized:
+                archive_output = ArchiveOutput(job)  # checks the quantized-output options first
+                job.run_statistics()
+                output, rounding = archive_output.write()
+                return job.report(output, time.perf_counter() - start, rounding)
+            job.run_statistics()
+            output = job.write_models()
+            return job.report(output, time.perf_counter() - start)
+    finally:
+        job.runner.close()

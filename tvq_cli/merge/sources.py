@@ -125,6 +125,12 @@ class Sources:
     def tasks(self) -> list[str]:
         return [r.task for r in self.refs]
 
+    @property
+    def needs_pretrained(self) -> bool:
+        """FQ archives store fine-tuned weights: forming their task vectors takes the
+        pretrained tensor; TVQ and RTVQ task vectors do not."""
+        return any(r.archive.scheme == "fq" for r in self.refs)
+
     def task_vectors(self, name: str, pre: torch.Tensor) -> torch.Tensor:
         """fp32 task vectors of every selected task for one float tensor, stacked: [T, *shape]."""
         return torch.stack([r.archive.task_vector(r.task, name, pre) for r in self.refs])

@@ -5,9 +5,12 @@ the value. Pass 1 counts values by the high 16 bits of their pattern (65,536 bin
 the bin that holds the k-th smallest; pass 2 counts, inside that bin only, by the low 16 bits.
 The two bins name the exact bit pattern of the k-th smallest value: the same threshold
 `torch.kthvalue` would give on the flattened model, with 2 x 65,536 counters of memory.
+Counts add up in any order, so blocks of a tensor may be observed from several threads.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -27,12 +30,15 @@ class StreamingKth:
         self._low = torch.zeros(BINS, dtype=torch.int64)
         self._bin: int | None = None
         self._rank = 0
+        self._lock = threading.Lock()
 
     def observe_high(self, x: torch.Tensor) -> None:
         """Pass 1: count the values of one tensor by the high half of their bit pattern."""
         bits = _patterns(x)
-        self.count += bits.numel()
-        self._high += torch.bincount(bits >> 16, minlength=BINS)
+        counts = torch.bincount(bits >> 16, minlength=BINS)
+        with self._lock:
+            self.count += bits.numel()
+            self._high += counts
 
     def select(self, k: int) -> None:
         """After pass 1: fix the rank k (1 <= k <= count) to find."""
@@ -48,7 +54,9 @@ class StreamingKth:
         bits = _patterns(x)
         inside = bits[(bits >> 16) == self._bin] & 0xFFFF
         if inside.numel():
-            self._low += torch.bincount(inside, minlength=BINS)
+            counts = torch.bincount(inside, minlength=BINS)
+            with self._lock:
+                self._low += counts
 
     def value(self) -> float:
         """After pass 2: the exact k-th smallest |x|."""

@@ -15,6 +15,7 @@ class Average(MergeMethod):
     formula = "theta = theta_pre + sum_t w_t tau_t / sum_t w_t   (w_t = 1: mean_t tau_t)"
     paper = "Wortsman et al., Model soups, ICML 2022; Li et al. 2024 (mid-point merging)"
     takes_weights = True
+    elementwise = True
 
     def validate(self) -> None:
         if float(self.ctx.weights.sum()) == 0.0:

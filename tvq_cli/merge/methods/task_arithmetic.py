@@ -17,6 +17,7 @@ class TaskArithmetic(MergeMethod):
     paper = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023"
     options = (LAMBDA,)
     takes_weights = True
+    elementwise = True
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         return self.values["lambda"] * self.weighted_sum(taus)

@@ -8,6 +8,8 @@ elements where the election is a tie (sum exactly zero), again as the paper's co
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ...errors import TvqError
@@ -51,6 +53,7 @@ class Ties(MergeMethod):
         self._kth = [StreamingKth() for _ in self.ctx.tasks]
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0.0
+        self._sign_lock = threading.Lock()
         self._majority: float | None = None
 
     @property
@@ -60,6 +63,11 @@ class Ties(MergeMethod):
     @property
     def stat_passes(self) -> int:
         return 3 if self.is_global else 0
+
+    @property
+    def elementwise(self) -> bool:
+        """Global scope only: a per-tensor cut-off needs the whole tensor."""
+        return self.is_global
 
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
         if pass_index == 0:
@@ -71,7 +79,9 @@ class Ties(MergeMethod):
                     kth.observe_low(tau)
         else:
             trimmed = self._trim(taus, self._thresholds)
-            self._sign_total += float(self._elect(trimmed).sum())
+            signs = float(self._elect(trimmed).sum())  # a whole number: exact in any order
+            with self._sign_lock:
+                self._sign_total += signs
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
@@ -98,10 +108,19 @@ class Ties(MergeMethod):
 
     @staticmethod
     def _trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        return taus * (taus.abs() >= broadcast(thresholds, taus))
+        # where(), not a product with the mask: trimmed values are +0 instead of -0, which
+        # changes no sum, sign test or output below
+        return torch.where(taus.abs() >= broadcast(thresholds, taus), taus, 0.0)
+
+    def _weighted(self, values: torch.Tensor) -> torch.Tensor:
+        """w_t * values_t; skipped when every weight is 1 (x * 1.0 is x exactly)."""
+        weights = self.ctx.weights
+        if bool((weights == 1).all()):
+            return values
+        return broadcast(weights.to(values.dtype), values) * values
 
     def _elect(self, trimmed: torch.Tensor) -> torch.Tensor:
-        return torch.sign((broadcast(self.ctx.weights, trimmed) * trimmed).sum(0))
+        return torch.sign(self._weighted(trimmed).sum(0))
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         if self.is_global:
@@ -112,11 +131,10 @@ class Ties(MergeMethod):
             trimmed = self._trim(taus, self.tensor_thresholds(taus))
             elected = self._elect(trimmed)
             majority = float(torch.sign(elected.sum()))
-        elected = torch.where(elected == 0, torch.full_like(elected, majority), elected)
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        weights = broadcast(self.ctx.weights, taus)
-        numerator = (weights * trimmed * agree).sum(0)
-        denominator = (weights * agree).sum(0)
+        elected = torch.where(elected == 0, majority, elected)
+        agree = (torch.sign(trimmed) == elected).logical_and_(trimmed != 0)
+        numerator = self._weighted(torch.where(agree, trimmed, 0.0)).sum(0)
+        denominator = self._weighted(agree.to(torch.float32)).sum(0)
         merged = torch.where(
             denominator != 0, numerator / denominator.clamp_min(1e-30), torch.zeros(())
         )

@@ -1,0 +1,75 @@
+"""The merge's inner loop: decode task vectors into reused buffers, work on them in blocks.
+
+Why: every statistics pass and the merge itself decode all T task vectors of a tensor again, and
+the original code gave each decode, each stacked copy and each step of a method a fresh
+full-size tensor. On the target machine a fresh multi-megabyte tensor costs a page fault per
+4 KiB (see docs/performance.md), and a [T, n] stack built from T separate decodes holds 2T
+copies at once. Here the T task vectors are decoded in parallel straight into the rows of one
+[T, n] buffer sized for the largest tensor and reused for every tensor; elementwise methods
+then run on column blocks that stay in cache, in a pool of threads with torch's own intra-op
+threads set to 1 (as in pack: OpenMP teams on contended cores made block-sized ops far slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..archive.format import TensorEntry
+from ..quant.kernel import dequantize_into
+from .sources import Sources
+
+BLOCK = 1 << 16  # elements of one task per block: T blocks of 256 KiB of fp32 stay in cache
+
+
+def column_blocks(n: int, size: int = BLOCK) -> list[slice]:
+    """Consecutive slices covering range(n), each at most `size` long (at least one)."""
+    return [slice(a, min(a + size, n)) for a in range(0, max(n, 1), size)]
+
+
+class TaskVectorBuffer:
+    """One [T, n] float32 buffer for the largest tensor, viewed at each tensor's size."""
+
+    def __init__(self, tasks: int, largest: int):
+        self.tasks = tasks
+        self._data = torch.empty(tasks * max(largest, 1), dtype=torch.float32)
+
+    def rows(self, numel: int) -> torch.Tensor:
+        return self._data[: self.tasks * numel].view(self.tasks, numel)
+
+
+def decode_into(sources: Sources, index: int, name: str, pre: torch.Tensor | None, row) -> None:
+    """Task `index`'s fp32 task vector of tensor `name` into `row` (flat, numel elements).
+
+    TVQ parts made of whole groups are dequantized in place (`dequantize_into`: the same ops
+    as `dequantize`, so the same values); everything else goes through `Archive.task_vector`.
+    """
+    ref = sources.refs[index]
+    archive = ref.archive
+    entry: TensorEntry = archive.entry(name)
+    if archive.scheme == "tvq" and entry.kind == "quantized" and entry.shape:
+        part = ref.own_part(entry)
+        if part is not None and part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
+            q = archive.quantized(part, entry)
+            dequantize_into(q.codes.reshape(-1), part.spec, q.scales, q.zeros, row)
+            return
+    row.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
+
+
+class BlockRunner:
+    """A pool of `threads` workers for decoding tasks and for column blocks of one tensor."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tvq-merge")
+
+    def map(self, fn: Callable, items: list) -> list:
+        """fn over items, in the pool when there is more than one item; errors re-raised."""
+        if self.threads == 1 or len(items) < 2:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
