@@ -12,12 +12,12 @@ Usage: PYTHONPATH=. python benchmarks/merged_accuracy.py [--zoo DIR]
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from doc_sections import write_section  # benchmarks/ is the script's folder
 
 from tvq_cli import PackOptions, inspect_archive, open_archive, pack
 from tvq_cli.checkpoint import Checkpoint
@@ -138,13 +138,7 @@ def main() -> None:
         work = Path(tmp)
         zoo = build_zoo(args.zoo or work / "zoo", seed=0)
         table = render(measure(zoo, work))
-    text = DOC.read_text()
-    block = f"<!-- MERGED -->\n{table}\n<!-- /MERGED -->"
-    if "<!-- MERGED -->" in text:
-        text = re.sub(r"<!-- MERGED -->.*<!-- /MERGED -->", lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n{block}\n"
-    DOC.write_text(text)
+    write_section(DOC, "MERGED", table)
     print(table)
 
 

@@ -11,7 +11,6 @@ Usage: PYTHONPATH=. python benchmarks/rate_distortion.py [--zoo DIR]
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from tvq_cli.zoo import build_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import range_search_v1  # noqa: E402
+from doc_sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
@@ -176,12 +176,10 @@ def entropy_gain(x: torch.Tensor) -> list[tuple[int, float, float]]:
     return rows
 
 
-def plot(zoo_curves: dict, synthetic_curves: dict) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    panels = (
-        ("example zoo (real task vectors, 8 x 109 k weights)", zoo_curves),
-        ("synthetic heavy-tailed (3 x 1.05 M weights)", synthetic_curves),
-    )
+def plot(panels: list[tuple[str, dict]], path: Path) -> None:
+    """One log-scale R-D panel per (title, curves), with the bound and the target."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), sharey=True)
+    axes = np.atleast_1d(axes)
     r = np.linspace(1.0, 6.0, 50)
     for ax, (title, curves) in zip(axes, panels, strict=True):
         for label, points in curves.items():
@@ -200,14 +198,15 @@ def plot(zoo_curves: dict, synthetic_curves: dict) -> None:
         ax.plot(r, TARGET * 2.0**-r, "k:", label="target 1.5 x 2^-R")
         ax.set_yscale("log")
         ax.set_xlim(0.9, 6.0)
-        ax.set_ylim(0.01, 3)
+        errors = [p[1] for points in curves.values() for p in points]
+        ax.set_ylim(min([0.01, *errors]) / 1.5, 3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("effective bits per weight R (whole archive, every byte)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("rel-L2 error of task vectors")
-    axes[1].legend(fontsize=6.5)
+    axes[-1].legend(fontsize=6.5)
     fig.tight_layout()
-    fig.savefig(PNG, dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def rd_table(curves: dict, title: str) -> list[str]:
@@ -234,17 +233,23 @@ def target_table(curves: dict, infeasible: dict) -> list[str]:
         "| payload R | payload rel-L2 | 1.5 x 2^-(payload R) | met (payload) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    points = sorted(curves.get("all together: --budget R", []))
-    by_budget = {b: p for b in BUDGETS for p in points if b - 0.05 <= p[0] <= b}
+    label = "all together: --budget R"
+    # rd_curves appends one point per feasible budget, in BUDGETS order
+    feasible = [b for b in BUDGETS if f"{label} @ {b}" not in infeasible]
+    by_budget = dict(zip(feasible, curves.get(label, []), strict=True))
     for budget in BUDGETS:
         if budget not in by_budget:
-            why = infeasible.get(f"all together: --budget R @ {budget}", "not measured")
-            lines.append(f"| {budget} | infeasible: {why} | | | no | | | | |")
+            lines.append(
+                f"| {budget} | infeasible: {infeasible[f'{label} @ {budget}']} | | | no | | | | |"
+            )
             continue
         bpw, err, r_q, err_q = by_budget[budget]
         bound, bound_q = TARGET * 2**-bpw, TARGET * 2**-r_q
+        written = f"{bpw:.3f}" + (
+            " (saturated: 8 bits wherever it helps)" if bpw < budget - 0.05 else ""
+        )
         lines.append(
-            f"| {budget} | {bpw:.3f} | {err:.4f} | {bound:.4f} | {_yes(err <= bound)} | "
+            f"| {budget} | {written} | {err:.4f} | {bound:.4f} | {_yes(err <= bound)} | "
             f"{r_q:.3f} | {err_q:.4f} | {bound_q:.4f} | {_yes(err_q <= bound_q)} |"
         )
     return lines
@@ -332,15 +337,14 @@ def main() -> None:
     sweep = group_sweep(x)
     big = x.repeat(8, 1)  # 1 M weights for timings
     table = render(zoo_part, (syn_curves, syn_bad, ""), sweep, timings(big), entropy_gain(x))
-    plot(zoo_curves, syn_curves)
-    text = DOC.read_text() if DOC.exists() else "<!-- BENCHMARK -->\n<!-- /BENCHMARK -->\n"
-    text = re.sub(
-        r"<!-- BENCHMARK -->.*<!-- /BENCHMARK -->",
-        lambda _: f"<!-- BENCHMARK -->\n{table}\n<!-- /BENCHMARK -->",
-        text,
-        flags=re.S,
+    plot(
+        [
+            ("example zoo (real task vectors, 8 x 109 k weights)", zoo_curves),
+            ("synthetic heavy-tailed (3 x 1.05 M weights)", syn_curves),
+        ],
+        PNG,
     )
-    DOC.write_text(text)
+    write_section(DOC, "BENCHMARK", table)
     print(table)
 
 
