@@ -42,6 +42,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from paper_settings import PAPER_FLAGS  # benchmarks/ is the script's folder
 
 CONFIGS = {
     # TinyLlama/TinyLlama-1.1B (config.json): 22 layers, hidden 2048, MLP 5632, 32 heads with
@@ -56,10 +57,7 @@ SCHEMES = {
     "TVQ 4-bit": ["--scheme", "tvq", "--bits", "4"],
     "TVQ 2-bit": ["--scheme", "tvq", "--bits", "2"],
     "RTVQ 3+2-bit": ["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"],
-    "TVQ 4-bit, paper settings": [
-        *("--scheme", "tvq", "--bits", "4", "--group-size", "0"),
-        *("--range", "minmax", "--scale-bits", "0", "--codec", "raw"),
-    ],
+    "TVQ 4-bit, paper settings": ["--scheme", "tvq", "--bits", "4", *PAPER_FLAGS],
 }
 CHILD = (  # `tvq` with its run time (after imports) and peak RSS reported on stderr
     "import sys, time\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from doc_sections import write_section  # benchmarks/ is the script's folder
+from paper_settings import PAPER
 
 from tvq_cli import PackOptions, inspect_archive, open_archive, pack
 from tvq_cli.checkpoint import Checkpoint
@@ -26,7 +27,6 @@ from tvq_cli.zoo import Zoo, build_zoo, evaluate_state, mean_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
-PAPER = dict(group_size=0, range="minmax", scale_bits=0, codec="raw")
 METHODS = ("task_arithmetic", "ties", "emr")
 
 TaskVectors = Callable[[str, torch.Tensor], torch.Tensor]  # (tensor name, pre) -> [T, ...]

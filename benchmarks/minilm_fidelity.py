@@ -38,14 +38,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tvq_cli import PackOptions, TvqError, inspect_archive
+from tvq_cli import inspect_archive
+from tvq_cli.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rate_distortion as rd  # noqa: E402
 from doc_sections import write_section  # noqa: E402
+from paper_settings import PAPER_FLAGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
@@ -242,7 +243,12 @@ def build(work: Path) -> tuple[Path, dict[str, Path], dict]:
     encoder = Encoder(pre)
     train_x = encoder.embed_all([r[0] for r in train])
     test_sentences = [r[0] for r in test]
-    setup = {"test_sentences": test_sentences, "heads": {}, "test_labels": {}, "sizes": len(rows)}
+    setup = {
+        "test_sentences": test_sentences,
+        "heads": {},
+        "test_labels": {},
+        "sentences": len(rows),
+    }
     folders = {}
     for t, task in enumerate(TASKS):
         train_y = torch.tensor([r[1 + t] for r in train])
@@ -266,18 +272,14 @@ def scores(folder: Path, setup: dict, tasks=TASKS) -> dict[str, float]:
 def zero_share(pre: Path, fts: list[Path]) -> str:
     """How much of the task vectors is exactly zero, and where: the entropy stage's gain on
     MiniLM comes from this."""
-    with safe_open(str(pre), "pt") as base:
-        names = list(base.keys())
-        zeros = dict.fromkeys(names, 0)
-        sizes = {}
-        for ft in fts:
-            with safe_open(str(ft), "pt") as tuned:
-                for name in names:
-                    delta = tuned.get_tensor(name).float() - base.get_tensor(name).float()
-                    zeros[name] += int((delta == 0).sum())
-                    sizes[name] = delta.numel()
+    base, tuned = Checkpoint(pre), [Checkpoint(ft) for ft in fts]
+    zeros = {}
+    for name in base.names:
+        weights = base.load_float(name)
+        zeros[name] = sum(int((ft.load_float(name) == weights).sum()) for ft in tuned)
+    sizes = {name: spec.numel for name, spec in base.specs.items()}
     total, total_zero = len(fts) * sum(sizes.values()), sum(zeros.values())
-    emb = next(n for n in names if n.endswith("word_embeddings.weight"))
+    emb = next(n for n in base.names if n.endswith("word_embeddings.weight"))
     return (
         f"{100 * total_zero / total:.1f}% of the task vectors' entries are exactly zero, "
         f"{100 * zeros[emb] / total_zero:.1f}% of them in `{emb}` ({sizes[emb]:,} of "
@@ -292,24 +294,15 @@ def encoder_only_targets(pre: Path, fts: list[Path], work: Path) -> list[str]:
     """The target check without the embeddings and pooler (half the weights, almost all the
     exact zeros): the transformer layers' task vectors alone, which have no zero runs to
     compress away."""
-    keep = {}
-    for source in (pre, *fts):
-        state = load_file(str(source))
-        keep[source] = {k: v for k, v in state.items() if k.startswith("encoder.")}
     files = []
     for i, source in enumerate((pre, *fts)):
         files.append(work / f"encoder_{i}.safetensors")
-        save_file(keep[source], str(files[-1]))
-    del keep
-    share = rd.quantized_share(files[0], files[1:])
-    label = "all together: --budget R"
-    curves, infeasible = {label: []}, {}
+        state = load_file(str(source))
+        save_file({k: v for k, v in state.items() if k.startswith("encoder.")}, str(files[-1]))
+    where = (files[0], files[1:], work / "e.tvq", rd.quantized_share(files[0], files[1:]))
+    curves, infeasible = {}, {}
     for budget in rd.BUDGETS:
-        try:
-            options = PackOptions(budget=budget)
-            curves[label].append(rd.measure(files[0], files[1:], work / "e.tvq", options, share))
-        except TvqError as exc:
-            infeasible[f"{label} @ {budget}"] = str(exc)
+        rd.record(curves, infeasible, rd.BUDGET_CURVE, where, budget=budget)
     return rd.target_table(curves, infeasible)
 
 
@@ -324,8 +317,8 @@ def merged_rows(pre: Path, folders: dict[str, Path], setup: dict, work: Path) ->
     rows = []
     settings = [
         ("FP32 (every tensor exact)", ["--keep", "*"]),
-        ("paper TVQ 2-bit", ["--bits", "2", *_paper_flags()]),
-        ("paper RTVQ B3O2", ["--scheme", "rtvq", *_paper_flags()]),
+        ("paper TVQ 2-bit", ["--bits", "2", *PAPER_FLAGS]),
+        ("paper RTVQ B3O2", ["--scheme", "rtvq", *PAPER_FLAGS]),
         ("tvq --budget 2.4", ["--budget", "2.4"]),
         ("tvq --scheme rtvq --budget 2.4", ["--scheme", "rtvq", "--budget", "2.4"]),
         ("tvq --budget 2", ["--budget", "2"]),
@@ -343,14 +336,9 @@ def merged_rows(pre: Path, folders: dict[str, Path], setup: dict, work: Path) ->
     return rows
 
 
-def _paper_flags() -> list[str]:
-    return ["--group-size", "0", "--range", "minmax", "--scale-bits", "0", "--codec", "raw"]
-
-
-def render(curves, infeasible, overhead, zeros, encoder, individual, merged, rows) -> str:
+def render(title, curves, infeasible, overhead, zeros, encoder, individual, merged, rows) -> str:
     pre_acc, ft_acc = individual
-    params = "22,713,728 weights"
-    lines = rd.rd_table(curves, f"### R-D curve: MiniLM-L6 (real task vectors, 4 tasks x {params})")
+    lines = rd.rd_table(curves, f"### R-D curve: {title}")
     lines += [
         "",
         overhead,
@@ -406,15 +394,18 @@ def main() -> None:
             {t: scores(folders[t], setup, [t])[t] for t in TASKS},
         )
         print("individual", individual, flush=True)
-        fts = [folders[t] for t in TASKS]
         weights = pre / "model.safetensors"
-        curves, infeasible = rd.rd_curves(weights, [f / "model.safetensors" for f in fts], work)
-        overhead = rd.overhead_line(weights, [f / "model.safetensors" for f in fts], work)
-        zeros = zero_share(weights, [f / "model.safetensors" for f in fts])
-        encoder = encoder_only_targets(weights, [f / "model.safetensors" for f in fts], work)
-        rd.plot([("MiniLM-L6 (real task vectors, 4 x 22.7 M weights)", curves)], PNG)
+        fts = [folders[t] / "model.safetensors" for t in TASKS]
+        params = sum(spec.numel for spec in Checkpoint(weights).specs.values())
+        title = f"MiniLM-L6 (real task vectors, {len(fts)} tasks x {params:,} weights)"
+        curves, infeasible = rd.rd_curves(weights, fts, work)
+        overhead = rd.overhead_line(weights, fts, work)
+        zeros = zero_share(weights, fts)
+        encoder = encoder_only_targets(weights, fts, work)
+        rd.plot([(title, curves)], PNG)
         merged = merged_rows(pre, folders, setup, work)
-    table = render(curves, infeasible, overhead, zeros, encoder, individual, merged, setup["sizes"])
+    parts = (curves, infeasible, overhead, zeros, encoder, individual, merged)
+    table = render(title, *parts, setup["sentences"])
     write_section(DOC, "MINILM", table)
     print(table)
 

@@ -33,13 +33,14 @@ from tvq_cli.zoo import build_zoo  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import range_search_v1  # noqa: E402
 from doc_sections import write_section  # noqa: E402
+from paper_settings import PAPER  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
 PNG = ROOT / "docs" / "rd_curve.png"
-PAPER = dict(group_size=0, range="minmax", scale_bits=0, codec="raw")
 BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
 TARGET = 1.5  # the issue's target: rel-L2 <= 1.5 x 2^-R
+BUDGET_CURVE = "all together: --budget R"  # the curve the target is checked on
 
 
 def make_synthetic(root: Path, tasks: int = 3, tensors: int = 8) -> tuple[Path, list[Path]]:
@@ -90,10 +91,7 @@ def rd_curves(pre: Path, fts: list[Path], work: Path) -> tuple[dict[str, list[tu
     out = work / "a.tvq"
 
     def run(label: str, **kw) -> None:
-        try:
-            curves.setdefault(label, []).append(measure(pre, fts, out, PackOptions(**kw), share))
-        except TvqError as exc:
-            infeasible[f"{label} @ {kw.get('budget')}"] = str(exc)
+        record(curves, infeasible, label, (pre, fts, out, share), **kw)
 
     for bits in (2, 3, 4, 5):
         run("paper: per-tensor min-max", bits=bits, **PAPER)
@@ -107,8 +105,19 @@ def rd_curves(pre: Path, fts: list[Path], work: Path) -> tuple[dict[str, list[tu
         run("all, uniform bits (defaults)", bits=bits)
     for budget in BUDGETS:
         run("+ budget allocation only", budget=budget, **PAPER)
-        run("all together: --budget R", budget=budget)
+        run(BUDGET_CURVE, budget=budget)
     return curves, infeasible
+
+
+def record(curves: dict, infeasible: dict, label: str, where: tuple, **options) -> None:
+    """Measure one setting into `curves[label]`, or note why it could not be packed (an
+    unreachable `--budget`) under `infeasible["label @ budget"]`. `where`: measure's
+    (pre, fts, out, share)."""
+    pre, fts, out, share = where
+    try:
+        curves.setdefault(label, []).append(measure(pre, fts, out, PackOptions(**options), share))
+    except TvqError as exc:
+        infeasible[f"{label} @ {options.get('budget')}"] = str(exc)
 
 
 def group_sweep(x: torch.Tensor) -> list[tuple]:
@@ -185,7 +194,7 @@ def plot(panels: list[tuple[str, dict]], path: Path) -> None:
         for label, points in curves.items():
             pts = sorted(points)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
-        pts = sorted(curves.get("all together: --budget R", []))
+        pts = sorted(curves.get(BUDGET_CURVE, []))
         if pts:
             ax.plot(
                 [p[2] for p in pts],
@@ -233,15 +242,13 @@ def target_table(curves: dict, infeasible: dict) -> list[str]:
         "| payload R | payload rel-L2 | 1.5 x 2^-(payload R) | met (payload) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    label = "all together: --budget R"
-    # rd_curves appends one point per feasible budget, in BUDGETS order
-    feasible = [b for b in BUDGETS if f"{label} @ {b}" not in infeasible]
-    by_budget = dict(zip(feasible, curves.get(label, []), strict=True))
+    # rd_curves records one point per feasible budget, in BUDGETS order
+    feasible = [b for b in BUDGETS if f"{BUDGET_CURVE} @ {b}" not in infeasible]
+    by_budget = dict(zip(feasible, curves.get(BUDGET_CURVE, []), strict=True))
     for budget in BUDGETS:
         if budget not in by_budget:
-            lines.append(
-                f"| {budget} | infeasible: {infeasible[f'{label} @ {budget}']} | | | no | | | | |"
-            )
+            why = infeasible[f"{BUDGET_CURVE} @ {budget}"]
+            lines.append(f"| {budget} | infeasible: {why} | | | no | | | | |")
             continue
         bpw, err, r_q, err_q = by_budget[budget]
         bound, bound_q = TARGET * 2**-bpw, TARGET * 2**-r_q

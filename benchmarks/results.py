@@ -40,12 +40,13 @@ from tvq_cli.zoo import Zoo, build_zoo, evaluate, evaluate_state, mean_accuracy
 from tvq_cli.zoo.data import heldout_split
 from tvq_cli.zoo.store import load_state
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_settings import PAPER, PAPER_FLAGS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
 PNG = ROOT / "docs" / "results_rd.png"
 
-PAPER = {"group_size": 0, "range": "minmax", "scale_bits": 0, "codec": "raw"}
-"""The paper's quantizer: one min-max range per tensor, fp32 scale, raw bit-packed codes."""
 DEFAULTS: dict[str, object] = {}
 """The project's defaults: groups of 128, searched ranges, 6-bit scales, zstd-coded codes."""
 SETTINGS = {"paper": PAPER, "default": DEFAULTS}
@@ -267,7 +268,6 @@ STORAGE_COLUMNS = [
     ("INT2", ["--bits", "2"]),
     ("B3O2", ["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"]),
 ]
-PAPER_FLAGS = ["--group-size", "0", "--range", "minmax", "--scale-bits", "0", "--codec", "raw"]
 DEFAULT_RAW_FLAGS = ["--codec", "raw"]
 PAPER_TABLE5 = {
     8: [9.1, 2.3, 1.1, 0.6, 0.7],

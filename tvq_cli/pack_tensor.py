@@ -211,7 +211,7 @@ class TensorPacker:
         parts = _Parts(entry)
         rows = entry.numel // parts.cols
         step = block_rows(parts.cols)
-        phases = _phases(entry.parts, self.settings.scheme, self.settings.error_correction)
+        phases = _phases(entry.parts, self.settings.scheme)
         if "offsets" in phases and self.settings.error_correction:
             parts.kept = torch.empty(entry.numel, dtype=torch.uint8)
         for phase in phases:
@@ -368,7 +368,7 @@ class TensorPacker:
         parts.packed[index][start : start + size] = packed[:size]
 
 
-def _phases(parts: list[Part], scheme: str, error_correction: bool) -> list[str]:
+def _phases(parts: list[Part], scheme: str) -> list[str]:
     """Passes over a tensor's blocks. Compact scales need every group's range before any group
     is coded (the grid's top is the tensor's largest step), so such parts get a "ranges" pass
     first. TVQ / FQ: ["ranges"], "all". RTVQ: ["ranges" of the base], "base" (the base coded;
