@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tvq_cli import PackOptions, TvqError, inspect_archive, pack  # noqa: E402
-from tvq_cli.quant import entropy  # noqa: E402
+from tvq_cli.quant import entropy, range_search  # noqa: E402
 from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize  # noqa: E402
 from tvq_cli.quant.range_search import quantize_searched  # noqa: E402
 from tvq_cli.zoo import build_zoo  # noqa: E402
@@ -148,6 +148,15 @@ def _best_seconds(fn, repeats: int = 3) -> float:
     return best
 
 
+def _torch_reference(x: torch.Tensor, spec: QuantSpec):
+    """`quantize_searched` as it runs where the native kernel was not built."""
+    native, range_search._native = range_search._native, None
+    try:
+        return quantize_searched(x, spec)
+    finally:
+        range_search._native = native
+
+
 def timings(x: torch.Tensor) -> list[tuple[str, float, float]]:
     """(step, seconds per million weights, x min-max): range search before/after; zstd."""
     per_m = 1e6 / x.numel()
@@ -156,8 +165,10 @@ def timings(x: torch.Tensor) -> list[tuple[str, float, float]]:
     for label, fn, spec in (
         ("range search round 1, fp32 scales", range_search_v1.quantize_searched, (3, 128, 0)),
         ("range search round 1, 6-bit scales", range_search_v1.quantize_searched, (3, 128, 6)),
-        ("range search now, fp32 scales", quantize_searched, (3, 128, 0)),
-        ("range search now, 6-bit scales", quantize_searched, (3, 128, 6)),
+        ("range search, torch reference, fp32 scales", _torch_reference, (3, 128, 0)),
+        ("range search, torch reference, 6-bit scales", _torch_reference, (3, 128, 6)),
+        ("range search, native kernel, fp32 scales", quantize_searched, (3, 128, 0)),
+        ("range search, native kernel, 6-bit scales", quantize_searched, (3, 128, 6)),
     ):
         bits, group, scale_bits = spec
         q = QuantSpec(bits, group, "search", scale_bits)

@@ -30,6 +30,7 @@ from .pack import (
     dry_run,
     pack,
 )
+from .quant import range_search
 from .render import human_bytes, render_inspect, render_merge, render_methods
 from .report import inspect_archive, quantization_settings
 
@@ -160,6 +161,11 @@ def pack_command(
         f"{result.seconds:.1f} s"
     )
     _print_allocation(result)
+    if not quiet and not range_search.native_built():
+        stderr.print(
+            "tvq: note: the native kernel was not built (no C compiler at install), so the "
+            "range search ran its torch reference: same archive, several times slower"
+        )
 
 
 def _print_allocation(result: PackResult) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quantizer import QuantSpec
+from .quantizer import QuantSpec, minmax_scale
 
 
 def covers(spec: QuantSpec, cols: int) -> bool:
@@ -41,7 +41,7 @@ def quantize_into(
     lo = groups.amin(dim=1).clamp_(max=0.0)  # two reductions: torch's fused aminmax over
     hi = groups.amax(dim=1).clamp_(min=0.0)  # short rows is 10x slower than both together
     span = hi - lo
-    scale = torch.where(span > 0, spec.levels / torch.where(span > 0, span, 1.0), 1.0)
+    scale = minmax_scale(span, spec.levels)
     zero = torch.round(-scale * lo).clamp_(0, spec.levels)
     q = work.view(-1, spec.group_size)
     torch.mul(groups, scale[:, None], out=q)

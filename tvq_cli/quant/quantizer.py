@@ -20,6 +20,7 @@ from ..errors import TvqError
 from .scale_codec import check_scale_bits
 
 RANGE_METHODS = ("minmax", "search")
+MAX_SCALE = 2.0**100  # finer steps buy nothing, and their inverses overflow float32
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ def group_count(shape: tuple[int, ...], group_size: int) -> int:
     return (numel // cols) * -(-cols // group_size)
 
 
+def minmax_scale(span: torch.Tensor, levels: int, flat: float = 1.0) -> torch.Tensor:
+    """Each group's ``levels / span``, at most `MAX_SCALE` (a subnormal span would make it
+    infinite, and the archive unreadable); `flat` for groups with a zero span."""
+    scale = (levels / torch.where(span > 0, span, 1.0)).clamp_(max=MAX_SCALE)
+    return torch.where(span > 0, scale, flat)
+
+
 def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
     """View `x` as (groups, group_len); returns the view and the padded row length (0 if none).
 
@@ -111,7 +119,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
     lo = groups.amin(dim=1).clamp(max=0.0)
     hi = groups.amax(dim=1).clamp(min=0.0)
     span = hi - lo
-    scale = torch.where(span > 0, spec.levels / torch.where(span > 0, span, 1.0), 1.0)
+    scale = minmax_scale(span, spec.levels)
     zero = torch.round(-scale * lo).clamp_(0, spec.levels)
     q = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, spec.levels)
     codes = _ungrouped(q.to(torch.uint8), tuple(x.shape), padded_cols).reshape(-1)

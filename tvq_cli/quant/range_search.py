@@ -11,6 +11,12 @@ enough to stay in the CPU cache (every pass over a block is a cache hit), in flo
 coarse-to-fine: every other shrink factor first, then the two neighbours of each group's best.
 With compact scales (`scale_bits > 0`) the candidates are the representable coded steps
 nearest to each shrink factor, so the search already accounts for the scale's rounding.
+
+Two implementations of one arithmetic: the native kernel (`_native.c`, built with the package
+where a C compiler is found) runs a group's whole search in registers; the torch ops here are
+its reference and run where it is missing, on a GPU, and on padded groups. Both sum a group's
+squared error in `LANES` interleaved lanes in element order (see `_lane_sum`), so they pick
+the same steps and write the same archive bytes.
 """
 
 from __future__ import annotations
@@ -20,14 +26,21 @@ import threading
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 from . import scale_codec
-from .quantizer import Quantized, QuantSpec, _grouped, _ungrouped
+from .quantizer import MAX_SCALE, Quantized, QuantSpec, _grouped, _ungrouped, minmax_scale
+
+try:
+    from . import _native
+except ImportError:  # built without a C compiler: the torch reference below, same bytes
+    _native = None
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
 COARSE_STRIDE = 2  # first pass: every other candidate; second: the best one's neighbours
 MARGIN = 1e-5  # a shrunk step must beat min-max by this relative margin (float32 sums)
 BLOCK = 1 << 18  # elements x candidates per block (1 MB): the temporaries stay in cache
+LANES = 8  # a group's squared error is summed in this many interleaved lanes
 
 
 def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> torch.Tensor | None:
@@ -42,14 +55,33 @@ def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> to
 _local = threading.local()
 
 
-def _scratch(size: int) -> torch.Tensor:
+def _scratch(size: int, device: torch.device) -> torch.Tensor:
     """This thread's float32 work buffer of at least `size` elements, reused across calls:
     a fresh buffer of a megabyte costs a page fault per 4 KiB (pack maps every allocation
     over 1 MiB on its own), more than the arithmetic done in it."""
     buffer = getattr(_local, "buffer", None)
-    if buffer is None or buffer.numel() < size:
-        buffer = _local.buffer = torch.empty(size)
+    if buffer is None or buffer.numel() < size or buffer.device != device:
+        buffer = _local.buffer = torch.empty(size, device=device)
     return buffer
+
+
+def native_built() -> bool:
+    """Whether the native kernel was compiled at install (it needs a C compiler)."""
+    return _native is not None
+
+
+def _lane_sum(d: torch.Tensor, acc: torch.Tensor) -> None:
+    """Add `d` [..., w] (w a multiple of `LANES`) into `acc` [..., LANES]: element i goes to
+    lane i % LANES, in element order. The native kernel's order, which vectorizes there."""
+    for chunk in d.unflatten(-1, (-1, LANES)).unbind(-2):
+        acc += chunk
+
+
+def _fold(acc: torch.Tensor) -> torch.Tensor:
+    """The lanes' total: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    half = acc[..., :4] + acc[..., 4:]
+    quarter = half[..., :2] + half[..., 2:]
+    return quarter[..., 0] + quarter[..., 1]
 
 
 def _errors(
@@ -59,30 +91,34 @@ def _errors(
     levels: int,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Squared error [groups, k] of quantizing each group with each of its k candidate scales.
+    """Squared error [groups, k] of quantizing each group with each of its k candidate scales,
+    measured on ``(q - zero) * (1 / scale)``; masked (padding) elements add zero.
 
-    The error is measured as the reconstruction `dequantize` makes, ``(q - zero) / scale - x``.
     Work goes in blocks of rows (and of columns for long groups) of about `BLOCK` elements
-    times candidates, so the nine elementwise passes per block hit the cache.
+    times candidates, so the elementwise passes per block hit the cache.
     """
     n, width = groups.shape
     k = scales.shape[1]
-    out = torch.zeros(n, k, dtype=torch.float32)
-    cols = min(width, max(1, BLOCK // k))
+    steps = torch.reciprocal(scales)
+    out = torch.empty(n, k, dtype=torch.float32, device=groups.device)
+    cols = min(width, max(LANES, BLOCK // k // LANES * LANES))
     rows = max(1, BLOCK // (cols * k))
-    buffer = _scratch(rows * k * cols)
+    buffer = _scratch(rows * k * cols, groups.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        s = scales[r0:r1, :, None]
+        s, step = scales[r0:r1, :, None], steps[r0:r1, :, None]
         z = zero[r0:r1, None, None]
+        acc = torch.zeros(r1 - r0, k, LANES, device=groups.device)
         for c0 in range(0, width, cols):
             x = groups[r0:r1, None, c0 : c0 + cols]
             d = buffer[: (r1 - r0) * k * x.shape[2]].view(r1 - r0, k, x.shape[2])
-            torch.mul(x, s, out=d).add_(z).round_().clamp_(0, levels)
-            d.sub_(z).div_(s).sub_(x).square_()
+            torch.mul(x, s, out=d).add_(z).clamp_(0, levels).round_()
+            d.sub_(z).mul_(step).sub_(x).square_()
             if mask is not None:
                 d.mul_(mask[r0:r1, None, c0 : c0 + cols])
-            out[r0:r1] += d.sum(dim=2)
+            tail = -d.shape[2] % LANES  # a last partial chunk: zeros add nothing
+            _lane_sum(F.pad(d, (0, tail)) if tail else d, acc)
+        out[r0:r1] = _fold(acc)
     return out
 
 
@@ -168,7 +204,13 @@ def grid_top(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[float
 
 def _minmax_scale(span: torch.Tensor, levels: int, fallback: float) -> torch.Tensor:
     # All-zero groups reconstruct exactly with any step; give them the grid's top.
-    return torch.where(span > 0, levels / torch.where(span > 0, span, 1.0), 1.0 / fallback)
+    return minmax_scale(span, levels, _flat_scale(fallback))
+
+
+def _flat_scale(fallback: float) -> float:
+    """The scale of all-zero groups, 1 / fallback, at most MAX_SCALE (a tensor whose every
+    span is subnormal has a subnormal fallback step)."""
+    return min(1.0 / fallback, MAX_SCALE)
 
 
 def quantize_groups(
@@ -183,6 +225,8 @@ def quantize_groups(
     """Search and quantize [groups, G] given their ranges and the tensor's `grid_top`; codes
     come back in the groups' order. Every step is per group, so any block of whole groups
     gives exactly the codes, scales and step codes of the whole tensor."""
+    if _native is not None and mask is None and groups.device.type == "cpu":
+        return _quantize_native(groups, lo, hi, spec, fallback, top)
     levels = spec.levels
     scale_mm = _minmax_scale(hi - lo, levels, fallback)
     zero = torch.round(-scale_mm * lo).clamp_(0, levels)
@@ -195,6 +239,55 @@ def quantize_groups(
         return Quantized(codes, scale, zero.to(torch.uint8))
     code = step_codes.gather(1, best)[:, 0].contiguous()
     return Quantized(codes, scale, zero.to(torch.uint8), code, top)
+
+
+@cache
+def _native_steps(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    coarse, fine = _steps(count)
+    return coarse.to(torch.int32), fine.to(torch.int32)
+
+
+def _quantize_native(
+    groups: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    spec: QuantSpec,
+    fallback: float,
+    top: float,
+) -> Quantized:
+    """`quantize_groups` through the native kernel (whole groups, host memory)."""
+    n, width = groups.shape
+    grid = _grid(spec.range == "search", spec.scale_bits)
+    coarse, fine = _native_steps(grid.numel())
+    compact = spec.scale_bits > 0
+    none_f32, none_i32 = torch.empty(0), torch.empty(0, dtype=torch.int32)
+    table = scale_codec.step_table(top, spec.scale_bits) if compact else none_f32
+    codes = torch.empty(n, width, dtype=torch.uint8)
+    scales = torch.empty(n)
+    zeros = torch.empty(n, dtype=torch.uint8)
+    step_codes = torch.empty(n if compact else 0, dtype=torch.uint8)
+    _native.search(
+        groups.to(torch.float32).contiguous().numpy(),
+        width,
+        lo.contiguous().numpy(),
+        hi.contiguous().numpy(),
+        spec.levels,
+        (none_f32 if compact else grid).numpy(),
+        (grid if compact else none_i32).numpy(),
+        table.numpy(),
+        coarse.numpy(),
+        fine.numpy(),
+        1 + MARGIN,
+        _flat_scale(fallback),
+        MAX_SCALE,
+        codes.numpy(),
+        scales.numpy(),
+        zeros.numpy(),
+        step_codes.numpy(),
+    )
+    if not compact:
+        return Quantized(codes, scales, zeros)
+    return Quantized(codes, scales, zeros, step_codes, top)
 
 
 def quantize_searched(x: torch.Tensor, spec: QuantSpec) -> Quantized:

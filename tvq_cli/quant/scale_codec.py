@@ -51,16 +51,21 @@ def encode_steps(steps: torch.Tensor, top: float, scale_bits: int) -> torch.Tens
     return k.clamp_(0, (1 << scale_bits) - 1).to(torch.uint8)
 
 
+def step_table(top: float, scale_bits: int) -> torch.Tensor:
+    """Every code's float32 step, code 0 (the grid's top) first: one decreasing table that
+    decoding, the covering code and the native search all read, so they agree to the bit."""
+    exps = -torch.arange(1 << scale_bits, dtype=torch.float64) / codes_per_octave(scale_bits)
+    return (top * torch.pow(2.0, exps)).to(torch.float32)
+
+
 def covering_codes(steps: torch.Tensor, top: float, scale_bits: int) -> torch.Tensor:
-    """The largest code whose step is still >= `steps` (so the min-max range stays covered)."""
-    per_octave = codes_per_octave(scale_bits)
-    ratio = (top / steps.clamp(min=torch.finfo(torch.float32).tiny)).clamp(min=1.0)
-    k = torch.floor(torch.log2(ratio.double()) * per_octave + 1e-9)
-    return k.clamp_(0, (1 << scale_bits) - 1).to(torch.uint8)
+    """The largest code whose step is still >= `steps` (so the min-max range stays covered);
+    code 0 where even the top step is smaller."""
+    ascending = step_table(top, scale_bits).flip(0).to(steps.device)
+    covered = ascending.numel() - torch.searchsorted(ascending, steps.contiguous())
+    return (covered - 1).clamp_(min=0).to(torch.uint8)
 
 
 def decode_steps(codes: torch.Tensor, top: float, scale_bits: int) -> torch.Tensor:
     """Float32 steps of the codes."""
-    per_octave = codes_per_octave(scale_bits)
-    exps = -codes.to(torch.float64) / per_octave
-    return (top * torch.pow(2.0, exps)).to(torch.float32)
+    return step_table(top, scale_bits).to(codes.device)[codes.long()]

@@ -1,0 +1,169 @@
+"""The native range-search kernel gives exactly what its torch reference gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import finetune, run_cli, synthetic_model, write_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tvq_cli
+from tvq_cli.pack import PackOptions
+from tvq_cli.quant import range_search
+from tvq_cli.quant.quantizer import QuantSpec
+
+
+def test_native_kernel_is_built() -> None:
+    assert range_search._native is not None, (
+        "tvq_cli.quant._native was not built: install with a C compiler (pip install -e .)"
+    )
+
+
+def _both(groups: torch.Tensor, spec: QuantSpec):
+    """(native, torch reference) results of `quantize_groups` on the same groups."""
+    lo, hi = range_search.group_ranges(groups)
+    fallback, top = range_search.grid_top(lo, hi, spec)
+    native = range_search.quantize_groups(groups, lo, hi, spec, fallback, top)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(range_search, "_native", None)
+        reference = range_search.quantize_groups(groups, lo, hi, spec, fallback, top)
+    return native, reference
+
+
+def _data(kind: str, groups: int, width: int, scale: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "heavy":  # a product of normals: task-vector-like tails
+        x = torch.randn(groups, width, generator=gen) * torch.randn(groups, width, generator=gen)
+    elif kind == "grid":  # few distinct values: many exact ties between candidates
+        x = torch.randint(-3, 4, (groups, width), generator=gen).float() / 4
+    else:  # mostly exact zeros, as bf16 fine-tunes give
+        x = torch.randn(groups, width, generator=gen)
+        x[torch.rand(groups, width, generator=gen) < 0.8] = 0.0
+    x = x * scale
+    x[0] = 0.0  # an all-zero group
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    width=st.sampled_from([1, 5, 8, 13, 64, 128, 300]),
+    groups=st.integers(1, 40),
+    search=st.booleans(),
+    scale_bits=st.sampled_from([0, 4, 6, 8]),
+    kind=st.sampled_from(["heavy", "grid", "sparse"]),
+    scale=st.sampled_from([1e-40, 1e-30, 1e-5, 1.0, 1e4]),  # 1e-40: subnormal spans
+    seed=st.integers(0, 2**16),
+)
+def test_native_matches_reference(bits, width, groups, search, scale_bits, kind, scale, seed):
+    spec = QuantSpec(bits, width, "search" if search else "minmax", scale_bits)
+    x = _data(kind, groups, width, scale, seed)
+    native, reference = _both(x, spec)
+    assert torch.equal(native.codes, reference.codes)
+    assert torch.equal(native.scales, reference.scales)
+    assert torch.equal(native.zeros, reference.zeros)
+    if scale_bits:
+        assert torch.equal(native.step_codes, reference.step_codes)
+        assert native.super_scale == reference.super_scale
+    else:
+        assert native.step_codes is None and reference.step_codes is None
+
+
+def test_search_beats_minmax_on_heavy_tails() -> None:
+    """Not only equal to the reference: the native search picks shrunk steps where they help."""
+    x = _data("heavy", 256, 128, 1e-3, 1)
+    spec = QuantSpec(3, 128, "search", 0)
+    native, _ = _both(x, spec)
+    lo, hi = range_search.group_ranges(x)
+    minmax = 7 / (hi - lo)
+    assert (native.scales[1:] > minmax[1:] * 1.01).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("scheme", ["tvq", "rtvq"])
+def test_archives_do_not_depend_on_the_kernel(tmp_path: Path, scheme, monkeypatch) -> None:
+    pre = synthetic_model(0, torch.bfloat16)
+    pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
+    fts = [write_checkpoint(tmp_path / f"ft{i}.safetensors", finetune(pre, i)) for i in range(3)]
+    options = PackOptions(scheme=scheme, group_size=16)
+    native, reference = tmp_path / "native.tvq", tmp_path / "reference.tvq"
+    tvq_cli.pack(pre_path, fts, native, options)
+    monkeypatch.setattr(range_search, "_native", None)
+    tvq_cli.pack(pre_path, fts, reference, options)
+    assert native.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"width": 0},
+        {"levels": 256},
+        {"x": torch.zeros(7)},  # not a whole number of groups' bytes for lo / hi
+        {"coarse": torch.tensor([0, 9], dtype=torch.int32)},  # candidate out of range
+    ],
+    ids=["width", "levels", "sizes", "coarse"],
+)
+def test_native_checks_its_arguments(bad) -> None:
+    native = range_search._native
+    args = {
+        "x": torch.zeros(8),
+        "width": 4,
+        "lo": torch.zeros(2),
+        "hi": torch.zeros(2),
+        "levels": 15,
+        "factors": torch.tensor([1.0, 0.5]),
+        "shifts": torch.empty(0, dtype=torch.int32),
+        "table": torch.empty(0),
+        "coarse": torch.tensor([0, 1], dtype=torch.int32),
+        "fine": torch.tensor([-1, 1], dtype=torch.int32),
+        "margin": 1.0,
+        "flat_scale": 1.0,
+        "max_scale": 2.0**100,
+        "codes": torch.zeros(8, dtype=torch.uint8),
+        "scales": torch.zeros(2),
+        "zeros": torch.zeros(2, dtype=torch.uint8),
+        "steps": torch.empty(0, dtype=torch.uint8),
+    }
+    args.update(bad)
+    values = [v.numpy() if isinstance(v, torch.Tensor) else v for v in args.values()]
+    with pytest.raises(ValueError):
+        native.search(*values)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        PackOptions(),
+        PackOptions(scale_bits=0),
+        PackOptions(range="minmax", scale_bits=0, codec="raw"),
+        PackOptions(group_size=0, range="minmax", scale_bits=0),
+    ],
+    ids=["defaults", "fp32-scales", "paper-groups", "paper"],
+)
+def test_subnormal_task_vectors_round_trip(tmp_path: Path, options) -> None:
+    """Every span subnormal: levels / span overflowed float32, so pack raised (compact scales)
+    or wrote infinite scales that the reader then rejected as damage."""
+    pre = {"w": torch.zeros(4, 256)}
+    ft = {"w": torch.randn(4, 256, generator=torch.Generator().manual_seed(3)) * 1e-40}
+    pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
+    ft_path = write_checkpoint(tmp_path / "ft.safetensors", ft)
+    tvq_cli.pack(pre_path, [ft_path], tmp_path / "a.tvq", options)
+    archive = tvq_cli.open_archive(tmp_path / "a.tvq")
+    archive.verify()
+    restored = archive.task_vector(archive.tasks[0], "w")
+    assert (restored - ft["w"]).abs().max() <= ft["w"].abs().max()
+
+
+def test_pack_says_when_the_native_kernel_is_missing(tmp_path: Path, monkeypatch) -> None:
+    pre = synthetic_model(0)
+    pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
+    ft_path = write_checkpoint(tmp_path / "ft.safetensors", finetune(pre, 0))
+    args = ["pack", "--pretrained", pre_path, ft_path]
+    code, _, err = run_cli(*args, "--out", tmp_path / "a.tvq")
+    assert code == 0 and "native kernel" not in err
+    monkeypatch.setattr(range_search, "_native", None)
+    code, _, err = run_cli(*args, "--out", tmp_path / "b.tvq")
+    assert code == 0 and "the native kernel was not built" in err
+    assert (tmp_path / "a.tvq").read_bytes() == (tmp_path / "b.tvq").read_bytes()
