@@ -2,12 +2,14 @@
 
 Usage (inputs as built by bench_pack.py --inputs DIR, or any pretrained + fine-tuned folders):
 
-    PYTHONPATH=$PWD python benchmarks/profile_pack.py /tmp/tvq-bench/m [--tensors 30]
+    PYTHONPATH=$PWD python benchmarks/profile_pack.py /tmp/tvq-bench/m [--tensors 30] [--paper]
 
-Runs the stages `pack` overlaps one after the other on the first N tensors, single-threaded,
-so their costs add up: reading the raw bf16 tensors (pread), hashing the pretrained ones
-(fingerprint), then for TVQ 4-bit the blocked quantizer split into its steps (widen and
-subtract, finite check, quantize, bit-pack), and checksumming plus writing the output.
+Runs the stages `pack` overlaps one after the other on the first N weight matrices,
+single-threaded, so their costs add up: reading the raw tensors (pread), hashing the pretrained
+ones (fingerprint), then TVQ 4-bit with the default settings (or `--paper`: one min-max range
+per tensor, fp32 scale, raw codes) through the functions `pack` calls, block by block: widening
+and subtracting (with the finite check), the ranges pass, the search and quantization, bit
+packing, zstd, and checksumming plus writing the output.
 """
 
 from __future__ import annotations
@@ -18,99 +20,119 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tvq_cli.checkpoint import Checkpoint, all_finite
-from tvq_cli.quant import kernel
-from tvq_cli.quant.bitpack import pack_into
+from tvq_cli.checkpoint import Checkpoint
+from tvq_cli.pack_tensor import BLOCK_ELEMENTS, block_rows
+from tvq_cli.quant import entropy, kernel, native, range_search
+from tvq_cli.quant.bitpack import pack_into, packed_nbytes
 from tvq_cli.quant.quantizer import QuantSpec
+
+
+class Clock:
+    """Adds the time of each `with clock("stage"):` block to that stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._stage = ""
+
+    def __call__(self, stage: str) -> Clock:
+        self._stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self._stage] += time.perf_counter() - self._start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("inputs", type=Path)
     parser.add_argument("--tensors", type=int, default=30)
+    parser.add_argument("--paper", action="store_true", help="min-max per tensor, raw codes")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     pre = Checkpoint(opts.inputs / "pretrained")
     fts = [Checkpoint(p) for p in sorted(opts.inputs.glob("task*"))]
     names = [n for n in pre.names if len(pre.specs[n].shape) == 2][: opts.tensors]
-    spec = QuantSpec(4, 128)
-    times = dict.fromkeys(
-        [
-            "read (pread)",
-            "sha256 fingerprint",
-            "widen + subtract",
-            "finite check",
-            "quantize (kernel)",
-            "bit-pack",
-            "crc32 + write",
-        ],
-        0.0,
-    )
+    if opts.paper:
+        spec, codec = QuantSpec(4, 0), "raw"
+    else:
+        spec, codec = QuantSpec(4, 128, "search", 6), "zstd"
+    width = entropy.SYMBOL_BITS[4] if codec == "zstd" else 4
+    clock = Clock()
     elements = 0
-    block = 1 << 17
-    x, work = torch.empty(block), torch.empty(block)
-    pre32 = torch.empty(block)
-    codes = torch.empty(block, dtype=torch.uint8)
-    packed, scratch = np.empty(block // 2, np.uint8), np.empty(block // 8, np.uint64)
+    x, pre32 = torch.empty(BLOCK_ELEMENTS), torch.empty(BLOCK_ELEMENTS)
+    codes = np.zeros(BLOCK_ELEMENTS, np.uint8)
+    scratch = np.empty(BLOCK_ELEMENTS // 8, np.uint64)
     with tempfile.TemporaryFile() as sink:
         for name in names:
-            t = time.perf_counter()
-            raws = [c.load(name) for c in (pre, *fts)]
-            times["read (pread)"] += time.perf_counter() - t
-            t = time.perf_counter()
-            hashlib.sha256(raws[0].view(torch.uint8).numpy()).digest()
-            times["sha256 fingerprint"] += time.perf_counter() - t
+            with clock("read (pread)"):
+                raws = [c.load(name) for c in (pre, *fts)]
+            with clock("sha256 fingerprint"):
+                hashlib.sha256(raws[0].view(torch.uint8).numpy()).digest()
             cols = raws[0].shape[-1]
-            rows = max(8, block // cols // 8 * 8)
+            rows = block_rows(cols)
             flat = [r.view(-1, cols) for r in raws]
-            for first in range(0, flat[0].shape[0], rows):
-                part = [f[first : first + rows] for f in flat]
-                n = part[0].numel()
-                p = pre32[:n].view(-1, cols)
-                p.copy_(part[0])
-                for ft in part[1:]:
-                    t0 = time.perf_counter()
-                    v = x[:n].view(-1, cols)
-                    v.copy_(ft)
-                    v.sub_(p)
-                    t1 = time.perf_counter()
-                    all_finite(v)
-                    t2 = time.perf_counter()
-                    groups = n // 128
-                    kernel.quantize_into(
-                        x[:n],
-                        spec,
-                        codes[:n],
-                        torch.empty(groups),
-                        torch.empty(groups, dtype=torch.uint8),
-                        work[:n],
-                    )
-                    t3 = time.perf_counter()
-                    pack_into(codes[:n].numpy(), 4, packed[: n // 2], scratch)
-                    t4 = time.perf_counter()
-                    zlib.crc32(packed[: n // 2])
-                    sink.write(packed[: n // 2])
-                    t5 = time.perf_counter()
-                    for key, a, b in (
-                        ("widen + subtract", t0, t1),
-                        ("finite check", t1, t2),
-                        ("quantize (kernel)", t2, t3),
-                        ("bit-pack", t3, t4),
-                        ("crc32 + write", t4, t5),
-                    ):
-                        times[key] += b - a
-                    elements += n
-    total = sum(times.values())
+            starts = range(0, flat[0].shape[0], rows)
+            numel = flat[0].numel()
+            for ft in flat[1:]:
+                groups = 1 if spec.group_size == 0 else numel // spec.group_size
+                lo, hi = torch.zeros(groups), torch.zeros(groups)
+                for first in starts:  # pass 1: every group's range
+                    n = flat[0][first : first + rows].numel()
+                    with clock("widen + subtract + finite check"):
+                        kernel.widen_into(flat[0][first : first + rows], pre32[:n])
+                        kernel.widen_into(ft[first : first + rows], x[:n], pre32[:n])
+                    with clock("ranges"):
+                        if spec.group_size:
+                            g = slice(first * cols // 128, (first * cols + n) // 128)
+                            lo[g], hi[g] = range_search.group_ranges(x[:n].view(-1, 128))
+                        else:
+                            a, b = range_search.group_ranges(x[:n].view(1, -1))
+                            lo, hi = torch.minimum(lo, a), torch.maximum(hi, b)
+                fallback, top = range_search.grid_top(lo, hi, spec)
+                out = np.empty(packed_nbytes(numel, width), np.uint8)
+                for first in starts:  # pass 2: search, quantize, pack
+                    n = flat[0][first : first + rows].numel()
+                    with clock("widen + subtract + finite check"):
+                        kernel.widen_into(flat[0][first : first + rows], pre32[:n])
+                        kernel.widen_into(ft[first : first + rows], x[:n], pre32[:n])
+                    with clock("search + quantize"):
+                        g = slice(0, 1)
+                        if spec.group_size:
+                            g = slice(first * cols // 128, (first * cols + n) // 128)
+                        grouped = x[:n].view(-1, spec.group_size or n)
+                        q = range_search.quantize_groups(grouped, lo[g], hi[g], spec, fallback, top)
+                    with clock("bit-pack"):
+                        codes[:n] = q.codes.view(-1).numpy()
+                        start = first * cols * width // 8
+                        size = packed_nbytes(n, width)
+                        pack_into(codes[:n], width, out[start : start + size], scratch)
+                if codec == "zstd":
+                    with clock("zstd (level 3)"):
+                        data = entropy.compress(out)
+                else:
+                    data = out
+                with clock("crc32 + write"):
+                    zlib.crc32(data)
+                    sink.write(data)
+                elements += numel
+    total = sum(clock.seconds.values())
     fp32 = elements * 4 * (len(fts) + 1) / len(fts)
+    route = "paper settings" if opts.paper else "defaults"
+    kernels = "native kernels" if native.built() else "torch reference (no native build)"
     print(f"{len(names)} tensors, {len(fts)} tasks, {elements:,} task elements, one thread")
+    print(f"TVQ 4-bit, {route}, {kernels}")
     print("| stage | seconds | share | GB/s fp32-eq alone |")
     print("|---|---|---|---|")
-    for key, sec in times.items():
+    for key, sec in clock.seconds.items():
         print(f"| {key} | {sec:.2f} | {100 * sec / total:.0f}% | {fp32 / sec / 1e9:.2f} |")
     print(f"| total | {total:.2f} | 100% | {fp32 / total / 1e9:.2f} |")
     return 0

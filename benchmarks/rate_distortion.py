@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tvq_cli import PackOptions, TvqError, inspect_archive, pack  # noqa: E402
-from tvq_cli.quant import entropy, range_search  # noqa: E402
+from tvq_cli.quant import entropy, native  # noqa: E402
 from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize  # noqa: E402
 from tvq_cli.quant.range_search import quantize_searched  # noqa: E402
 from tvq_cli.zoo import build_zoo  # noqa: E402
@@ -150,11 +150,11 @@ def _best_seconds(fn, repeats: int = 3) -> float:
 
 def _torch_reference(x: torch.Tensor, spec: QuantSpec):
     """`quantize_searched` as it runs where the native kernel was not built."""
-    native, range_search._native = range_search._native, None
+    lib, native.lib = native.lib, None
     try:
         return quantize_searched(x, spec)
     finally:
-        range_search._native = native
+        native.lib = lib
 
 
 def timings(x: torch.Tensor) -> list[tuple[str, float, float]]:

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 import tvq_cli
 from tvq_cli.pack import PackOptions
-from tvq_cli.quant import range_search
+from tvq_cli.quant import kernel, native, range_search
 from tvq_cli.quant.quantizer import QuantSpec
 
 
 def test_native_kernel_is_built() -> None:
-    assert range_search._native is not None, (
+    assert native.built(), (
         "tvq_cli.quant._native was not built: install with a C compiler (pip install -e .)"
     )
 
@@ -26,11 +26,13 @@ def _both(groups: torch.Tensor, spec: QuantSpec):
     """(native, torch reference) results of `quantize_groups` on the same groups."""
     lo, hi = range_search.group_ranges(groups)
     fallback, top = range_search.grid_top(lo, hi, spec)
-    native = range_search.quantize_groups(groups, lo, hi, spec, fallback, top)
+    compiled = range_search.quantize_groups(groups, lo, hi, spec, fallback, top)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(range_search, "_native", None)
+        patch.setattr(native, "lib", None)
+        lo_ref, hi_ref = range_search.group_ranges(groups)
+        assert torch.equal(lo, lo_ref) and torch.equal(hi, hi_ref)
         reference = range_search.quantize_groups(groups, lo, hi, spec, fallback, top)
-    return native, reference
+    return compiled, reference
 
 
 def _data(kind: str, groups: int, width: int, scale: float, seed: int) -> torch.Tensor:
@@ -61,25 +63,42 @@ def _data(kind: str, groups: int, width: int, scale: float, seed: int) -> torch.
 def test_native_matches_reference(bits, width, groups, search, scale_bits, kind, scale, seed):
     spec = QuantSpec(bits, width, "search" if search else "minmax", scale_bits)
     x = _data(kind, groups, width, scale, seed)
-    native, reference = _both(x, spec)
-    assert torch.equal(native.codes, reference.codes)
-    assert torch.equal(native.scales, reference.scales)
-    assert torch.equal(native.zeros, reference.zeros)
+    compiled, reference = _both(x, spec)
+    assert torch.equal(compiled.codes, reference.codes)
+    assert torch.equal(compiled.scales, reference.scales)
+    assert torch.equal(compiled.zeros, reference.zeros)
     if scale_bits:
-        assert torch.equal(native.step_codes, reference.step_codes)
-        assert native.super_scale == reference.super_scale
+        assert torch.equal(compiled.step_codes, reference.step_codes)
+        assert compiled.super_scale == reference.super_scale
     else:
-        assert native.step_codes is None and reference.step_codes is None
+        assert compiled.step_codes is None and reference.step_codes is None
 
 
 def test_search_beats_minmax_on_heavy_tails() -> None:
     """Not only equal to the reference: the native search picks shrunk steps where they help."""
     x = _data("heavy", 256, 128, 1e-3, 1)
     spec = QuantSpec(3, 128, "search", 0)
-    native, _ = _both(x, spec)
+    compiled, _ = _both(x, spec)
     lo, hi = range_search.group_ranges(x)
     minmax = 7 / (hi - lo)
-    assert (native.scales[1:] > minmax[1:] * 1.01).float().mean() > 0.5
+    assert (compiled.scales[1:] > minmax[1:] * 1.01).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("subtract", [True, False])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_widen_matches_torch(dtype, subtract, bad) -> None:
+    gen = torch.Generator().manual_seed(5)
+    raw = torch.randn(37, 24, generator=gen).to(dtype)
+    if bad is not None:
+        raw[20, 3] = bad
+    minus = torch.randn(37, 24, generator=gen) if subtract else None
+    compiled, reference = torch.empty(37 * 24), torch.empty(37 * 24)
+    finite = kernel.widen_into(raw, compiled, minus)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "lib", None)
+        assert kernel.widen_into(raw, reference, minus) == finite == (bad is None)
+    assert torch.equal(compiled.nan_to_num(), reference.nan_to_num())
 
 
 @pytest.mark.parametrize("scheme", ["tvq", "rtvq"])
@@ -88,11 +107,11 @@ def test_archives_do_not_depend_on_the_kernel(tmp_path: Path, scheme, monkeypatc
     pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
     fts = [write_checkpoint(tmp_path / f"ft{i}.safetensors", finetune(pre, i)) for i in range(3)]
     options = PackOptions(scheme=scheme, group_size=16)
-    native, reference = tmp_path / "native.tvq", tmp_path / "reference.tvq"
-    tvq_cli.pack(pre_path, fts, native, options)
-    monkeypatch.setattr(range_search, "_native", None)
+    compiled, reference = tmp_path / "native.tvq", tmp_path / "reference.tvq"
+    tvq_cli.pack(pre_path, fts, compiled, options)
+    monkeypatch.setattr(native, "lib", None)
     tvq_cli.pack(pre_path, fts, reference, options)
-    assert native.read_bytes() == reference.read_bytes()
+    assert compiled.read_bytes() == reference.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -106,7 +125,6 @@ def test_archives_do_not_depend_on_the_kernel(tmp_path: Path, scheme, monkeypatc
     ids=["width", "levels", "sizes", "coarse"],
 )
 def test_native_checks_its_arguments(bad) -> None:
-    native = range_search._native
     args = {
         "x": torch.zeros(8),
         "width": 4,
@@ -129,7 +147,7 @@ def test_native_checks_its_arguments(bad) -> None:
     args.update(bad)
     values = [v.numpy() if isinstance(v, torch.Tensor) else v for v in args.values()]
     with pytest.raises(ValueError):
-        native.search(*values)
+        native.lib.search(*values)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +181,7 @@ def test_pack_says_when_the_native_kernel_is_missing(tmp_path: Path, monkeypatch
     args = ["pack", "--pretrained", pre_path, ft_path]
     code, _, err = run_cli(*args, "--out", tmp_path / "a.tvq")
     assert code == 0 and "native kernel" not in err
-    monkeypatch.setattr(range_search, "_native", None)
+    monkeypatch.setattr(native, "lib", None)
     code, _, err = run_cli(*args, "--out", tmp_path / "b.tvq")
     assert code == 0 and "the native kernel was not built" in err
     assert (tmp_path / "a.tvq").read_bytes() == (tmp_path / "b.tvq").read_bytes()

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import write_checkpoint
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import tvq_cli
 from tvq_cli.archive.parts import encode_part
 from tvq_cli.pack import PackOptions
 from tvq_cli.pack_tensor import block_rows, task_mean
-from tvq_cli.quant import kernel
-from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
+from tvq_cli.quant.quantizer import dequantize, quantize
 
 # With blocks of 1024 elements: 203 rows of 9 make blocks of 112 and 91 rows (the last one 819
 # elements, not a multiple of 8); 37 rows of 256 make five blocks of 8 rows or fewer.
@@ -85,6 +81,8 @@ PAPER = dict(range="minmax", scale_bits=0, codec="raw")
         PackOptions(scheme="rtvq", group_size=9, codec="raw"),
         PackOptions(scheme="rtvq", group_size=3, range="minmax", scale_bits=0),
         PackOptions(scheme="tvq", bits=4, group_size=0),
+        PackOptions(scheme="tvq", bits=3, group_size=0, range="minmax"),  # blocked, compact
+        PackOptions(scheme="rtvq", group_size=0, range="minmax"),
         PackOptions(scheme="tvq", bits=4, group_size=3, **PAPER),
         PackOptions(scheme="tvq", bits=3, group_size=9, **PAPER),
         PackOptions(scheme="tvq", bits=2, group_size=0, **PAPER),
@@ -115,36 +113,3 @@ def test_thread_counts_give_identical_files(tmp_path: Path) -> None:
     for path, threads in ((one, 1), (two, 2)):
         tvq_cli.pack(pre, fts, path, PackOptions(scheme="rtvq", group_size=9), threads=threads)
     assert one.read_bytes() == two.read_bytes()
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    bits=st.integers(1, 8),
-    group=st.sampled_from([1, 2, 8, 16, 128]),
-    rows=st.integers(1, 6),
-    groups_per_row=st.integers(1, 3),
-    scale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e6]),
-    seed=st.integers(0, 2**16),
-)
-def test_kernel_is_bit_identical_to_quantize(bits, group, rows, groups_per_row, scale, seed):
-    spec = QuantSpec(bits, group)
-    x = torch.randn(rows, group * groups_per_row, generator=torch.Generator().manual_seed(seed))
-    x = x * scale
-    x[0, 0] = 0.0 if rows > 1 else x[0, 0]
-    assert kernel.covers(spec, x.shape[-1])
-    ref = quantize(x, spec)
-    codes = torch.empty(x.numel(), dtype=torch.uint8)
-    scales = torch.empty(ref.scales.numel())
-    zeros = torch.empty(ref.zeros.numel(), dtype=torch.uint8)
-    kernel.quantize_into(x.reshape(-1), spec, codes, scales, zeros, torch.empty(x.numel()))
-    assert torch.equal(codes, ref.codes)
-    assert torch.equal(scales, ref.scales) and torch.equal(zeros, ref.zeros)
-    out = torch.empty(x.numel())
-    kernel.dequantize_into(codes, spec, scales, zeros, out)
-    assert torch.equal(out.view(x.shape), dequantize(ref, spec, tuple(x.shape)))
-
-
-def test_kernel_declines_partial_groups() -> None:
-    assert not kernel.covers(QuantSpec(4, 0), 128)
-    assert not kernel.covers(QuantSpec(4, 128), 200)
-    assert np.all(np.array([kernel.covers(QuantSpec(4, 64), c) for c in (64, 128, 4096)]))

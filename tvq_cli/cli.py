@@ -30,7 +30,7 @@ from .pack import (
     dry_run,
     pack,
 )
-from .quant import range_search
+from .quant import native
 from .render import human_bytes, render_inspect, render_merge, render_methods
 from .report import inspect_archive, quantization_settings
 
@@ -161,7 +161,7 @@ def pack_command(
         f"{result.seconds:.1f} s"
     )
     _print_allocation(result)
-    if not quiet and not range_search.native_built():
+    if not quiet and not native.built():
         stderr.print(
             "tvq: note: the native kernel was not built (no C compiler at install), so the "
             "range search ran its torch reference: same archive, several times slower"

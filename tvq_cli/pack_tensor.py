@@ -1,16 +1,16 @@
 """One tensor's stored parts, computed from its raw inputs: the arithmetic of `pack`.
 
-Quantized tensors whose groups tile the rows (the default group size on transformer shapes)
-are processed in blocks of whole rows: each block of every input is converted to fp32, its
-task vectors formed, quantized and bit-packed in per-thread buffers that stay in cache, and
-blocks run in parallel on a thread pool. Groups never cross rows, so a block's codes, scales and
-zero-points are exactly those of the whole tensor; the same holds for range search, which is
-per group. Compact scales hang on two per-tensor values taken from every group's range, so
-those parts first pass over the blocks for the ranges alone; zstd frames are compressed once
-a part's codes are complete. Every other case (per-tensor ranges, groups
-that do not divide the rows, `--device cuda`) takes the whole tensor at once through
-`quantize` itself. RTVQ's base is the task vectors' sum in task order divided by T, so both
-routes give the same bytes whatever the block size or thread count.
+Quantized tensors whose groups tile the rows (the default group size on transformer shapes) are
+processed in blocks of whole rows: each block of every input is widened to fp32, its task
+vectors formed, quantized and bit-packed in per-thread buffers, and blocks run in parallel on a
+thread pool. Groups never cross rows and every step of the quantizer (range search included) is
+per group, so a block's codes, scales and zero-points are exactly those of the whole tensor.
+Parts that hang on values taken from every group's range (compact scales: the grid's top step;
+one min-max range per tensor: that range) first pass over the blocks for the ranges alone;
+zstd frames are compressed once a part's codes are complete. Every other case (a searched range
+per tensor, groups that do not divide the rows, `--device cuda`) takes the whole tensor at once
+through `quantize` itself. RTVQ's base is the task vectors' sum in task order divided by T, so
+both routes give the same bytes whatever the block size or thread count.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ class _Workspace:
         self.size = size
         self.pre = torch.empty(size)
         self.x = torch.empty(size)
-        self.work = torch.empty(size)
         self.codes = torch.zeros(padded, dtype=torch.uint8)
         self.packed = np.empty(padded, np.uint8)
         self.scratch = np.empty(padded // 8, np.uint64)
@@ -70,10 +69,25 @@ class _Workspace:
         self.anchor = torch.empty(size) if rtvq else None
 
 
+def _two_pass(part: Part) -> bool:
+    """Whether a part needs every group's range before any block is coded: compact scales
+    (the grid's top is the tensor's largest step) and one range per tensor."""
+    return part.scale_bits > 0 or part.group_size == 0
+
+
+def _blockable(part: Part, cols: int) -> bool:
+    """Whether blocks of rows code a part exactly as the whole tensor: groups that tile the
+    rows, or one min-max range per tensor (taken in a first pass). A searched per-tensor
+    range needs the whole tensor's error for every candidate."""
+    if part.group_size == 0:
+        return part.range == "minmax"
+    return cols % part.group_size == 0
+
+
 class _Parts:
     """The growing stored tensors of one quantized tensor: packed (or byte-aligned, for zstd)
-    codes, scales or step codes, zero codes; and, for compact scales, every group's range,
-    gathered in a first pass because the grid's top step depends on all of them."""
+    codes, scales or step codes, zero codes; and, for two-pass parts (`_two_pass`), every
+    group's range, gathered in a first pass."""
 
     def __init__(self, entry: TensorEntry):
         self.entry = entry
@@ -84,29 +98,39 @@ class _Parts:
         groups = [group_count(entry.shape, p.group_size) for p in parts]
         self.scales = [torch.empty(g) for g in groups]
         self.zeros = [torch.empty(g, dtype=torch.uint8) for g in groups]
-        compact = [p.scale_bits > 0 for p in parts]
         self.steps = [
-            torch.empty(g, dtype=torch.uint8) if c else None
-            for g, c in zip(groups, compact, strict=True)
+            torch.empty(g, dtype=torch.uint8) if p.scale_bits else None
+            for g, p in zip(groups, parts, strict=True)
         ]
-        self.lo = [torch.empty(g) if c else None for g, c in zip(groups, compact, strict=True)]
-        self.hi = [torch.empty(g) if c else None for g, c in zip(groups, compact, strict=True)]
+        two_pass = [_two_pass(p) for p in parts]
+        # ranges start empty (0, 0): a per-tensor range is the union of its blocks' ranges
+        self.lo = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
+        self.hi = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
         self.grid = [(1.0, 1.0)] * len(parts)  # (fallback, top) of range_search.grid_top
-        self.ready = [not c for c in compact]  # grid known: the part can be coded
+        self.ready = [not t for t in two_pass]  # ranges known: the part can be coded
         self.kept: torch.Tensor | None = None  # RTVQ's base codes, when offsets come later
+        self._lock = threading.Lock()
 
     def groups(self, index: int, first: int, count: int) -> slice:
         """The groups of part `index` in the block of `count` elements from row `first`."""
         size = self.entry.parts[index].group_size
+        if size == 0:
+            return slice(0, 1)
         start = first * (self.cols // size)
         return slice(start, start + count // size)
 
     def ranges(self, index: int, x: torch.Tensor, first: int) -> None:
         """Record the range of every group of block `x` of part `index`."""
-        groups = self.groups(index, first, x.numel())
-        lo, hi = range_search.group_ranges(x.reshape(-1, self.entry.parts[index].group_size))
-        self.lo[index][groups] = lo
-        self.hi[index][groups] = hi
+        size = self.entry.parts[index].group_size
+        lo, hi = range_search.group_ranges(x.reshape(-1, size) if size else x.reshape(1, -1))
+        if size:
+            groups = self.groups(index, first, x.numel())
+            self.lo[index][groups] = lo
+            self.hi[index][groups] = hi
+            return
+        with self._lock:  # blocks of one per-tensor range, in any order: min and max commute
+            torch.minimum(self.lo[index], lo, out=self.lo[index])
+            torch.maximum(self.hi[index], hi, out=self.hi[index])
 
     def finish_ranges(self, indices: Iterable[int]) -> None:
         for i in indices:
@@ -146,9 +170,7 @@ class TensorPacker:
         if entry.kind == "exact":
             return self._exact(inputs)
         cols = entry.shape[-1]
-        if self.settings.device.type == "cpu" and all(
-            p.group_size > 0 and cols % p.group_size == 0 for p in entry.parts
-        ):
+        if self.settings.device.type == "cpu" and all(_blockable(p, cols) for p in entry.parts):
             return self._blocked(inputs)
         with torch_threads(self.threads):
             return self._whole(inputs)
@@ -272,21 +294,19 @@ class TensorPacker:
         ws = self._workspace(size)
         count = (end - first) * cols
         pre = ws.pre[:count].view(-1, cols)
-        pre.copy_(inputs.pretrained.view(-1, cols)[first:end])
-        if check:
-            _check(pre, settings.pretrained, name)
+        finite = kernel.widen_into(inputs.pretrained.view(-1, cols)[first:end], pre)
+        if check and not finite:
+            _not_finite(settings.pretrained, name)
         fts = [
             (path, raw.view(-1, cols)[first:end])
             for path, raw in zip(settings.finetuned, inputs.finetuned, strict=True)
         ]
         if settings.scheme != "rtvq":
             x = ws.x[:count].view(-1, cols)
+            minus = pre if settings.scheme == "tvq" else None
             for i, (path, ft) in enumerate(fts):
-                x.copy_(ft)  # widen, then subtract: a mixed-dtype sub is not vectorized
-                if settings.scheme == "tvq":
-                    x.sub_(pre)
-                if check:
-                    _check(x, path, name)
+                if not kernel.widen_into(ft, x, minus) and check:
+                    _not_finite(path, name)
                 if phase == "ranges":
                     parts.ranges(i, x, first)
                 else:
@@ -294,10 +314,8 @@ class TensorPacker:
             return
         deltas = ws.deltas[: len(fts) * count].view(len(fts), -1)
         for delta, (path, ft) in zip(deltas, fts, strict=True):
-            delta.view(-1, cols).copy_(ft)
-            delta.sub_(pre.view(-1))
-            if check:
-                _check(delta, path, name)
+            if not kernel.widen_into(ft, delta, pre) and check:
+                _not_finite(path, name)
         base = ws.base[:count]
         task_mean(list(deltas), out=base)
         if phase == "ranges":
@@ -318,7 +336,7 @@ class TensorPacker:
             self._emit(ws, parts, 0, base, first, anchor if ec else None)
         for i, delta in enumerate(deltas, start=1):
             delta.sub_(anchor)
-            if not parts.ready[i]:  # compact offsets: coded in the "offsets" phase
+            if not parts.ready[i]:  # two-pass offsets: coded in the "offsets" phase
                 parts.ranges(i, delta, first)
             else:
                 self._emit(ws, parts, i, delta, first)
@@ -339,21 +357,19 @@ class TensorPacker:
         groups = parts.groups(index, first, count)
         scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]
         codes = ws.codes[:count]
-        if kernel.covers(part.spec, parts.cols):
-            kernel.quantize_into(x.reshape(-1), part.spec, codes, scales, zeros, ws.work[:count])
+        size = part.group_size
+        grouped = x.reshape(-1, size) if size else x.reshape(1, -1)
+        if parts.lo[index] is not None:  # two-pass part: ranges from the first pass
+            lo, hi = parts.lo[index][groups], parts.hi[index][groups]
         else:
-            grouped = x.reshape(-1, part.group_size)
-            if part.scale_bits:
-                lo, hi = parts.lo[index][groups], parts.hi[index][groups]
-            else:
-                lo, hi = range_search.group_ranges(grouped)
-            fallback, top = parts.grid[index]
-            q = range_search.quantize_groups(grouped, lo, hi, part.spec, fallback, top)
-            codes.copy_(q.codes.view(-1))
-            scales.copy_(q.scales)
-            zeros.copy_(q.zeros)
-            if q.step_codes is not None:
-                parts.steps[index][groups] = q.step_codes
+            lo, hi = range_search.group_ranges(grouped)
+        fallback, top = parts.grid[index]
+        q = range_search.quantize_groups(grouped, lo, hi, part.spec, fallback, top)
+        codes.copy_(q.codes.view(-1))
+        scales.copy_(q.scales)
+        zeros.copy_(q.zeros)
+        if q.step_codes is not None:
+            parts.steps[index][groups] = q.step_codes
         if anchor is not None:
             kernel.dequantize_into(codes, part.spec, scales, zeros, anchor)
         if index == 0 and parts.kept is not None:
@@ -369,16 +385,16 @@ class TensorPacker:
 
 
 def _phases(parts: list[Part], scheme: str) -> list[str]:
-    """Passes over a tensor's blocks. Compact scales need every group's range before any group
-    is coded (the grid's top is the tensor's largest step), so such parts get a "ranges" pass
-    first. TVQ / FQ: ["ranges"], "all". RTVQ: ["ranges" of the base], "base" (the base coded;
-    the offsets coded too, or only their ranges taken when they have compact scales), then
-    ["offsets"] (coded against the base's reconstruction, kept from the "base" pass)."""
-    compact = [p.scale_bits > 0 for p in parts]
+    """Passes over a tensor's blocks. Two-pass parts (`_two_pass`) need every group's range
+    before any block is coded, so they get a "ranges" pass first. TVQ / FQ: ["ranges"], "all".
+    RTVQ: ["ranges" of the base], "base" (the base coded; the offsets coded too, or only their
+    ranges taken when they are two-pass), then ["offsets"] (coded against the base's
+    reconstruction, kept from the "base" pass)."""
+    two_pass = [_two_pass(p) for p in parts]
     if scheme != "rtvq":
-        return (["ranges"] if any(compact) else []) + ["all"]
-    first = ["ranges"] if compact[0] else []
-    return first + ["base"] + (["offsets"] if any(compact[1:]) else [])
+        return (["ranges"] if any(two_pass) else []) + ["all"]
+    first = ["ranges"] if two_pass[0] else []
+    return first + ["base"] + (["offsets"] if any(two_pass[1:]) else [])
 
 
 def task_mean(deltas: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -396,7 +412,11 @@ def task_mean(deltas: list[torch.Tensor], out: torch.Tensor | None = None) -> to
 
 def _check(tensor: torch.Tensor, path: Path, name: str) -> None:
     if not all_finite(tensor):
-        raise TvqError(f"{path}: tensor {name} contains NaN or Inf")
+        _not_finite(path, name)
+
+
+def _not_finite(path: Path, name: str) -> None:
+    raise TvqError(f"{path}: tensor {name} contains NaN or Inf")
 
 
 def _stored(part: Part, name: str, q: Quantized) -> list[Output]:

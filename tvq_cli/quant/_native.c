@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define LANES 8
 #define MAX_CANDIDATES 64
@@ -156,6 +157,66 @@ static void search_groups(const float *x, Py_ssize_t groups, Py_ssize_t width, c
     }
 }
 
+/* out = float32(src) [- minus]; returns nonzero if any value of out is NaN or infinite. */
+INLINE uint32_t widen_values(const void *src, int bf16, const float *minus, float *out,
+                             Py_ssize_t n) {
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v;
+        if (bf16) {
+            uint32_t bits = (uint32_t)((const uint16_t *)src)[i] << 16;
+            memcpy(&v, &bits, 4);
+        } else {
+            v = ((const float *)src)[i];
+        }
+        if (minus)
+            v -= minus[i];
+        out[i] = v;
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        bad |= (bits & 0x7f800000u) == 0x7f800000u; /* all-ones exponent: NaN or inf */
+    }
+    return bad;
+}
+
+MULTIVERSION
+static uint32_t widen_block(const void *src, int bf16, const float *minus, float *out,
+                            Py_ssize_t n) {
+    /* Constant arguments per call, so each branch compiles to its own vectorized loop. */
+    if (bf16)
+        return minus ? widen_values(src, 1, minus, out, n) : widen_values(src, 1, NULL, out, n);
+    return minus ? widen_values(src, 0, minus, out, n) : widen_values(src, 0, NULL, out, n);
+}
+
+/* Each group's min and max, widened to include 0 (range_search.group_ranges). */
+MULTIVERSION
+static void group_ranges(const float *x, Py_ssize_t groups, Py_ssize_t width, float *lo,
+                         float *hi) {
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const float *xg = x + g * width;
+        float mn[LANES] = {0.0f}, mx[LANES] = {0.0f};
+        Py_ssize_t i = 0;
+        for (; i + LANES <= width; i += LANES) {
+            for (int j = 0; j < LANES; j++) {
+                float v = xg[i + j];
+                mn[j] = v < mn[j] ? v : mn[j];
+                mx[j] = v > mx[j] ? v : mx[j];
+            }
+        }
+        for (int j = 0; i < width; i++, j++) {
+            mn[j] = xg[i] < mn[j] ? xg[i] : mn[j];
+            mx[j] = xg[i] > mx[j] ? xg[i] : mx[j];
+        }
+        float a = mn[0], b = mx[0];
+        for (int j = 1; j < LANES; j++) {
+            a = mn[j] < a ? mn[j] : a;
+            b = mx[j] > b ? mx[j] : b;
+        }
+        lo[g] = a;
+        hi[g] = b;
+    }
+}
+
 static int check_size(const Py_buffer *buf, Py_ssize_t items, Py_ssize_t itemsize,
                       const char *name) {
     if (buf->len != items * itemsize) {
@@ -244,8 +305,64 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(widen_doc, "widen(src, bf16, minus, out) -> bool\n\n"
+                        "out = float32(src) - minus (no subtraction if minus is empty); src is "
+                        "bfloat16 (bf16 true) or float32. True when every value is finite.");
+
+static PyObject *py_widen(PyObject *self, PyObject *args) {
+    Py_buffer src, minus, out;
+    int bf16;
+    if (!PyArg_ParseTuple(args, "y*py*w*:widen", &src, &bf16, &minus, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = out.len / 4;
+    if (!check_size(&src, n, bf16 ? 2 : 4, "src") ||
+        (minus.len && !check_size(&minus, n, 4, "minus")))
+        goto done;
+    uint32_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = widen_block(src.buf, bf16, minus.len ? minus.buf : NULL, out.buf, n);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!bad);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&minus);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(ranges_doc, "ranges(x, width, lo, hi)\n\n"
+                         "Each group of `width` float32 values' min and max, widened to 0.");
+
+static PyObject *py_ranges(PyObject *self, PyObject *args) {
+    Py_buffer x, lo, hi;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "y*nw*w*:ranges", &x, &width, &lo, &hi))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t groups = width > 0 ? x.len / (4 * width) : 0;
+    if (width <= 0) {
+        PyErr_SetString(PyExc_ValueError, "ranges: width must be positive");
+        goto done;
+    }
+    if (!check_size(&x, groups * width, 4, "x") || !check_size(&lo, groups, 4, "lo") ||
+        !check_size(&hi, groups, 4, "hi"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    group_ranges(x.buf, groups, width, lo.buf, hi.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&hi);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"search", py_search, METH_VARARGS, search_doc},
+    {"widen", py_widen, METH_VARARGS, widen_doc},
+    {"ranges", py_ranges, METH_VARARGS, ranges_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,13 +28,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from . import scale_codec
+from . import native, scale_codec
 from .quantizer import MAX_SCALE, Quantized, QuantSpec, _grouped, _ungrouped, minmax_scale
-
-try:
-    from . import _native
-except ImportError:  # built without a C compiler: the torch reference below, same bytes
-    _native = None
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
 COARSE_STRIDE = 2  # first pass: every other candidate; second: the best one's neighbours
@@ -63,11 +58,6 @@ def _scratch(size: int, device: torch.device) -> torch.Tensor:
     if buffer is None or buffer.numel() < size or buffer.device != device:
         buffer = _local.buffer = torch.empty(size, device=device)
     return buffer
-
-
-def native_built() -> bool:
-    """Whether the native kernel was compiled at install (it needs a C compiler)."""
-    return _native is not None
 
 
 def _lane_sum(d: torch.Tensor, acc: torch.Tensor) -> None:
@@ -188,6 +178,10 @@ def _best(
 
 def group_ranges(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's min-max range widened to include 0: (lo, hi)."""
+    if native.lib is not None and groups.device.type == "cpu" and groups.is_contiguous():
+        lo, hi = torch.empty(groups.shape[0]), torch.empty(groups.shape[0])
+        native.lib.ranges(groups.numpy(), groups.shape[1], lo.numpy(), hi.numpy())
+        return lo, hi
     return groups.amin(dim=1).clamp(max=0.0), groups.amax(dim=1).clamp(min=0.0)
 
 
@@ -225,7 +219,7 @@ def quantize_groups(
     """Search and quantize [groups, G] given their ranges and the tensor's `grid_top`; codes
     come back in the groups' order. Every step is per group, so any block of whole groups
     gives exactly the codes, scales and step codes of the whole tensor."""
-    if _native is not None and mask is None and groups.device.type == "cpu":
+    if native.lib is not None and mask is None and groups.device.type == "cpu":
         return _quantize_native(groups, lo, hi, spec, fallback, top)
     levels = spec.levels
     scale_mm = _minmax_scale(hi - lo, levels, fallback)
@@ -266,7 +260,7 @@ def _quantize_native(
     scales = torch.empty(n)
     zeros = torch.empty(n, dtype=torch.uint8)
     step_codes = torch.empty(n if compact else 0, dtype=torch.uint8)
-    _native.search(
+    native.lib.search(
         groups.to(torch.float32).contiguous().numpy(),
         width,
         lo.contiguous().numpy(),
