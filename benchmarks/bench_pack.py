@@ -16,8 +16,9 @@ sharded Hugging Face style (model-0000k-of-0000n.safetensors + model.safetensors
 never holding a whole model in memory.
 
 For each scheme (TVQ 4-bit, TVQ 2-bit, RTVQ 3+2-bit with the default settings: groups of 128,
-searched ranges, 6-bit compact scales, zstd codes; and TVQ 4-bit with the paper's settings:
-one min-max range per tensor, fp32 scales, raw codes) it runs `tvq pack` in a
+searched ranges, 6-bit compact scales, zstd codes; TVQ 4-bit with the paper's settings:
+one min-max range per tensor, fp32 scales, raw codes; and TVQ 4-bit with the defaults but raw
+codes, to show what zstd costs) it runs `tvq pack` in a
 child process and prints the command's wall time (Python and torch start-up included), the
 time of the `tvq pack` command itself (imports excluded), throughput in GB/s of fp32-equivalent
 input ((T + 1) models x parameters x 4 bytes) over that time, peak
@@ -58,6 +59,7 @@ SCHEMES = {
     "TVQ 2-bit": ["--scheme", "tvq", "--bits", "2"],
     "RTVQ 3+2-bit": ["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"],
     "TVQ 4-bit, paper settings": ["--scheme", "tvq", "--bits", "4", *PAPER_FLAGS],
+    "TVQ 4-bit, raw codes": ["--scheme", "tvq", "--bits", "4", "--codec", "raw"],
 }
 CHILD = (  # `tvq` with its run time (after imports) and peak RSS reported on stderr
     "import sys, time\n"
