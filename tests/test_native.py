@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import finetune, run_cli, synthetic_model, write_checkpoint
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import tvq_cli
 from tvq_cli.pack import PackOptions
-from tvq_cli.quant import kernel, native, range_search
+from tvq_cli.quant import bitpack, kernel, native, range_search
 from tvq_cli.quant.quantizer import QuantSpec
 
 
@@ -185,3 +186,18 @@ def test_pack_says_when_the_native_kernel_is_missing(tmp_path: Path, monkeypatch
     code, _, err = run_cli(*args, "--out", tmp_path / "b.tvq")
     assert code == 0 and "the native kernel was not built" in err
     assert (tmp_path / "a.tvq").read_bytes() == (tmp_path / "b.tvq").read_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), blocks=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_native_bit_packing_matches_numpy(bits, blocks, seed) -> None:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << bits, blocks * 8, dtype=np.uint8)
+    compiled, reference = np.empty(blocks * bits, np.uint8), np.empty(blocks * bits, np.uint8)
+    scratch = np.empty(blocks, np.uint64)
+    bitpack.pack_into(codes.copy(), bits, compiled, scratch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "lib", None)
+        bitpack.pack_into(codes.copy(), bits, reference, scratch)
+        assert np.array_equal(bitpack.unpack_bits(compiled, bits, codes.size), codes)
+    assert np.array_equal(compiled, reference)

@@ -157,24 +157,30 @@ static void search_groups(const float *x, Py_ssize_t groups, Py_ssize_t width, c
     }
 }
 
+INLINE float widened(const void *src, int bf16, const float *minus, Py_ssize_t at) {
+    float v;
+    if (bf16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)src)[at] << 16;
+        memcpy(&v, &bits, 4);
+    } else {
+        v = ((const float *)src)[at];
+    }
+    return minus ? v - minus[at] : v;
+}
+
+INLINE uint32_t not_finite(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    return (bits & 0x7f800000u) == 0x7f800000u; /* all-ones exponent: NaN or inf */
+}
+
 /* out = float32(src) [- minus]; returns nonzero if any value of out is NaN or infinite. */
 INLINE uint32_t widen_values(const void *src, int bf16, const float *minus, float *out,
                              Py_ssize_t n) {
     uint32_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float v;
-        if (bf16) {
-            uint32_t bits = (uint32_t)((const uint16_t *)src)[i] << 16;
-            memcpy(&v, &bits, 4);
-        } else {
-            v = ((const float *)src)[i];
-        }
-        if (minus)
-            v -= minus[i];
-        out[i] = v;
-        uint32_t bits;
-        memcpy(&bits, &v, 4);
-        bad |= (bits & 0x7f800000u) == 0x7f800000u; /* all-ones exponent: NaN or inf */
+        out[i] = widened(src, bf16, minus, i);
+        bad |= not_finite(out[i]);
     }
     return bad;
 }
@@ -214,6 +220,44 @@ static void group_ranges(const float *x, Py_ssize_t groups, Py_ssize_t width, fl
         }
         lo[g] = a;
         hi[g] = b;
+    }
+}
+
+/* bitpack.py's layout: code i in bits [i*b, i*b + b) of a little-endian stream; eight codes
+ * fill exactly b bytes. `n` is a multiple of 8. */
+INLINE void pack_whole_bytes(const uint8_t *codes, Py_ssize_t n, int bits, uint8_t *out) {
+    /* 1, 2, 4 bits: each output byte holds 8 / bits codes; a loop that vectorizes. */
+    const int per = 8 / bits;
+    for (Py_ssize_t k = 0; k < n / per; k++) {
+        uint8_t byte = 0;
+        for (int j = 0; j < per; j++)
+            byte |= (uint8_t)(codes[k * per + j] << (j * bits));
+        out[k] = byte;
+    }
+}
+
+MULTIVERSION
+static void pack_codes(const uint8_t *codes, Py_ssize_t n, int bits, uint8_t *out) {
+    switch (bits) { /* constant widths, so each case compiles to its own loop */
+    case 1:
+        pack_whole_bytes(codes, n, 1, out);
+        return;
+    case 2:
+        pack_whole_bytes(codes, n, 2, out);
+        return;
+    case 4:
+        pack_whole_bytes(codes, n, 4, out);
+        return;
+    case 8:
+        memcpy(out, codes, (size_t)n);
+        return;
+    }
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        uint64_t word = 0;
+        for (int j = 0; j < 8; j++)
+            word |= (uint64_t)codes[i + j] << (j * bits);
+        for (int k = 0; k < bits; k++)
+            out[(i / 8) * bits + k] = (uint8_t)(word >> (8 * k));
     }
 }
 
@@ -359,7 +403,33 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(pack_doc, "pack(codes, bits, out)\n\n"
+                       "Bit-pack uint8 `codes` (a multiple of 8, each < 2**bits) into `out`.");
+
+static PyObject *py_pack(PyObject *self, PyObject *args) {
+    Py_buffer codes, out;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*iw*:pack", &codes, &bits, &out))
+        return NULL;
+    PyObject *result = NULL;
+    if (bits < 1 || bits > 8 || codes.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "pack: bits must be 1-8 and codes a multiple of 8");
+        goto done;
+    }
+    if (!check_size(&out, codes.len / 8 * bits, 1, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    pack_codes(codes.buf, codes.len, bits, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"pack", py_pack, METH_VARARGS, pack_doc},
     {"search", py_search, METH_VARARGS, search_doc},
     {"widen", py_widen, METH_VARARGS, widen_doc},
     {"ranges", py_ranges, METH_VARARGS, ranges_doc},

@@ -20,6 +20,7 @@ import functools
 import numpy as np
 
 from ..errors import TvqError
+from . import native
 
 # Step i merges two lanes of `width` bits: the high lane's codes move down next to the low
 # lane's codes, which sit in the low `bits << i` bits of the lane.
@@ -69,8 +70,12 @@ def pack_into(codes: np.ndarray, bits: int, out: np.ndarray, scratch: np.ndarray
     """Pack uint8 `codes` (length a multiple of 8) into `out` (len * bits / 8 bytes).
 
     `codes` is the work buffer and is overwritten; `scratch` is a uint64 buffer of at least
-    len / 8 elements. Codes must be < 2**bits (true for the quantizer's output).
+    len / 8 elements. Codes must be < 2**bits (true for the quantizer's output). The native
+    kernel, where built, writes the same bytes in one pass.
     """
+    if native.lib is not None:
+        native.lib.pack(codes, bits, out)
+        return
     if bits == 8:
         out[:] = codes
         return
