@@ -6,9 +6,9 @@ step (1.0 included, so it is never worse than min-max), with the min-max integer
 kept (so 0.0 stays exactly representable), and keeps the step whose reconstruction has the
 least squared error.
 
-Cost: candidates are evaluated as one [groups, candidates, group] batch, in blocks small
-enough to stay in the CPU cache (every pass over a block is a cache hit), in float32, and
-coarse-to-fine: every other shrink factor first, then the two neighbours of each group's best.
+Cost: the search is coarse-to-fine, every other shrink factor first, then the two neighbours
+of each group's best. The torch reference below evaluates the candidates as one [groups,
+candidates, group] batch in float32, in blocks small enough to stay in the CPU cache.
 With compact scales (`scale_bits > 0`) the candidates are the representable coded steps
 nearest to each shrink factor, so the search already accounts for the scale's rounding.
 
