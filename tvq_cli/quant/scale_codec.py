@@ -11,6 +11,8 @@ are clamped to its smallest step (coarser, never clipping).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ..errors import TvqError
@@ -51,9 +53,11 @@ def encode_steps(steps: torch.Tensor, top: float, scale_bits: int) -> torch.Tens
     return k.clamp_(0, (1 << scale_bits) - 1).to(torch.uint8)
 
 
+@lru_cache(maxsize=64)
 def step_table(top: float, scale_bits: int) -> torch.Tensor:
     """Every code's float32 step, code 0 (the grid's top) first: one decreasing table that
-    decoding, the covering code and the native search all read, so they agree to the bit."""
+    decoding, the covering code and the native search all read, so they agree to the bit.
+    Cached (every block of a part asks for the same table); callers must not modify it."""
     exps = -torch.arange(1 << scale_bits, dtype=torch.float64) / codes_per_octave(scale_bits)
     return (top * torch.pow(2.0, exps)).to(torch.float32)
 
