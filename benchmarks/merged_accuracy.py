@@ -21,8 +21,9 @@ from doc_sections import write_section  # benchmarks/ is the script's folder
 from paper_settings import PAPER
 
 from tvq_cli import PackOptions, inspect_archive, open_archive, pack
-from tvq_cli.checkpoint import Checkpoint
-from tvq_cli.merge.base import MergeContext, method_class
+from tvq_cli.io.checkpoint import Checkpoint
+from tvq_cli.merge.base import MergeContext
+from tvq_cli.merge.methods import method_class
 from tvq_cli.zoo import Zoo, build_zoo, evaluate_state, mean_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent

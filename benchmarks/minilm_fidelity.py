@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvq_cli import inspect_archive
-from tvq_cli.checkpoint import Checkpoint
+from tvq_cli.io.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rate_distortion as rd  # noqa: E402

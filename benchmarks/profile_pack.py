@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tvq_cli.checkpoint import Checkpoint
-from tvq_cli.pack_tensor import BLOCK_ELEMENTS, block_rows
+from tvq_cli.io.checkpoint import Checkpoint
+from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
 from tvq_cli.quant.bitpack import pack_into, packed_nbytes
-from tvq_cli.quant.quantizer import QuantSpec
+from tvq_cli.quant.spec import QuantSpec
 
 
 class Clock:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from tvq_cli.quant import scale_codec
-from tvq_cli.quant.quantizer import Quantized, QuantSpec, _grouped, _ungrouped
+from tvq_cli.quant.groups import grouped as _grouped
+from tvq_cli.quant.groups import ungrouped as _ungrouped
+from tvq_cli.quant.spec import Quantized, QuantSpec
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
 IMPROVEMENT = 1e-9  # relative margin so float rounding never picks a worse candidate

@@ -26,8 +26,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tvq_cli import PackOptions, TvqError, inspect_archive, pack  # noqa: E402
 from tvq_cli.quant import entropy, native  # noqa: E402
-from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize  # noqa: E402
+from tvq_cli.quant.quantizer import dequantize, quantize  # noqa: E402
 from tvq_cli.quant.range_search import quantize_searched  # noqa: E402
+from tvq_cli.quant.spec import QuantSpec  # noqa: E402
 from tvq_cli.zoo import build_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

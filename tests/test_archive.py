@@ -10,8 +10,9 @@ from tvq_cli.archive import ArchiveHeader, ArchiveWriter, Part, TensorEntry
 from tvq_cli.archive.format import layout
 from tvq_cli.archive.parts import encode_part
 from tvq_cli.archive.writer import archive_size
-from tvq_cli.pack import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, dry_run
-from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
+from tvq_cli.pack import dry_run
+from tvq_cli.quant.quantizer import dequantize, quantize
+from tvq_cli.quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, QuantSpec
 
 
 @pytest.fixture

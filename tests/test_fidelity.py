@@ -13,7 +13,8 @@ from tvq_cli import PackOptions, TvqError, open_archive, pack
 from tvq_cli.archive.format import Part
 from tvq_cli.pack import dry_run
 from tvq_cli.quant import entropy, scale_codec
-from tvq_cli.quant.quantizer import QuantSpec, dequantize, quantize
+from tvq_cli.quant.quantizer import dequantize, quantize
+from tvq_cli.quant.spec import QuantSpec
 
 
 def _sq_error(x: torch.Tensor, spec: QuantSpec) -> float:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tvq_cli.errors import TvqError
-from tvq_cli.merge.base import MergeContext, method_class
+from tvq_cli.merge.base import MergeContext
+from tvq_cli.merge.methods import method_class
 from tvq_cli.merge.topk import StreamingKth
 
 SHAPES = {"layers.0.w": (6, 10), "layers.1.w": (4, 10), "layers.2.b": (10,), "head.w": (3, 5)}

@@ -16,9 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tvq_cli
-from tvq_cli.checkpoint import INDEX_FILE, TORCH_TO_ST, TensorSpec
+from tvq_cli.dtypes import from_torch
+from tvq_cli.io.checkpoint import INDEX_FILE, TensorSpec
+from tvq_cli.io.model_writer import shard_plan
 from tvq_cli.merge import MergeRequest, merge
-from tvq_cli.output import shard_plan
 from tvq_cli.pack import PackOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ FAST = PackOptions(group_size=16, range="minmax")
 def save_pretrained_like(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> Path:
     """Shards as `save_pretrained` cuts them (greedy, in order) plus the index."""
     folder.mkdir(parents=True)
-    specs = {n: TensorSpec(tuple(t.shape), TORCH_TO_ST[t.dtype]) for n, t in tensors.items()}
+    specs = {n: TensorSpec(tuple(t.shape), from_torch(t.dtype)) for n, t in tensors.items()}
     shards = shard_plan(specs, max_bytes)
     weight_map = {}
     for k, shard in enumerate(shards, start=1):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import tvq_cli
 from tvq_cli.pack import PackOptions
 from tvq_cli.quant import bitpack, kernel, native, range_search
-from tvq_cli.quant.quantizer import QuantSpec
+from tvq_cli.quant.spec import QuantSpec
 
 # Without a build, the comparisons below would compare the references with themselves: they are
 # skipped, and this test fails, so a missing build never passes unnoticed.
@@ -186,7 +186,7 @@ def test_subnormal_task_vectors_round_trip(tmp_path: Path, options) -> None:
 
 @NEEDS_NATIVE
 def test_pack_says_when_the_native_kernel_is_missing(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("tvq_cli.cli._show_progress", lambda quiet: not quiet)  # a terminal
+    monkeypatch.setattr("tvq_cli.cli.pack.show_progress", lambda quiet: not quiet)  # a terminal
     pre = synthetic_model(0)
     pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
     ft_path = write_checkpoint(tmp_path / "ft.safetensors", finetune(pre, 0))

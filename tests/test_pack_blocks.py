@@ -10,8 +10,9 @@ from helpers import write_checkpoint
 
 import tvq_cli
 from tvq_cli.archive.parts import encode_part
-from tvq_cli.pack import PackOptions
-from tvq_cli.pack_tensor import block_rows, task_mean
+from tvq_cli.archive.schemes.rtvq import task_mean
+from tvq_cli.pack import PackOptions, blocked
+from tvq_cli.pack.blocked import block_rows
 from tvq_cli.quant.quantizer import dequantize, quantize
 
 # With blocks of 1024 elements: 203 rows of 9 make blocks of 112 and 91 rows (the last one 819
@@ -21,7 +22,7 @@ SHAPES = {"odd.weight": (203, 9), "wide.weight": (37, 256), "norm.weight": (64,)
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr("tvq_cli.pack_tensor.BLOCK_ELEMENTS", 1024)
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1024)
 
 
 def _models(root: Path, tasks: int, dtype: torch.dtype) -> tuple[Path, list[Path]]:
@@ -52,7 +53,7 @@ def _expected(pre: Path, fts: list[Path], options: PackOptions, name: str) -> di
         values = list(zip(parts, f, strict=True))
     else:
         deltas = [x - p for x in f]
-        base = task_mean(deltas)
+        base = task_mean(deltas, len(deltas))
         base_q = quantize(base, parts[0].spec)
         anchor = dequantize(base_q, parts[0].spec, base.shape) if options.error_correction else base
         values = [(parts[0], base)] + [

@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import make_checkpoints, run_cli, write_checkpoint
 
-from tvq_cli.archive import writer as writer_module
-from tvq_cli.checkpoint import Checkpoint
+from tvq_cli.io import atomic as writer_module
+from tvq_cli.io.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

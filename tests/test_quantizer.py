@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvq_cli.errors import TvqError
-from tvq_cli.quant.quantizer import QuantSpec, dequantize, group_count, quantize
+from tvq_cli.quant.quantizer import dequantize, quantize
+from tvq_cli.quant.spec import QuantSpec, group_count
 
 
 def _round_trip(x: torch.Tensor, spec: QuantSpec):

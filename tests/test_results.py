@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tvq_cli.checkpoint import Checkpoint
+from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.zoo import Zoo
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "results.py"

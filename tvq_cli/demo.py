@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TvqError
-from .render import human_bytes
 from .report import inspect_archive
+from .report.render import human_bytes
 from .zoo import TASKS
 
 DEFAULT_DIR = Path("tvq-demo")

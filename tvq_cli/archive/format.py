@@ -13,30 +13,19 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from ..dtypes import DTYPES, itemsize
 from ..errors import TvqError
 from ..quant import entropy
 from ..quant.bitpack import packed_nbytes
-from ..quant.quantizer import RANGE_METHODS, QuantSpec, group_count
+from ..quant.spec import RANGE_METHODS, QuantSpec, group_count
+from . import schemes
 
 FORMAT_NAME = "tvq-archive"
 FORMAT_VERSION = 1
 METADATA_KEY = "tvq"
 CHECKSUMS_KEY = "tvq.checksums"
-SCHEMES = ("tvq", "rtvq", "fq")
 KINDS = ("quantized", "exact", "shared")
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 
 
 def check_task_name(name: str) -> str:
@@ -123,10 +112,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return itemsize(self.dtype) * math.prod(self.shape)
 
 
 @dataclass
@@ -205,21 +191,39 @@ class ArchiveHeader:
         header.validate()
         return header
 
+    @property
+    def parameters(self) -> int:
+        """Elements per task: every tensor of the model, whatever its kind."""
+        return sum(t.numel for t in self.tensors)
+
+    def bits_per_weight(self, size_bytes: int) -> float:
+        """An archive's cost: every byte of the file over every weight of every task."""
+        weights = len(self.tasks) * self.parameters
+        return 8 * size_bytes / weights if weights else 0.0
+
+    def budget_bytes(self, bits_per_weight: float) -> int:
+        """The largest archive, in bytes, that costs at most `bits_per_weight`."""
+        return int(bits_per_weight * len(self.tasks) * self.parameters / 8)
+
+    def ratio_vs_fp32(self, size_bytes: int) -> float:
+        """How many times smaller than the tasks' checkpoints in fp32."""
+        return len(self.tasks) * self.parameters * 4 / size_bytes
+
     def validate(self) -> None:
         """Check the header's internal consistency (roles, bits, tasks) before trusting it."""
-        if self.scheme not in SCHEMES:
+        if self.scheme not in schemes.REGISTRY:
             raise TvqError(f"archive header names unknown scheme {self.scheme!r}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise TvqError("archive header has no tasks or duplicate task names")
         for task in self.tasks:
             check_task_name(task)
-        expected_roles = set(roles_for(self.scheme, self.tasks))
+        expected_roles = set(schemes.get(self.scheme).roles(self.tasks))
         seen: set[str] = set()
         for entry in self.tensors:
             if entry.name in seen:
                 raise TvqError(f"archive header lists tensor {entry.name} twice")
             seen.add(entry.name)
-            if entry.kind not in KINDS or entry.dtype not in ITEMSIZE:
+            if entry.kind not in KINDS or entry.dtype not in DTYPES:
                 raise TvqError(f"archive header entry for {entry.name} is malformed")
             if any(d < 0 for d in entry.shape):
                 raise TvqError(f"archive header entry for {entry.name} has a negative dimension")
@@ -233,17 +237,6 @@ class ArchiveHeader:
                     part.spec  # noqa: B018 - validates bits and group size
             elif entry.parts:
                 raise TvqError(f"archive header entry for {entry.name} is malformed")
-
-
-def roles_for(scheme: str, tasks: list[str]) -> list[str]:
-    """The quantized roles every quantized tensor carries under `scheme`, in storage order."""
-    if scheme == "tvq":
-        return [f"task:{t}" for t in tasks]
-    if scheme == "fq":
-        return [f"ft:{t}" for t in tasks]
-    if scheme == "rtvq":
-        return ["base"] + [f"offset:{t}" for t in tasks]
-    raise TvqError(f"unknown scheme {scheme!r} (choose tvq, rtvq or fq)")
 
 
 def part_keys(part: Part, name: str) -> tuple[str, str, str]:

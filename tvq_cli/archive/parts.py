@@ -14,7 +14,7 @@ import torch
 from ..errors import TvqError
 from ..quant import entropy, scale_codec
 from ..quant.bitpack import pack_bits, unpack_bits
-from ..quant.quantizer import Quantized, group_count
+from ..quant.spec import Quantized, group_count
 from .format import Part, TensorEntry, part_keys, superscale_key
 
 

@@ -16,30 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import ST_TO_TORCH
+from ..dtypes import DTYPES, to_torch
 from ..errors import TvqError
-from ..quant.quantizer import Quantized, dequantize
-from .container import MAX_HEADER_BYTES, crc32, decode_header
+from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
+from ..quant.quantizer import dequantize
+from ..quant.spec import Quantized
+from . import schemes
+from .container import crc32, decode_header
 from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout
 from .format import shared_key as _shared_key
 from .parts import decode_part
 
-NP_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-    "BF16": np.uint16,
-}
-
 
 class Archive:
-    """An open archive. Tensors are read lazily; nothing is loaded until asked for."""
+    """An open archive. Tensors are read lazily; nothing is loaded until asked for.
+
+    One class on purpose: it is the only gate to an archive's bytes, so that everything it
+    hands out (raw bytes, decoded parts, task vectors) has passed the same checks.
+    """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -65,6 +59,7 @@ class Archive:
         self._offsets: dict[str, tuple[int, int]] = {}
         self._check_entries(entries, size - data_start)
         self.entries: dict[str, TensorEntry] = {t.name: t for t in header.tensors}
+        self.scheme: schemes.Scheme = schemes.get(header.scheme)
 
     def _check_entries(self, entries: dict, payload: int) -> None:
         expected = {s.key: s for s in self.stored}
@@ -91,10 +86,6 @@ class Archive:
     def tasks(self) -> list[str]:
         return self.header.tasks
 
-    @property
-    def scheme(self) -> str:
-        return self.header.scheme
-
     def raw(self, key: str) -> np.ndarray:
         """The bytes of one stored tensor as a uint8 array, read now and checksum verified."""
         try:
@@ -102,13 +93,11 @@ class Archive:
         except KeyError:
             raise TvqError(f"{self.path}: no stored tensor {key}") from None
         data = np.empty(end - start, np.uint8)
-        view, done = memoryview(data), 0
+        view = memoryview(data)
         try:
-            while done < data.size:
-                got = os.preadv(self._file.fileno(), [view[done:]], start + done)
-                if got == 0:
-                    raise TvqError(f"{self.path}: the file ended early (truncated while open)")
-                done += got
+            pread_into(self._file.fileno(), view, start)
+        except EOFError:
+            raise TvqError(f"{self.path}: the file ended early (truncated while open)") from None
         except OSError as exc:
             raise TvqError(f"{self.path}: cannot read {key} ({exc.strerror})") from None
         if crc32(view) != self._checksums[key]:
@@ -119,7 +108,7 @@ class Archive:
         self._file.close()
 
     def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        return self.raw(key).view(NP_DTYPES[dtype]).reshape(shape)
+        return self.raw(key).view(DTYPES[dtype].numpy).reshape(shape)
 
     def verify(self) -> int:
         """Read and check every stored tensor and every decoded range; raises TvqError on the
@@ -159,7 +148,7 @@ class Archive:
         """A non-float tensor stored once (identical in every input)."""
         entry = self.entry(name)
         tensor = torch.from_numpy(self.raw(_shared_key(name)))
-        return tensor.view(ST_TO_TORCH[entry.dtype]).reshape(entry.shape)
+        return tensor.view(to_torch(entry.dtype)).reshape(entry.shape)
 
     def task_vector(
         self, task: str, name: str, pretrained: torch.Tensor | None = None
@@ -176,14 +165,9 @@ class Archive:
         if entry.kind == "exact":
             return torch.from_numpy(self._delta(task, entry))
         parts = {p.role: p for p in entry.parts}
-        if self.scheme == "tvq":
-            return self.dequantized(parts[f"task:{task}"], entry)
-        if self.scheme == "rtvq":
-            base = self.dequantized(parts["base"], entry)
-            return base.add_(self.dequantized(parts[f"offset:{task}"], entry))
-        if pretrained is None:
-            raise TvqError("an FQ archive needs the pretrained weights to form task vectors")
-        return self.dequantized(parts[f"ft:{task}"], entry).sub_(pretrained.to(torch.float32))
+        return self.scheme.decode(
+            task, lambda role: self.dequantized(parts[role], entry), pretrained
+        )
 
 
 def _read_prefix(file, size: int) -> bytes:

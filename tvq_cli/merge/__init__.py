@@ -4,10 +4,14 @@
     report = merge(MergeRequest(["tasks.tvq"], "pre/", "merged/", "ties", {"lambda": 0.4}))
 
 Methods live one per module in `tvq_cli.merge.methods`, registered by name (`list_methods()`).
+`request` checks a merge, `engine` streams task vectors and merges them tensor by tensor,
+`model_out` / `archive_out` write the result, `run` ties them together.
 """
 
-from .base import MergeMethod, Option, all_methods
-from .engine import MergeRequest, run_merge
+from .base import MergeMethod, Option
+from .methods import all_methods, method_class
+from .request import MergeRequest
+from .run import run_merge
 
 merge = run_merge
 
@@ -35,4 +39,13 @@ def list_methods() -> list[dict]:
     ]
 
 
-__all__ = ["MergeMethod", "MergeRequest", "Option", "list_methods", "merge", "run_merge"]
+__all__ = [
+    "MergeMethod",
+    "MergeRequest",
+    "Option",
+    "all_methods",
+    "list_methods",
+    "merge",
+    "method_class",
+    "run_merge",
+]

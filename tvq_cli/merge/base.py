@@ -186,23 +186,6 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def method_class(name: str) -> type[MergeMethod]:
-    from . import methods  # noqa: F401 - importing registers every method
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise TvqError(
-            f"unknown merge method {name!r} (choose from {', '.join(sorted(REGISTRY))})"
-        ) from None
-
-
-def all_methods() -> list[type[MergeMethod]]:
-    from . import methods  # noqa: F401
-
-    return [REGISTRY[n] for n in sorted(REGISTRY)]
-
-
 def parse_weights(text: str | None, n_tasks: int) -> torch.Tensor | None:
     """`--weights 1,0.5,2` into a tensor (None when not given)."""
     if text is None:

@@ -110,3 +110,44 @@ def noise_round(
         if bool((cos > best_cos).all()):
             result.codes, result.chosen, result.best, best_cos = candidate, k, sums, cos
     return result
+
+
+class RoundingTally:
+    """Per-tensor rounding outcomes and the cosines over the whole model, for the report."""
+
+    def __init__(self, inputs: int):
+        zero = torch.zeros(inputs, dtype=torch.float64)
+        self.nearest = CosineSums(zero, zero, zero)
+        self.best = CosineSums(zero, zero, zero)
+        self.rows: list[dict] = []
+
+    def add(self, name: str, rounded: Rounded) -> None:
+        self.nearest = self.nearest + rounded.nearest
+        self.best = self.best + rounded.best
+        self.rows.append(
+            {
+                "name": name,
+                "ambiguous": rounded.ambiguous,
+                "chosen": rounded.chosen,
+                "cosine_nearest": _floats(rounded.nearest.cosines()),
+                "cosine_chosen": _floats(rounded.best.cosines()),
+            }
+        )
+
+    def report(self) -> dict:
+        rows = self.rows
+        return {
+            "tensors": len(rows),
+            "tensors_changed": sum(1 for r in rows if r["chosen"] != 0),
+            "ambiguous": sum(r["ambiguous"] for r in rows),
+            "overall": {
+                "cosine_nearest": _floats(self.nearest.cosines()),
+                "cosine_chosen": _floats(self.best.cosines()),
+            },
+            "per_tensor": rows,
+        }
+
+
+def _floats(values: torch.Tensor) -> list[float | None] | None:
+    out = [None if v != v else float(v) for v in values.tolist()]
+    return None if all(v is None for v in out) else out

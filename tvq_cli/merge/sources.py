@@ -14,9 +14,10 @@ import torch
 
 from ..archive.format import Part, TensorEntry
 from ..archive.reader import Archive
-from ..checkpoint import FLOAT_DTYPES, Checkpoint
+from ..dtypes import INPUT_FLOATS
 from ..errors import TvqError
-from ..quant.quantizer import expand_groups
+from ..io.checkpoint import Checkpoint
+from ..quant.groups import expand_groups
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class TaskRef:
         """
         if entry.kind != "quantized":
             return None
-        prefix = {"tvq": "task", "fq": "ft", "rtvq": "offset"}[self.archive.scheme]
-        return next(p for p in entry.parts if p.role == f"{prefix}:{self.task}")
+        role = self.archive.scheme.task_role(self.task)
+        return next(p for p in entry.parts if p.role == role)
 
 
 def parse_task_list(text: str | None) -> list[str] | None:
@@ -64,7 +65,7 @@ class Sources:
             raise TvqError("give at least one archive to merge")
         self.pretrained = pretrained
         for name, spec in pretrained.specs.items():
-            if spec.is_float and spec.dtype not in FLOAT_DTYPES:
+            if spec.is_float and spec.dtype not in INPUT_FLOATS:
                 raise TvqError(
                     f"{pretrained.path}: tensor {name} has unsupported dtype {spec.dtype}"
                 )
@@ -129,11 +130,7 @@ class Sources:
     def needs_pretrained(self) -> bool:
         """FQ archives store fine-tuned weights: forming their task vectors takes the
         pretrained tensor; TVQ and RTVQ task vectors do not."""
-        return any(r.archive.scheme == "fq" for r in self.refs)
-
-    def task_vectors(self, name: str, pre: torch.Tensor) -> torch.Tensor:
-        """fp32 task vectors of every selected task for one float tensor, stacked: [T, *shape]."""
-        return torch.stack([r.archive.task_vector(r.task, name, pre) for r in self.refs])
+        return any(not r.archive.scheme.subtracts_pretrained for r in self.refs)
 
     def steps(self, name: str) -> list[torch.Tensor | None]:
         """Per element quantization step of each task's own part (None where stored exact)."""

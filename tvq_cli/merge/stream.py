@@ -12,9 +12,6 @@ threads set to 1 (as in pack: OpenMP teams on contended cores made block-sized o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from ..archive.format import TensorEntry
@@ -43,33 +40,18 @@ class TaskVectorBuffer:
 def decode_into(sources: Sources, index: int, name: str, pre: torch.Tensor | None, row) -> None:
     """Task `index`'s fp32 task vector of tensor `name` into `row` (flat, numel elements).
 
-    TVQ parts made of whole groups are dequantized in place (`dequantize_into`: the same ops
-    as `dequantize`, so the same values); everything else goes through `Archive.task_vector`.
+    A part that is the task vector itself (TVQ), made of whole groups, is dequantized in place
+    (`dequantize_into`: the same ops as `dequantize`, so the same values); everything else goes
+    through `Archive.task_vector`.
     """
     ref = sources.refs[index]
     archive = ref.archive
     entry: TensorEntry = archive.entry(name)
-    if archive.scheme == "tvq" and entry.kind == "quantized" and entry.shape:
-        part = ref.own_part(entry)
-        if part is not None and part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
+    sole = archive.scheme.sole_role(ref.task)
+    if sole is not None and entry.kind == "quantized" and entry.shape:
+        part = next(p for p in entry.parts if p.role == sole)
+        if part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
             q = archive.quantized(part, entry)
             dequantize_into(q.codes.reshape(-1), part.spec, q.scales, q.zeros, row)
             return
     row.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
-
-
-class BlockRunner:
-    """A pool of `threads` workers for decoding tasks and for column blocks of one tensor."""
-
-    def __init__(self, threads: int):
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tvq-merge")
-
-    def map(self, fn: Callable, items: list) -> list:
-        """fn over items, in the pool when there is more than one item; errors re-raised."""
-        if self.threads == 1 or len(items) < 2:
-            return [fn(item) for item in items]
-        return list(self._pool.map(fn, items))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)

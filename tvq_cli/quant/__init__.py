@@ -1,1 +1,1 @@
-"""Quantizer math and dense bit-packing of integer codes."""
+"""Quantizer math: codes, ranges, compact scales, bit-packing, entropy coding. No file I/O."""

@@ -16,6 +16,7 @@ from ..errors import TvqError
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 
 CODECS = ("raw", "zstd")
+DEFAULT_CODEC = "zstd"
 LEVEL = 3
 SYMBOL_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checkpoint import all_finite
+from ..tensors import all_finite
 from . import native
-from .quantizer import QuantSpec
+from .spec import QuantSpec
 
 NATIVE_WIDEN = {torch.bfloat16: torch.int16, torch.float32: torch.float32}  # dtype: numpy view
 _EMPTY = np.empty(0, np.float32)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import native, scale_codec
-from .quantizer import MAX_SCALE, Quantized, QuantSpec, _grouped, _ungrouped, minmax_scale
+from .groups import grouped, minmax_scale, ungrouped
+from .spec import MAX_SCALE, Quantized, QuantSpec
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
 COARSE_STRIDE = 2  # first pass: every other candidate; second: the best one's neighbours
@@ -291,10 +292,10 @@ def quantize_searched(x: torch.Tensor, spec: QuantSpec) -> Quantized:
         step_code = torch.zeros(1, dtype=torch.uint8) if spec.scale_bits else None
         empty = torch.zeros(0, dtype=torch.uint8)
         return Quantized(empty, torch.ones(1), torch.zeros(1, dtype=torch.uint8), step_code)
-    groups, padded_cols = _grouped(x, spec.group_size)
+    groups, padded_cols = grouped(x, spec.group_size)
     mask = _valid_mask(tuple(x.shape), spec.group_size, padded_cols)
     lo, hi = group_ranges(groups)
     fallback, top = grid_top(lo, hi, spec)
     q = quantize_groups(groups, lo, hi, spec, fallback, top, mask)
-    q.codes = _ungrouped(q.codes, tuple(x.shape), padded_cols).reshape(-1).contiguous()
+    q.codes = ungrouped(q.codes, tuple(x.shape), padded_cols).reshape(-1).contiguous()
     return q

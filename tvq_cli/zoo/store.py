@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import SINGLE_FILE as WEIGHTS_NAME
-from ..checkpoint import Checkpoint
 from ..errors import TvqError
+from ..io.checkpoint import SINGLE_FILE as WEIGHTS_NAME
+from ..io.checkpoint import Checkpoint
 
 CONFIG_NAME = "config.json"
 

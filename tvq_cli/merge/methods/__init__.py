@@ -1,5 +1,11 @@
-"""One module per merge method; importing this package registers them all."""
+"""One module per merge method; importing this package registers them all.
 
+A new method is one module here with a `@register`ed `MergeMethod` subclass, imported below:
+its options reach `tvq merge` and `--list-methods` from the registry.
+"""
+
+from ...errors import TvqError
+from ..base import REGISTRY, MergeMethod
 from . import (  # noqa: F401
     average,
     breadcrumbs,
@@ -12,3 +18,16 @@ from . import (  # noqa: F401
     task_arithmetic,
     ties,
 )
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise TvqError(
+            f"unknown merge method {name!r} (choose from {', '.join(sorted(REGISTRY))})"
+        ) from None
+
+
+def all_methods() -> list[type[MergeMethod]]:
+    return [REGISTRY[n] for n in sorted(REGISTRY)]

@@ -1,60 +1,22 @@
-"""Concurrency for `pack`: read ahead in one thread, compute in a pool, write in another.
+"""Reading ahead for pack: each tensor of every input, in a background thread, within a budget.
 
-Reading (pread, hashing the pretrained bytes) and writing (crc32, file writes) release the GIL,
-as do torch and numpy ops, so the three stages overlap on separate cores. Every stage is bounded:
-the reader stops when the tensors it holds (being processed or waiting) would pass a byte
-budget, and at most one tensor's outputs wait for the writer, so peak memory does not grow with
-the number of tensors.
+The reader stops when the tensors it holds (being processed or waiting) would pass a byte
+budget, so peak memory does not grow with the number of tensors; reading (pread, hashing the
+pretrained bytes) releases the GIL and overlaps the quantization of the tensor before.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .archive.format import ITEMSIZE, TensorEntry
-from .checkpoint import Checkpoint, tensor_digest
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def fixed_mmap_threshold(limit: int = 1 << 20) -> None:
-    """Have glibc give every allocation over `limit` its own mapping, returned when freed.
-
-    By default glibc raises this threshold after the first large free (up to 32 MiB); from then
-    on multi-megabyte tensor buffers come from per-thread heaps, which fragment, so peak memory
-    grew with the number of tensors (measured: +38 MiB for twice the tensors, 0 with this).
-    Setting it once also stops the adjustment. No effect where the C library is not glibc.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, limit)
-
-
-def default_threads() -> int:
-    """All cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for a block, and restore it after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from ..archive.format import TensorEntry
+from ..dtypes import itemsize
+from ..io.checkpoint import Checkpoint, tensor_digest
 
 
 @dataclass
@@ -69,7 +31,7 @@ class TensorInputs:
 
 
 def _input_bytes(entry: TensorEntry, models: int) -> int:
-    return entry.numel * ITEMSIZE[entry.dtype] * models
+    return entry.numel * itemsize(entry.dtype) * models
 
 
 class Prefetcher:
@@ -141,24 +103,3 @@ class Prefetcher:
             self._room.notify()
         if self._thread.ident is not None:
             self._thread.join()
-
-
-class Writer:
-    """Runs write jobs in order on one background thread, at most one job behind the caller."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvq-write")
-        self._pending: Future | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._pending = self._pool.submit(job)
-
-    def wait(self) -> None:
-        """Block until the pending job is done; re-raise its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -5,25 +5,25 @@ so each safetensors header is written up front and tensors are appended one at a
 the whole model in memory). A folder gets the pretrained folder's non-weight files (config,
 tokenizer, ...) and, when it exceeds the shard size, `model-0000i-of-0000N.safetensors` shards
 with a `model.safetensors.index.json` as `save_pretrained` writes them. Everything is written
-under a hidden temporary name beside the target and renamed into place only when complete.
+under a hidden temporary name beside the target and renamed into place only when complete
+(`atomic`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import struct
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, ST_TO_TORCH, TensorSpec, tensor_bytes
-from .errors import TvqError
+from ..dtypes import to_torch
+from ..errors import InternalError, TvqError
+from ..tensors import tensor_bytes
+from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSpec
+from .safetensors_file import encode_header
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # save_pretrained's historical default, "5GB"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -54,29 +54,20 @@ class SafetensorsStream:
         self.specs = specs
         self._order = list(specs)
         self._next = 0
-        doc: dict[str, object] = {"__metadata__": metadata}
-        offset = 0
-        for name, spec in specs.items():
-            nbytes = spec.numel * spec.itemsize
-            doc[name] = {
-                "dtype": spec.dtype,
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        raw = json.dumps(doc, separators=(",", ":")).encode()
-        raw += b" " * ((-len(raw)) % 8)
-        self.nbytes = 8 + len(raw) + offset
+        header = encode_header(
+            ((name, s.dtype, s.shape, s.nbytes) for name, s in specs.items()), metadata
+        )
+        self.nbytes = len(header) + sum(s.nbytes for s in specs.values())
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self._order[self._next] if self._next < len(self._order) else None
         spec = self.specs.get(name)
         if name != expected or spec is None:
-            raise TvqError(f"internal error: wrote {name}, expected {expected}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != ST_TO_TORCH[spec.dtype]:
-            raise TvqError(f"internal error: {name} has the wrong shape or dtype")
+            raise InternalError(f"wrote {name}, expected {expected}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != to_torch(spec.dtype):
+            raise InternalError(f"{name} has the wrong shape or dtype")
         self._file.write(tensor_bytes(tensor))
         self._next += 1
 
@@ -99,7 +90,7 @@ def shard_plan(specs: dict[str, TensorSpec], max_bytes: int) -> list[dict[str, T
     shards: list[dict[str, TensorSpec]] = [{}]
     size = 0
     for name, spec in specs.items():
-        nbytes = spec.numel * spec.itemsize
+        nbytes = spec.nbytes
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
@@ -146,13 +137,13 @@ class ModelWriter:
             else None
         )
         self._metadata = metadata
-        self._total = sum(s.numel * s.itemsize for s in specs.values())
+        self._total = sum(s.nbytes for s in specs.values())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor (in the order of `specs`)."""
         if not self._streams or self._streams[-1].complete:
             if not self._pending:
-                raise TvqError(f"internal error: unexpected tensor {name}")
+                raise InternalError(f"unexpected tensor {name}")
             file, shard = self._pending.pop(0)
             if self._streams:
                 self._streams[-1].close()
@@ -162,7 +153,7 @@ class ModelWriter:
 
     def finish(self) -> None:
         if self._pending or not self._streams or not self._streams[-1].complete:
-            raise TvqError("internal error: the merged model is incomplete")
+            raise InternalError("the merged model is incomplete")
         self._streams[-1].close()
         if self._index is not None:
             doc = {"metadata": {"total_size": self._total}, "weight_map": self._index}
@@ -186,37 +177,3 @@ def copy_non_weight_files(source: Path, target: Path) -> None:
         }
 
     shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
-
-
-def check_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse to clobber inputs, or an existing output unless asked to."""
-    resolved = out.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if resolved == p or resolved in p.parents:
-            raise TvqError(f"{out}: refusing to overwrite an input checkpoint")
-    if out.exists() and not overwrite:
-        raise TvqError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.exists():
-        raise TvqError(f"{out.parent}: no such folder")
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, folder: bool) -> Iterator[Path]:
-    """Yield a temporary path beside `out`; move it into place only if the block succeeds."""
-    directory = out.parent if str(out.parent) else Path(".")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory))
-    except OSError as exc:
-        raise TvqError(f"cannot write in {directory}: {exc.strerror}") from None
-    staged = tmp / out.name
-    try:
-        yield staged
-        if folder:
-            staged.mkdir(exist_ok=True)
-        if out.is_dir() and not out.is_symlink():
-            trash = tmp / ".replaced"
-            os.replace(out, trash)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

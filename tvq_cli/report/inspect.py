@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .archive.format import ArchiveHeader, storage_class
-from .archive.reader import Archive
-from .checkpoint import Checkpoint
-from .errors import TvqError
-from .pack import check_compatible
-
-ORIGINAL_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+from ..archive.format import FORMAT_VERSION, ArchiveHeader, storage_class
+from ..archive.reader import Archive
+from ..dtypes import itemsize
+from ..errors import TvqError
+from ..io.checkpoint import Checkpoint
+from ..io.compat import check_compatible
 
 
 def quantization_settings(header: ArchiveHeader) -> list[dict]:
@@ -54,18 +53,17 @@ def storage_summary(archive: Archive) -> dict:
         kind: sum(t.numel for t in header.tensors if t.kind == kind)
         for kind in ("quantized", "exact", "shared")
     }
-    all_params = sum(params.values())
-    original_bytes = sum(t.numel * ORIGINAL_ITEMSIZE.get(t.dtype, 4) for t in header.tensors)
+    original_bytes = sum(t.numel * itemsize(t.dtype) for t in header.tensors)
     return {
         "archive": str(archive.path),
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tool_version": header.tool_version,
         "scheme": header.scheme,
         "error_correction": header.error_correction,
         "pretrained_fingerprint": header.pretrained_fingerprint,
         "tasks": [{"name": name} for name in header.tasks],
         "quantization": quantization_settings(header),
-        "parameters": {"total": all_params, **params},
+        "parameters": {"total": header.parameters, **params},
         "tensors_count": {
             kind: sum(1 for t in header.tensors if t.kind == kind)
             for kind in ("quantized", "exact", "shared")
@@ -77,9 +75,9 @@ def storage_summary(archive: Archive) -> dict:
             "header": archive.header_bytes,
             "total": total,
         },
-        "bits_per_weight": 8 * total / (n_tasks * all_params) if all_params else 0.0,
+        "bits_per_weight": header.bits_per_weight(total),
         "compression": {
-            "vs_fp32": n_tasks * all_params * 4 / total,
+            "vs_fp32": header.ratio_vs_fp32(total),
             "vs_original": n_tasks * original_bytes / total,
         },
     }

@@ -27,7 +27,7 @@ def render_inspect(report: dict, console: Console) -> None:
     summary.add_column("field", style="bold")
     summary.add_column("value")
     scheme = report["scheme"]
-    if scheme == "rtvq":
+    if report["error_correction"] is not None:
         scheme += (
             " (error correction on)" if report["error_correction"] else " (no error correction)"
         )

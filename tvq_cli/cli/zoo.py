@@ -10,18 +10,17 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from .errors import TvqError
-from .merge.sources import parse_task_list
-from .render import render_accuracy, render_zoo
-from .zoo import Zoo, build_zoo, evaluate, mean_accuracy
+from ..errors import TvqError
+from ..merge.sources import parse_task_list
+from ..report.render import render_accuracy, render_zoo
+from ..zoo import Zoo, build_zoo, evaluate, mean_accuracy
+from .common import stdout
 
 zoo_app = typer.Typer(
     no_args_is_help=True,
     help="The example model zoo: a small pretrained MLP and 8 real fine-tunes on digits.",
 )
-stdout = Console()
 
 
 @zoo_app.command("build")

@@ -6,9 +6,10 @@ task vectors, and its exact stored size (from `format.part_layout`, entropy-code
 measured) and squared reconstruction error are recorded. Then a greedy walk along each
 tensor's lower convex hull of (bytes, error) takes the steps with the most error removed per
 byte until the budget is spent, fills what is left with any step that still fits, and is never
-worse than the best uniform setting that fits. Items: one per (tensor, task) for TVQ and FQ;
-one per tensor for RTVQ, whose options are (base bits, offset bits) pairs, so the split
-between base and offsets is measured rather than guessed.
+worse than the best uniform setting that fits. Items: one per (tensor, role) for schemes whose
+roles are independent (TVQ, FQ); one per tensor for coupled schemes (RTVQ), whose options are
+(shared-role bits, task-role bits) pairs, so the split between base and offsets is measured
+rather than guessed. Candidates are coded through the scheme's own `encode` and `decode`.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from itertools import product
 
 import torch
 
-from .archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
-from .archive.writer import archive_size, reserved_header_length
-from .checkpoint import Checkpoint
-from .errors import TvqError
-from .pack_tensor import task_mean
-from .quant import entropy
-from .quant.quantizer import dequantize, quantize
+from ..archive import schemes
+from ..archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
+from ..archive.writer import archive_size, reserved_header_length
+from ..errors import InternalError, TvqError
+from ..io.checkpoint import Checkpoint
+from ..quant import entropy
+from ..quant.quantizer import dequantize, quantize
+from ..quant.spec import Quantized
+from .options import WEIGHTINGS
 
-WEIGHTINGS = ("params", "uniform")
-BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-RTVQ_BITS = (1, 2, 3, 4, 5, 6)
+BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # independent roles
+COUPLED_BITS = (1, 2, 3, 4, 5, 6)  # each role of a coupled scheme (RTVQ base and offsets)
 
 
 @dataclass
@@ -47,6 +49,18 @@ class Item:
 
 
 @dataclass
+class Coded:
+    """One role coded with one setting."""
+
+    part: Part  # with its coded size
+    nbytes: int
+    q: Quantized
+
+    def dequantized(self, entry: TensorEntry) -> torch.Tensor:
+        return dequantize(self.q, self.part.spec, entry.shape)
+
+
+@dataclass
 class Allocation:
     """What the allocator chose and what it expects."""
 
@@ -56,16 +70,110 @@ class Allocation:
     uniform_error: float | None  # the best uniform setting's, for comparison (None: none fits)
 
 
-def _sized(part: Part, entry: TensorEntry, q) -> tuple[Part, int]:
+def _sized(part: Part, entry: TensorEntry, q: Quantized) -> tuple[Part, int]:
     """The part with its coded size filled in, and its stored bytes."""
     if part.codec == "zstd":
         part = replace(part, coded_nbytes=len(entropy.encode(q.codes.numpy(), part.bits)))
     return part, sum(s.nbytes for s in part_layout(part, entry))
 
 
-def _sq_error(q, part: Part, entry: TensorEntry, x: torch.Tensor) -> float:
-    diff = dequantize(q, part.spec, entry.shape).sub_(x)
-    return float(diff.double().square().sum())
+def _sq_error(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    return float(x_hat.sub_(x).double().square().sum())
+
+
+def _role_values(
+    scheme: schemes.Scheme, taus: list[torch.Tensor], pre: torch.Tensor
+) -> list[torch.Tensor]:
+    """What each role of an independent scheme quantizes (task vectors, or fine-tuned weights)."""
+    inputs = [t.clone() if scheme.subtracts_pretrained else t + pre for t in taus]
+    values: list[torch.Tensor] = []
+    scheme.encode(inputs, lambda index, v, reconstruct=False: values.append(v), False)
+    return values
+
+
+def _independent_items(
+    entry: TensorEntry,
+    index: int,
+    scheme: schemes.Scheme,
+    taus: list[torch.Tensor],
+    pre: torch.Tensor,
+    groups: tuple[int, ...],
+    weight: float,
+) -> list[Item]:
+    """One item per role: its bits and group size chosen on their own."""
+    items = []
+    for slot, x in enumerate(_role_values(scheme, taus, pre)):
+        options = []
+        for bits, group in product(BITS, groups):
+            part = replace(entry.parts[slot], bits=bits, group_size=group)
+            q = quantize(x, part.spec)
+            part, nbytes = _sized(part, entry, q)
+            err = _sq_error(dequantize(q, part.spec, entry.shape), x)
+            options.append(Option([part], nbytes, weight * err))
+        items.append(Item(index, [slot], options))
+    return items
+
+
+def _coupled_item(
+    entry: TensorEntry,
+    index: int,
+    scheme: schemes.Scheme,
+    tasks: list[str],
+    taus: list[torch.Tensor],
+    error_correction: bool,
+    groups: tuple[int, ...],
+    weight: float,
+) -> Item:
+    """One item for the whole tensor: every (shared bits, group, task bits) setting, each
+    coded and decoded through the scheme, its error summed over the tasks."""
+    options = []
+    for shared_bits, group in product(COUPLED_BITS, groups):
+        kept: dict[int, Coded] = {}  # shared roles: the same for every task-role setting
+        for task_bits in COUPLED_BITS:
+            setting = (shared_bits, task_bits, group)
+            coded = _code_coupled(entry, scheme, taus, error_correction, setting, kept)
+            by_role = dict(zip(scheme.roles(tasks), coded, strict=True))
+
+            def dequantized(role: str, by_role=by_role) -> torch.Tensor:
+                return by_role[role].dequantized(entry)
+
+            err = sum(
+                _sq_error(scheme.decode(task, dequantized, None), tau)
+                for task, tau in zip(tasks, taus, strict=True)
+            )
+            parts = [c.part for c in coded]
+            options.append(Option(parts, sum(c.nbytes for c in coded), weight * err))
+    return Item(index, list(range(len(entry.parts))), options)
+
+
+def _code_coupled(
+    entry: TensorEntry,
+    scheme: schemes.Scheme,
+    taus: list[torch.Tensor],
+    error_correction: bool,
+    setting: tuple[int, int, int],
+    kept: dict[int, Coded],
+) -> list[Coded]:
+    """Every role coded with (shared bits, task bits, group); shared roles come from `kept`
+    when coded before, and are added to it otherwise."""
+    shared_bits, task_bits, group = setting
+    shared = len(scheme.shared_roles)
+    coded: dict[int, Coded] = {}
+
+    def code(slot: int, values: torch.Tensor, reconstruct: bool = False) -> torch.Tensor | None:
+        if slot in kept:
+            coded[slot] = kept[slot]
+        else:
+            bits = shared_bits if slot < shared else task_bits
+            part = replace(entry.parts[slot], bits=bits, group_size=group)
+            q = quantize(values, part.spec)
+            coded[slot] = Coded(*_sized(part, entry, q), q)
+            if slot < shared:
+                kept[slot] = coded[slot]
+        return coded[slot].dequantized(entry) if reconstruct else None
+
+    scheme.encode([t.clone() for t in taus], code, error_correction)
+    return [coded[slot] for slot in range(len(coded))]
 
 
 def _measure_entry(
@@ -73,49 +181,20 @@ def _measure_entry(
     index: int,
     pre: torch.Tensor,
     finetuned: list[Checkpoint],
-    scheme: str,
-    error_correction: bool,
+    header: ArchiveHeader,
     groups: tuple[int, ...],
     weighting: str,
 ) -> tuple[list[Item], float]:
     """The items of one quantized tensor and its task vectors' total squared norm."""
     # not in place: a loaded tensor may share memory with the checkpoint's open handle
-    deltas = [ckpt.load_float(entry.name) - pre for ckpt in finetuned]
-    norm2 = sum(float(d.double().square().sum()) for d in deltas)
+    taus = [ckpt.load_float(entry.name) - pre for ckpt in finetuned]
+    norm2 = sum(float(t.double().square().sum()) for t in taus)
     weight = 1.0 if weighting == "params" else 1.0 / max(norm2, 1e-30)
-    proto = entry.parts
-    if scheme in ("tvq", "fq"):
-        items = []
-        for slot, delta in enumerate(deltas):
-            x = delta + pre if scheme == "fq" else delta
-            options = []
-            for bits, group in product(BITS, groups):
-                part = replace(proto[slot], bits=bits, group_size=group)
-                q = quantize(x, part.spec)
-                part, nbytes = _sized(part, entry, q)
-                options.append(Option([part], nbytes, weight * _sq_error(q, part, entry, x)))
-            items.append(Item(index, [slot], options))
-        return items, norm2
-    base = task_mean(deltas)  # the same base, bit for bit, as the pack pipeline's
-    options = []
-    for base_bits, group in product(RTVQ_BITS, groups):
-        base_part = replace(proto[0], bits=base_bits, group_size=group)
-        base_q = quantize(base, base_part.spec)
-        base_hat = dequantize(base_q, base_part.spec, entry.shape)
-        base_part, base_bytes = _sized(base_part, entry, base_q)
-        anchor = base_hat if error_correction else base
-        for offset_bits in RTVQ_BITS:
-            parts, nbytes, err = [base_part], base_bytes, 0.0
-            for slot, delta in enumerate(deltas, start=1):
-                part = replace(proto[slot], bits=offset_bits, group_size=group)
-                q = quantize(delta - anchor, part.spec)
-                part, size = _sized(part, entry, q)
-                tau_hat = dequantize(q, part.spec, entry.shape).add_(base_hat)
-                err += float(tau_hat.sub_(delta).double().square().sum())
-                parts.append(part)
-                nbytes += size
-            options.append(Option(parts, nbytes, weight * err))
-    return [Item(index, list(range(len(proto))), options)], norm2
+    scheme = schemes.get(header.scheme)
+    if not scheme.coupled:
+        return _independent_items(entry, index, scheme, taus, pre, groups, weight), norm2
+    ec = bool(header.error_correction)
+    return [_coupled_item(entry, index, scheme, header.tasks, taus, ec, groups, weight)], norm2
 
 
 def _hull(options: list[Option]) -> list[int]:
@@ -227,8 +306,7 @@ def allocate(
         raise TvqError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if not budget_bpw > 0:
         raise TvqError(f"budget must be a positive number of bits per weight, got {budget_bpw}")
-    params = sum(t.numel for t in header.tensors)
-    budget = int(budget_bpw * len(header.tasks) * params / 8)
+    budget = header.budget_bytes(budget_bpw)
     items: list[Item] = []
     norm2 = 0.0
     for index, entry in enumerate(header.tensors):
@@ -236,16 +314,7 @@ def allocate(
             continue
         pre = pretrained.load_float(entry.name)
         grid = groups or (entry.parts[0].group_size,)
-        new, n2 = _measure_entry(
-            entry,
-            index,
-            pre,
-            finetuned,
-            header.scheme,
-            bool(header.error_correction),
-            grid,
-            weighting,
-        )
+        new, n2 = _measure_entry(entry, index, pre, finetuned, header, grid, weighting)
         items.extend(new)
         norm2 += n2
     if not items:
@@ -264,7 +333,7 @@ def allocate(
     if smallest > available:
         raise TvqError(
             f"budget {budget_bpw} bits per weight is too small: these settings need at least "
-            f"{8 * (smallest + fixed) / (len(header.tasks) * params):.3f}"
+            f"{header.bits_per_weight(smallest + fixed):.3f}"
         )
     pick, size, uniform_err = _fit(header, items, available, budget)
     err = sum(item.options[j].error for item, j in zip(items, pick, strict=True))
@@ -302,7 +371,7 @@ def _fit(
             break
         available += budget - size
     if best is None:
-        raise TvqError("internal error: allocation exceeds the budget")
+        raise InternalError("allocation exceeds the budget")
     _, pick, size, uniform_err = best
     _apply(header, items, pick)
     return pick, size, uniform_err
@@ -319,5 +388,4 @@ def _unquantized_bytes(header: ArchiveHeader) -> int:
 
 
 def _bpw(header: ArchiveHeader, size: int) -> str:
-    params = sum(t.numel for t in header.tensors)
-    return f"{8 * size / (len(header.tasks) * params):.3f} bpw"
+    return f"{header.bits_per_weight(size):.3f} bpw"

@@ -1,0 +1,142 @@
+"""`tvq merge`: merge task vectors from archives into a model (or a quantized archive).
+
+The method coefficients (`--lambda`, `--topk`, ...) are not written here: they come from the
+merge-method registry, so a new method is one module under `merge/methods`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import typer
+
+from ..errors import TvqError
+from ..merge import MergeRequest, list_methods, merge
+from ..merge.base import Option
+from ..merge.methods import all_methods
+from ..merge.sources import parse_task_list
+from ..report.render import render_merge, render_methods
+from .common import show_progress, stdout
+
+PREFIX = "method_"  # Python names of the generated coefficient parameters
+
+
+def merge_command(
+    archives: list[Path] = typer.Argument(None, help="Archives holding the task vectors."),
+    pretrained: Path = typer.Option(None, "--pretrained", help="The pretrained checkpoint."),
+    method: str = typer.Option(None, "--method", "-m", help="Merge method (--list-methods)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="NAME.safetensors, a folder, or NAME.tvq (quantized)."
+    ),
+    weights: str = typer.Option(None, "--weights", help="Per-task weights, e.g. 1,0.5,2."),
+    tasks: str = typer.Option(None, "--tasks", help="Merge only these tasks, e.g. a,b."),
+    task: str = typer.Option(None, "--task", help="tall / emr: the task whose model to write."),
+    all_tasks: bool = typer.Option(False, "--all-tasks", help="tall / emr: one model per task."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random draw (dare, rounding)."),
+    dtype: str = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: as input)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Folder shard size."),
+    bits: int = typer.Option(None, "--bits", help=".tvq output: bits per code."),
+    group_size: int = typer.Option(None, "--group-size", help=".tvq output: group size."),
+    rounding: str = typer.Option(None, "--rounding", help=".tvq output: nearest or noise."),
+    samples: int = typer.Option(None, "--samples", help=".tvq output: noise samples (16)."),
+    tie_tolerance: float = typer.Option(
+        None, "--tie-tolerance", help=".tvq output: distance to a midpoint that is a tie."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output; merge despite a fingerprint mismatch."
+    ),
+    list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: int = typer.Option(
+        None, "--threads", help="Worker threads (default: all cores this process may use)."
+    ),
+    **coefficients: object,
+) -> None:
+    """Merge task vectors from ARCHIVES into a model (or a quantized one-task archive)."""
+    if list_methods_flag:
+        methods = list_methods()
+        if as_json:
+            print(json.dumps(methods, indent=2))
+        else:
+            render_methods(methods, stdout)
+        return
+    for value, flag in ((archives, "ARCHIVE"), (pretrained, "--pretrained"), (out, "--out")):
+        if not value:
+            raise TvqError(f"{flag} is required (see 'tvq merge --help')")
+    if method is None:
+        raise TvqError("--method is required (see 'tvq merge --list-methods')")
+    options = {
+        key.removeprefix(PREFIX): value for key, value in coefficients.items() if value is not None
+    }
+    request = MergeRequest(
+        archives=list(archives),
+        pretrained=pretrained,
+        out=out,
+        method=method,
+        options=options,
+        tasks=parse_task_list(tasks),
+        weights=weights,
+        seed=seed,
+        dtype=dtype,
+        task=task,
+        all_tasks=all_tasks,
+        force=force,
+        max_shard_size=max_shard_size,
+        bits=bits,
+        group_size=group_size,
+        rounding=rounding,
+        samples=samples,
+        tie_tolerance=tie_tolerance,
+        threads=threads,
+    )
+    report = merge(request, progress=show_progress(quiet))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_merge(report, stdout)
+
+
+def coefficient_parameters() -> list[inspect.Parameter]:
+    """One optional CLI flag per coefficient name in the method registry. Values are checked
+    by the method itself (ranges, whole numbers, choices), so the flags take numbers or text."""
+    found: dict[str, list[tuple[str, Option]]] = {}
+    for cls in all_methods():
+        for option in cls.options:
+            found.setdefault(option.name, []).append((cls.name, option))
+    return [
+        inspect.Parameter(
+            PREFIX + name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, uses[0][1].flag, help=_help(uses)),
+            annotation=(str if uses[0][1].choices or uses[0][1].kind is str else float) | None,
+        )
+        for name, uses in found.items()
+    ]
+
+
+def _help(uses: list[tuple[str, Option]]) -> str:
+    """Each method's own words for the option; the shortest when many methods differ."""
+    methods = " / ".join(method for method, _ in uses)
+    helps = {option.help for _, option in uses}
+    if len(helps) == 1:
+        return f"{methods}: {helps.pop()}"
+    if len(uses) == 2:
+        return " ".join(f"{method}: {option.help}" for method, option in uses)
+    return f"{methods}: {min(helps, key=len)}"
+
+
+def _with_coefficients(command):
+    """`command` with its `**coefficients` replaced by the registry's flags (Typer reads the
+    signature)."""
+    signature = inspect.signature(command, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    fixed = [p.replace(kind=p.KEYWORD_ONLY) for p in fixed]
+    command.__signature__ = signature.replace(parameters=fixed + coefficient_parameters())
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(_with_coefficients(merge_command))

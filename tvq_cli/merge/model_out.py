@@ -1,0 +1,117 @@
+"""Writing merged models: a .safetensors file, a folder, or one model per task.
+
+Tensors are merged and written in file order: the next pretrained tensor is read while the
+current one is merged, and the previous one is written meanwhile; the output appears under its
+name only when complete (`io.atomic`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..concurrency import Writer
+from ..dtypes import OUTPUT_DTYPES, itemsize, to_torch
+from ..io.atomic import atomic_output
+from ..io.checkpoint import TensorSpec
+from ..io.model_writer import ModelWriter
+from .engine import Engine
+from .request import Merge
+
+
+def output_specs(merge: Merge) -> dict[str, TensorSpec]:
+    """Every output tensor's shape and dtype: the pretrained model's, floats in `--dtype`."""
+    dtype = merge.request.dtype
+    specs = {}
+    for name, spec in merge.pretrained.specs.items():
+        if spec.is_float and dtype is not None:
+            spec = TensorSpec(spec.shape, OUTPUT_DTYPES[dtype])
+        specs[name] = spec
+    return specs
+
+
+def write_models(merge: Merge, engine: Engine) -> dict:
+    """Write one model (or one per target task) and describe what was written."""
+    specs = output_specs(merge)
+    out, pre = merge.out, merge.pretrained
+    pre_is_folder = pre.path.is_dir()
+    per_task = merge.method.per_task and merge.request.all_tasks
+    folder = per_task or out.suffix != ".safetensors"
+    with atomic_output(out, folder=folder) as staged:
+        if per_task:
+            staged.mkdir()
+            paths = [
+                staged / (t if pre_is_folder else f"{t}.safetensors") for t in merge.target_names
+            ]
+            as_folder = pre_is_folder
+        else:
+            paths, as_folder = [staged], folder
+        writers = [
+            ModelWriter(
+                p,
+                specs,
+                folder=as_folder,
+                max_shard_bytes=merge.max_shard,
+                copy_from=pre.path if pre_is_folder and as_folder else None,
+            )
+            for p in paths
+        ]
+        try:
+            _stream(merge, engine, writers, specs)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+    files = [out / f.relative_to(staged) for w in writers for f in w.files]
+    return {
+        "path": str(out),
+        "format": "folder" if folder else "safetensors",
+        "files": [str(f) for f in files],
+        "bytes": sum(f.stat().st_size for f in files),
+        "dtype": merge.request.dtype or "as pretrained",
+        "targets": merge.target_names if merge.method.per_task else None,
+    }
+
+
+def _stream(
+    merge: Merge, engine: Engine, writers: list[ModelWriter], specs: dict[str, TensorSpec]
+) -> None:
+    """Merge and write every tensor in file order, reading ahead and writing behind."""
+    pre = merge.pretrained
+    names = pre.names
+    float_names = set(merge.float_names)
+    bar = engine.bar("merge")
+    blocked = merge.method.elementwise and not merge.method.per_task
+    largest = max((specs[n].nbytes for n in merge.float_names), default=1)
+    outs = [torch.empty(largest, dtype=torch.uint8) for _ in range(2 if blocked else 0)]
+    reader = ThreadPoolExecutor(1, thread_name_prefix="tvq-read")
+    writer = Writer()
+    try:
+        pending = reader.submit(pre.load, names[0]) if names else None
+        for i, name in enumerate(names):
+            raw = pending.result()
+            if i + 1 < len(names):
+                pending = reader.submit(pre.load, names[i + 1])
+            dtype = to_torch(specs[name].dtype)
+            if name not in float_names:
+                outputs = [raw] * len(writers)
+            else:
+                bar.update()
+                if blocked:
+                    out = outs[i % 2][: raw.numel() * itemsize(specs[name].dtype)]
+                    outputs = [engine.merge_blocks(name, raw, out.view(dtype))]
+                else:
+                    outputs = engine.merge_whole(name, raw, dtype)
+            writer.submit(
+                lambda name=name, outputs=outputs: [
+                    w.write(name, t) for w, t in zip(writers, outputs, strict=True)
+                ]
+            )
+        writer.wait()
+    finally:
+        bar.close()
+        writer.close()
+        reader.shutdown(wait=True, cancel_futures=True)
+    for w in writers:
+        w.finish()

@@ -1,0 +1,12 @@
+"""`tvq pack`: plan an archive, read checkpoints tensor by tensor, quantize and write.
+
+`options` (settings) -> `plan` (names, checks, header) -> `alloc` (bits under a budget) ->
+`run` (the pipeline: `prefetch` reads, `packer` dispatches each tensor to the `blocked` or
+`whole` route, the archive writer writes).
+"""
+
+from .options import PackOptions
+from .plan import plan_pack
+from .run import PackResult, dry_run, pack
+
+__all__ = ["PackOptions", "PackResult", "dry_run", "pack", "plan_pack"]

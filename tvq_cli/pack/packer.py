@@ -1,0 +1,92 @@
+"""One tensor's stored tensors from its raw inputs, in the archive's layout order.
+
+Non-float tensors are stored once (identical in every input), exact tensors as fp32 deltas,
+quantized tensors through the blocked route where it gives the same bytes as the whole tensor
+(`blocked.blockable`), else through the whole-tensor route.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..archive.format import delta_key, shared_key
+from ..archive.parts import encode_part
+from ..archive.schemes import Scheme
+from ..concurrency import torch_threads
+from ..errors import TvqError
+from ..tensors import tensor_bytes
+from .blocked import BlockedRoute, Output, blockable
+from .prefetch import TensorInputs
+from .values import TaskValues, widen
+from .whole import encode_whole
+
+
+class TensorPacker:
+    """Turns each tensor's raw inputs into its stored tensors."""
+
+    def __init__(
+        self,
+        scheme: Scheme,
+        error_correction: bool,
+        tasks: list[str],
+        pretrained: Path,
+        finetuned: list[Path],
+        device: torch.device,
+        threads: int,
+    ):
+        self.scheme = scheme
+        self.tasks = tasks
+        self.error_correction = error_correction
+        self.pretrained = pretrained
+        self.finetuned = finetuned
+        self.device = device
+        self.threads = threads
+        self.blocked = BlockedRoute(scheme, error_correction, pretrained, finetuned, threads)
+
+    def close(self) -> None:
+        self.blocked.close()
+
+    def outputs(self, inputs: TensorInputs) -> list[Output]:
+        entry = inputs.entry
+        if entry.kind == "shared":
+            return self._shared(inputs)
+        if entry.kind == "exact":
+            return self._exact(inputs)
+        cols = entry.shape[-1]
+        if self.device.type == "cpu" and all(blockable(p, cols) for p in entry.parts):
+            return self.blocked.outputs(inputs)
+        with torch_threads(self.threads):
+            return self._whole(inputs)
+
+    def _shared(self, inputs: TensorInputs) -> list[Output]:
+        name = inputs.entry.name
+        for path, raw in zip(self.finetuned, inputs.finetuned, strict=True):
+            if not torch.equal(raw, inputs.pretrained):
+                raise TvqError(f"{path}: non-float tensor {name} differs from the pretrained one")
+        return [(shared_key(name), tensor_bytes(inputs.pretrained))]
+
+    def _exact(self, inputs: TensorInputs) -> list[Output]:
+        name = inputs.entry.name
+        pre = widen(inputs.pretrained, self.device, self.pretrained, name)
+        out: list[Output] = []
+        for task, tau in zip(self.tasks, self._values(inputs, pre), strict=True):
+            out.append((delta_key(task, name), tensor_bytes(tau.cpu())))
+        return out
+
+    def _whole(self, inputs: TensorInputs) -> list[Output]:
+        entry = inputs.entry
+        pre = widen(inputs.pretrained, self.device, self.pretrained, entry.name)
+        values = self._values(inputs, pre if self.scheme.subtracts_pretrained else None)
+        out: list[Output] = []
+        for part, q in encode_whole(entry, self.scheme, values, self.error_correction):
+            out += encode_part(part, entry.name, q.cpu())
+        return out
+
+    def _values(self, inputs: TensorInputs, pre: torch.Tensor | None) -> TaskValues:
+        sources = [
+            (path, lambda raw=raw: raw)
+            for path, raw in zip(self.finetuned, inputs.finetuned, strict=True)
+        ]
+        return TaskValues(inputs.entry.name, sources, pre, self.device)
