@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import finetune, make_checkpoints, synthetic_model, write_checkpoint
@@ -147,7 +148,9 @@ def test_bits_and_group_size_may_differ_per_tensor_and_role(tmp_path):
     assert torch.equal(got, expected[("b", "base")] + expected[("b", "offset:t2")])
 
 
-def test_sharded_and_folder_inputs_give_the_same_archive(tmp_path):
+def test_sharded_and_folder_inputs_give_the_same_task_vectors(tmp_path):
+    """The same weights as files or (sharded) folders: the same stored tensors; the folders'
+    config.json is kept as well, once for both tasks."""
     pre_tensors = synthetic_model(dtype=torch.bfloat16)
     ft_tensors = [finetune(pre_tensors, i) for i in range(2)]
     file_pre = write_checkpoint(tmp_path / "pre.safetensors", pre_tensors)
@@ -175,5 +178,12 @@ def test_sharded_and_folder_inputs_give_the_same_archive(tmp_path):
     a, b = tmp_path / "a.tvq", tmp_path / "b.tvq"
     pack(file_pre, file_fts, a)
     pack(sharded, folder_fts, b)
-    assert a.read_bytes() == b.read_bytes()
-    assert open_archive(a).header.tensors[0].dtype == "BF16"
+    from_files, from_folders = open_archive(a), open_archive(b)
+    assert [s.key for s in from_folders.stored if not s.key.startswith("file:")] == [
+        s.key for s in from_files.stored
+    ]
+    for stored in from_files.stored:
+        assert np.array_equal(from_files.raw(stored.key), from_folders.raw(stored.key))
+    assert len(from_folders.header.files) == 1
+    assert from_folders.task_file("t1", "config.json") == (folder_fts[1] / "config.json").read_bytes()
+    assert from_files.header.tensors[0].dtype == "BF16"

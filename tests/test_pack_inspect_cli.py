@@ -139,7 +139,7 @@ def _bad_inputs(tmp_path, case):
     elif case == "shape":
         ft["head.weight"] = torch.zeros(10, 31)
     elif case == "dtype":
-        ft["head.weight"] = ft["head.weight"].half()
+        ft["head.weight"] = ft["head.weight"].double()  # fp16 and bf16 are fine (mixed dtypes)
     elif case == "nan":
         ft["layers.1.fc.weight"][3, 3] = float("nan")
     elif case == "buffer":
@@ -154,7 +154,7 @@ def _bad_inputs(tmp_path, case):
     [
         ("missing_key", "tensor head.weight is missing"),
         ("shape", "tensor head.weight has shape [10, 31]"),
-        ("dtype", "tensor head.weight has dtype F16"),
+        ("dtype", "tensor head.weight has dtype F64"),
         ("nan", "tensor layers.1.fc.weight contains NaN or Inf"),
         ("buffer", "non-float tensor position_ids differs"),
     ],

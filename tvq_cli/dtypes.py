@@ -39,6 +39,7 @@ DTYPES: dict[str, DType] = {
 }
 INPUT_FLOATS = ("F32", "F16", "BF16")  # float dtypes a checkpoint may hold to be packed
 OUTPUT_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}  # `--dtype` names
+CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's names
 _BY_TORCH = {d.torch: d.name for d in DTYPES.values()}
 
 

@@ -20,6 +20,9 @@ from .format import CHECKSUMS_KEY, METADATA_KEY, ArchiveHeader, StoredTensor
 HEADER_CHECKSUM = "__header__"
 CRC_PLACEHOLDER = 0
 HEX32 = re.compile(r"[0-9a-f]{8}")
+SHARD_KEY = "tvq.shard"  # a shard's place in its sharded archive (docs/format.md)
+INDEX_FORMAT = "tvq-archive-index"
+INDEX_SUFFIX = ".tvq.index.json"
 
 
 def crc32(data) -> int:
@@ -46,6 +49,86 @@ def encode_header(
     metadata = {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":"))}
     tensors = ((s.key, s.dtype, s.shape, s.nbytes) for s in stored)
     return encode_safetensors_header(tensors, metadata, reserve)
+
+
+def encode_shard_header(
+    stored: list[StoredTensor],
+    checksums: dict[str, int],
+    shard: int,
+    count: int,
+    header_crc: int,
+    reserve: int = 0,
+) -> bytes:
+    """The container header of shard `shard` (1-based) of `count`: its own stored tensors,
+    their checksums, and the crc32 of the archive header (in the index) it belongs to."""
+    place = {"shard": shard, "of": count, "header_crc32": f"{header_crc:08x}"}
+    sums = {s.key: f"{checksums.get(s.key, CRC_PLACEHOLDER):08x}" for s in stored}
+    metadata = {
+        SHARD_KEY: json.dumps(place, separators=(",", ":")),
+        CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":")),
+    }
+    tensors = ((s.key, s.dtype, s.shape, s.nbytes) for s in stored)
+    return encode_safetensors_header(tensors, metadata, reserve)
+
+
+def encode_index(header: ArchiveHeader, weight_map: dict[str, str], max_shard_bytes: int) -> str:
+    """The index of a sharded archive: the archive header and which shard holds each key."""
+    meta = header.to_json()
+    doc = {
+        "metadata": {
+            "format": INDEX_FORMAT,
+            METADATA_KEY: meta,
+            "header_crc32": f"{crc32(meta.encode()):08x}",
+            "max_shard_size": max_shard_bytes,
+        },
+        "weight_map": weight_map,
+    }
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def decode_index(text: bytes) -> tuple[ArchiveHeader, int, dict[str, str], int]:
+    """(header, its crc32, key -> shard file name, max shard size) from an index's bytes."""
+    try:
+        doc = json.loads(text)
+        metadata = doc["metadata"]
+        if metadata.get("format") != INDEX_FORMAT:
+            raise TvqError("not a tvq archive index (format name missing)")
+        meta_text = metadata[METADATA_KEY]
+        header_crc = _hex32(metadata["header_crc32"])
+        weight_map = doc["weight_map"]
+        max_shard = int(metadata["max_shard_size"])
+        if not isinstance(meta_text, str) or not isinstance(weight_map, dict):
+            raise TypeError
+    except TvqError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise TvqError("not a tvq archive index (malformed JSON)") from None
+    if crc32(meta_text.encode()) != header_crc:
+        raise TvqError("archive header checksum mismatch in the index (the file is damaged)")
+    for name in weight_map.values():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise TvqError(f"the index names a shard outside its folder: {name!r}")
+    return ArchiveHeader.from_json(meta_text), header_crc, weight_map, max_shard
+
+
+def decode_shard_header(prefix: bytes, file_size: int) -> tuple[dict, dict, dict[str, int], int]:
+    """Parse one shard's container header: (entries, its place, checksums, data start)."""
+    doc, length, start = parse_header(prefix, file_size)
+    if length % 8:
+        raise TvqError("header length is out of range (truncated or not a tvq shard)")
+    try:
+        metadata = doc.pop(METADATA)
+        place = json.loads(metadata[SHARD_KEY])
+        sums = json.loads(metadata[CHECKSUMS_KEY])
+        checksums = {str(k): _hex32(v) for k, v in sums.items()}
+        place = {
+            "shard": int(place["shard"]),
+            "of": int(place["of"]),
+            "header_crc32": _hex32(place["header_crc32"]),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise TvqError("not a tvq archive shard (no shard metadata)") from None
+    return doc, place, checksums, start
 
 
 def _hex32(text: str) -> int:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath
 
-from ..dtypes import DTYPES, itemsize
+from ..dtypes import DTYPES, INPUT_FLOATS, itemsize
 from ..errors import TvqError
 from ..quant import entropy
 from ..quant.bitpack import packed_nbytes
@@ -21,17 +23,23 @@ from ..quant.spec import RANGE_METHODS, QuantSpec, group_count
 from . import schemes
 
 FORMAT_NAME = "tvq-archive"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this tool writes
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "tvq"
 CHECKSUMS_KEY = "tvq.checksums"
 KINDS = ("quantized", "exact", "shared")
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+SOURCES = ("checkpoint", "lora")  # what a task was packed from
+# letters and digits of any script, then also '_', '.', '+', '-'; NFC (a name typed on Linux and
+# read from a macOS folder, which stores NFD, is the same name)
+TASK_NAME_RE = re.compile(r"^[^\W_][\w.+-]{0,127}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def check_task_name(name: str) -> str:
-    if not TASK_NAME_RE.match(name):
+    if not TASK_NAME_RE.match(name) or unicodedata.normalize("NFC", name) != name:
         raise TvqError(
-            f"invalid task name {name!r}: use letters, digits, '_', '.', '+', '-' "
+            f"invalid task name {name!r}: use letters, digits (any script), '_', '.', '+', '-' "
             "(at most 128, starting with a letter or digit)"
         )
     return name
@@ -116,6 +124,75 @@ class StoredTensor:
 
 
 @dataclass
+class TaskInfo:
+    """What the archive records of one task's original checkpoint (format version 2), so that
+    `extract` gives the fine-tune back in its own dtypes, vocabulary and files.
+
+    A version 1 archive has none: its tasks had the entries' dtypes and nothing else.
+    """
+
+    source: str = "checkpoint"  # "checkpoint" (a model's weights) or "lora" (a PEFT adapter)
+    fingerprint: str | None = None  # sha256 of the original tensors, as pretrained_fingerprint
+    dtype: str | None = None  # its float tensors' dtype; None: each entry's own (version 1)
+    dtypes: dict[str, str] = field(default_factory=dict)  # tensors whose dtype differs
+    rows: dict[str, int] = field(default_factory=dict)  # rows added along dimension 0
+    copies: dict[str, str] = field(default_factory=dict)  # explicit copy of a tied tensor -> it
+    absent: list[str] = field(default_factory=list)  # pretrained tensors it lacked (tau = 0)
+    renamed: tuple[str, str] | None = None  # (prefix removed, prefix added) from its names
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of the file
+
+    def dtype_of(self, entry: TensorEntry) -> str:
+        """The task's original dtype of one tensor."""
+        if entry.kind == "shared":
+            return entry.dtype
+        return self.dtypes.get(entry.name, self.dtype or entry.dtype)
+
+    def to_json(self) -> dict:
+        doc: dict = {"source": self.source, "fingerprint": self.fingerprint, "dtype": self.dtype}
+        for key in ("dtypes", "rows", "copies", "absent", "files"):
+            if getattr(self, key):
+                doc[key] = getattr(self, key)
+        if self.renamed is not None:
+            doc["renamed"] = list(self.renamed)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict) -> TaskInfo:
+        if not isinstance(doc, dict):
+            raise TypeError("a task record is not an object")
+        unknown = set(doc) - {"source", "fingerprint", "dtype", *_TASK_MAPS, "absent", "renamed"}
+        if unknown:
+            raise TypeError(f"unknown task field {sorted(unknown)[0]!r}")
+        renamed = doc.get("renamed")
+        return cls(
+            source=str(doc["source"]),
+            fingerprint=doc.get("fingerprint"),
+            dtype=doc.get("dtype"),
+            **{key: _typed_map(doc.get(key, {}), kind) for key, kind in _TASK_MAPS.items()},
+            absent=[str(n) for n in doc.get("absent", [])],
+            renamed=None if renamed is None else (str(renamed[0]), str(renamed[1])),
+        )
+
+
+_TASK_MAPS = {"dtypes": str, "rows": int, "copies": str, "files": str}
+
+
+def _typed_map(doc: object, kind: type) -> dict:
+    if not isinstance(doc, dict) or not all(type(v) is kind for v in doc.values()):
+        raise TypeError("malformed task field")
+    return {str(k): v for k, v in doc.items()}
+
+
+@dataclass(frozen=True)
+class FileBlob:
+    """One small non-weight file (config, tokenizer, ...), stored once however many tasks
+    share it, as one zstd frame."""
+
+    size: int  # bytes of the file
+    stored: int  # bytes of its zstd frame in the archive
+
+
+@dataclass
 class ArchiveHeader:
     scheme: str
     tasks: list[str]
@@ -123,6 +200,13 @@ class ArchiveHeader:
     pretrained_fingerprint: str
     tensors: list[TensorEntry]
     error_correction: bool | None = None
+    task_info: dict[str, TaskInfo] = field(default_factory=dict)  # empty: a version 1 archive
+    files: dict[str, FileBlob] = field(default_factory=dict)  # sha256 hex -> its stored frame
+    version: int = FORMAT_VERSION  # as read; always written as FORMAT_VERSION
+
+    def info(self, task: str) -> TaskInfo:
+        """The task's record (a version 1 archive's tasks get the default one)."""
+        return self.task_info.get(task) or TaskInfo()
 
     def to_json(self) -> str:
         doc = {
@@ -143,6 +227,11 @@ class ArchiveHeader:
                 }
                 for t in self.tensors
             ],
+            "task_info": {task: self.info(task).to_json() for task in self.tasks},
+            "files": {
+                sha: {"size": blob.size, "stored": blob.stored}
+                for sha, blob in sorted(self.files.items())
+            },
         }
         return json.dumps(doc, separators=(",", ":"))
 
@@ -152,10 +241,11 @@ class ArchiveHeader:
             doc = json.loads(text)
             if doc.get("format") != FORMAT_NAME:
                 raise TvqError("not a tvq archive (format name missing)")
-            if doc.get("version") != FORMAT_VERSION:
+            version = doc.get("version")
+            if version not in READABLE_VERSIONS:
                 raise TvqError(
-                    f"unsupported archive format version {doc.get('version')!r} "
-                    f"(this tool reads version {FORMAT_VERSION})"
+                    f"unsupported archive format version {version!r} (this tool reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}; a newer tvq wrote it?)"
                 )
             tensors = [
                 TensorEntry(
@@ -167,6 +257,8 @@ class ArchiveHeader:
                 )
                 for t in doc["tensors"]
             ]
+            if version == 1 and ("task_info" in doc or "files" in doc):
+                raise TypeError("version 1 headers have no task_info or files")
             header = cls(
                 scheme=str(doc["scheme"]),
                 tasks=[str(t) for t in doc["tasks"]],
@@ -174,7 +266,18 @@ class ArchiveHeader:
                 pretrained_fingerprint=str(doc["pretrained_fingerprint"]),
                 tensors=tensors,
                 error_correction=doc.get("error_correction"),
+                task_info={
+                    str(task): TaskInfo.from_json(info)
+                    for task, info in doc.get("task_info", {}).items()
+                },
+                files={
+                    str(sha): FileBlob(int(blob["size"]), int(blob["stored"]))
+                    for sha, blob in doc.get("files", {}).items()
+                },
+                version=version,
             )
+            if version == 2 and set(header.task_info) != set(header.tasks):
+                raise TypeError("task_info must describe every task")
         except TvqError:
             raise
         except (
@@ -184,6 +287,7 @@ class ArchiveHeader:
             AttributeError,
             ArithmeticError,
             RecursionError,
+            IndexError,
         ) as exc:
             raise TvqError(
                 f"archive header is malformed ({type(exc).__name__}: {exc})"[:300]
@@ -237,6 +341,43 @@ class ArchiveHeader:
                     part.spec  # noqa: B018 - validates bits and group size
             elif entry.parts:
                 raise TvqError(f"archive header entry for {entry.name} is malformed")
+        for sha, blob in self.files.items():
+            if not SHA256_HEX.match(sha) or blob.size < 0 or blob.stored <= 0:
+                raise TvqError(f"archive header file entry {sha[:16]!r} is malformed")
+        entries = {t.name: t for t in self.tensors}
+        for task, info in self.task_info.items():
+            _validate_task(task, info, entries, self.files)
+
+
+def _validate_task(
+    task: str, info: TaskInfo, entries: dict[str, TensorEntry], files: dict[str, FileBlob]
+) -> None:
+    """A task record names only real tensors, float dtypes, stored files and safe paths."""
+
+    def bad(what: str) -> TvqError:
+        return TvqError(f"archive header record of task {task!r} is malformed ({what})")
+
+    floats = {n for n, t in entries.items() if t.kind != "shared"}
+    if info.source not in SOURCES:
+        raise bad(f"source {info.source!r}")
+    if info.fingerprint is not None and not FINGERPRINT_RE.match(str(info.fingerprint)):
+        raise bad("fingerprint")
+    if info.dtype is not None and info.dtype not in INPUT_FLOATS:
+        raise bad(f"dtype {info.dtype!r}")
+    if not set(info.dtypes) <= floats or not set(info.dtypes.values()) <= set(INPUT_FLOATS):
+        raise bad("dtypes")
+    for name, rows in info.rows.items():
+        if name not in floats or not entries[name].shape or rows <= 0:
+            raise bad(f"rows of {name}")
+    for copy, original in info.copies.items():
+        if copy in entries or original not in floats:
+            raise bad(f"copy {copy}")
+    if not set(info.absent) <= floats:
+        raise bad("absent")
+    for path, sha in info.files.items():
+        parts = PurePosixPath(path).parts
+        if sha not in files or not parts or path.startswith("/") or ".." in parts or "\\" in path:
+            raise bad(f"file {path!r}")
 
 
 def part_keys(part: Part, name: str) -> tuple[str, str, str]:
@@ -276,19 +417,46 @@ def shared_key(name: str) -> str:
     return f"shared:{name}"
 
 
+def rows_key(task: str, name: str) -> str:
+    return f"rows:{task}:{name}"
+
+
+def file_key(sha: str) -> str:
+    return f"file:{sha}"
+
+
+def entry_layout(header: ArchiveHeader, entry: TensorEntry) -> list[StoredTensor]:
+    """The stored tensors of one tensor entry, in file order."""
+    if entry.kind == "shared":
+        return [StoredTensor(shared_key(entry.name), entry.dtype, entry.shape)]
+    stored: list[StoredTensor] = []
+    if entry.kind == "exact":
+        for task in header.tasks:
+            stored.append(StoredTensor(delta_key(task, entry.name), "F32", entry.shape))
+    else:
+        for part in entry.parts:
+            stored.extend(part_layout(part, entry))
+    for task in header.tasks:
+        info = header.info(task)
+        if entry.name in info.rows:
+            shape = (info.rows[entry.name], *entry.shape[1:])
+            stored.append(StoredTensor(rows_key(task, entry.name), info.dtype_of(entry), shape))
+    return stored
+
+
+def files_layout(header: ArchiveHeader) -> list[StoredTensor]:
+    """The stored small files, after every tensor, in sha256 order."""
+    return [
+        StoredTensor(file_key(sha), "U8", (b.stored,)) for sha, b in sorted(header.files.items())
+    ]
+
+
 def layout(header: ArchiveHeader) -> list[StoredTensor]:
     """Every stored tensor, in file order, derived from the header alone."""
     stored: list[StoredTensor] = []
     for entry in header.tensors:
-        if entry.kind == "shared":
-            stored.append(StoredTensor(shared_key(entry.name), entry.dtype, entry.shape))
-        elif entry.kind == "exact":
-            for task in header.tasks:
-                stored.append(StoredTensor(delta_key(task, entry.name), "F32", entry.shape))
-        else:
-            for part in entry.parts:
-                stored.extend(part_layout(part, entry))
-    return stored
+        stored.extend(entry_layout(header, entry))
+    return stored + files_layout(header)
 
 
 def bound_header(header: ArchiveHeader) -> ArchiveHeader:
@@ -299,6 +467,8 @@ def bound_header(header: ArchiveHeader) -> ArchiveHeader:
 
 def storage_class(key: str) -> str:
     """What a stored tensor is for, for the byte accounting of `inspect`."""
-    if key.startswith(("delta:", "shared:")):
+    if key.startswith("file:"):
+        return "files"
+    if key.startswith(("delta:", "shared:", "rows:")):
         return "exact"
     return "codes" if key.endswith(":codes") else "scales"

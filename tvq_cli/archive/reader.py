@@ -10,7 +10,9 @@ map stay in the process's resident memory until it is closed.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +20,55 @@ import torch
 
 from ..dtypes import DTYPES, to_torch
 from ..errors import TvqError
+from ..io.checkpoint import Checkpoint
 from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
+from ..quant import entropy
 from ..quant.quantizer import dequantize
 from ..quant.spec import Quantized
 from . import schemes
-from .container import crc32, decode_header
-from .format import ArchiveHeader, Part, StoredTensor, TensorEntry, delta_key, layout
+from .container import INDEX_SUFFIX, crc32, decode_header, decode_index, decode_shard_header
+from .format import (
+    ArchiveHeader,
+    Part,
+    StoredTensor,
+    TaskInfo,
+    TensorEntry,
+    delta_key,
+    file_key,
+    layout,
+    rows_key,
+)
 from .format import shared_key as _shared_key
 from .parts import decode_part
 
 
+def locate(path: Path) -> tuple[Path, bool]:
+    """The archive file, or the index of a sharded archive (a folder, or its index file)."""
+    if path.is_dir():
+        indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+        if len(indexes) != 1:
+            found = "none" if not indexes else ", ".join(i.name for i in indexes)
+            raise TvqError(
+                f"{path}: is a folder, not an archive (a sharded archive folder holds one "
+                f"*{INDEX_SUFFIX}; found {found})"
+            )
+        return indexes[0], True
+    return path, path.name.endswith(INDEX_SUFFIX)
+
+
+@dataclass
+class _File:
+    """One file of an archive: a single-file archive, or one shard."""
+
+    path: Path
+    handle: object
+    size: int
+    data_start: int
+
+
 class Archive:
-    """An open archive. Tensors are read lazily; nothing is loaded until asked for.
+    """An open archive, one file or sharded. Tensors are read lazily; nothing is loaded until
+    asked for.
 
     One class on purpose: it is the only gate to an archive's bytes, so that everything it
     hands out (raw bytes, decoded parts, task vectors) has passed the same checks.
@@ -37,39 +76,123 @@ class Archive:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._files: list[_File] = []
+        self._checksums: dict[str, int] = {}
+        self._offsets: dict[str, tuple[int, int, int]] = {}  # key -> (file, start, end)
         try:
-            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open to read
-            size = os.fstat(self._file.fileno()).st_size
-            prefix = _read_prefix(self._file, min(size, 8 + MAX_HEADER_BYTES))
+            main, sharded = locate(self.path)
+            if sharded:
+                self.max_shard_bytes: int | None = self._open_sharded(main)
+            else:
+                self.max_shard_bytes = None
+                self._open_single(main)
+        except BaseException:
+            self.close()
+            raise
+        self.stored: list[StoredTensor] = layout(self.header)
+        self._check_entries()
+        self.entries: dict[str, TensorEntry] = {t.name: t for t in self.header.tensors}
+        self.scheme: schemes.Scheme = schemes.get(self.header.scheme)
+
+    @property
+    def sharded(self) -> bool:
+        return self.max_shard_bytes is not None
+
+    @property
+    def root(self) -> Path:
+        """What a rewrite replaces: the file, or the folder of a sharded archive."""
+        return self._files[0].path.parent if self.sharded else self._files[0].path
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file of the archive (the index of a sharded one included)."""
+        return [*(f.path for f in self._files), *self._index]
+
+    def _open(self, path: Path) -> tuple[object, int, bytes]:
+        try:
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open to read
         except FileNotFoundError:
-            raise TvqError(f"{self.path}: no such file") from None
+            raise TvqError(f"{path}: no such file") from None
         except IsADirectoryError:
-            raise TvqError(f"{self.path}: is a folder, not an archive") from None
+            raise TvqError(f"{path}: is a folder, not an archive") from None
         except OSError as exc:
-            raise TvqError(f"{self.path}: cannot read ({exc.strerror})") from None
+            raise TvqError(f"{path}: cannot read ({exc.strerror})") from None
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = _read_prefix(handle, min(size, 8 + MAX_HEADER_BYTES))
+        except OSError as exc:
+            handle.close()
+            raise TvqError(f"{path}: cannot read ({exc.strerror})") from None
+        return handle, size, prefix
+
+    def _open_single(self, path: Path) -> None:
+        self._index: list[Path] = []
+        handle, size, prefix = self._open(path)
+        self._files.append(_File(path, handle, size, 0))
         try:
             entries, header, checksums, data_start = decode_header(prefix, size)
         except TvqError as exc:
-            raise TvqError(f"{self.path}: {exc}") from None
+            raise TvqError(f"{path}: {exc}") from None
+        self._files[0].data_start = data_start
         self.header: ArchiveHeader = header
+        self._checksums = checksums
+        self._entries = {key: (0, info) for key, info in entries.items()}
         self.header_bytes = data_start
         self.file_size = size
-        self.stored: list[StoredTensor] = layout(header)
-        self._checksums = checksums
-        self._offsets: dict[str, tuple[int, int]] = {}
-        self._check_entries(entries, size - data_start)
-        self.entries: dict[str, TensorEntry] = {t.name: t for t in header.tensors}
-        self.scheme: schemes.Scheme = schemes.get(header.scheme)
 
-    def _check_entries(self, entries: dict, payload: int) -> None:
+    def _open_sharded(self, index: Path) -> int:
+        self._index = [index]
+        try:
+            text = index.read_bytes()
+        except FileNotFoundError:
+            raise TvqError(f"{index}: no such file") from None
+        except OSError as exc:
+            raise TvqError(f"{index}: cannot read ({exc.strerror})") from None
+        try:
+            header, header_crc, weight_map, max_shard = decode_index(text)
+        except TvqError as exc:
+            raise TvqError(f"{index}: {exc}") from None
+        self.header = header
+        names = sorted(set(weight_map.values()))
+        self._entries = {}
+        self.header_bytes = self.file_size = len(text)
+        for number, name in enumerate(names, start=1):
+            path = index.parent / name
+            handle, size, prefix = self._open(path)
+            self._files.append(_File(path, handle, size, 0))
+            try:
+                entries, place, checksums, data_start = decode_shard_header(prefix, size)
+            except TvqError as exc:
+                raise TvqError(f"{path}: {exc}") from None
+            if place != {"shard": number, "of": len(names), "header_crc32": header_crc}:
+                raise TvqError(
+                    f"{path}: is not shard {number} of {len(names)} of the archive its index "
+                    "describes (a shard of another archive, or of an earlier version of it)"
+                )
+            for key, info in entries.items():
+                if weight_map.get(key) != name:
+                    raise TvqError(f"{path}: holds {key}, which the index places elsewhere")
+                self._entries[key] = (number - 1, info)
+            self._files[-1].data_start = data_start
+            self._checksums.update(checksums)
+            self.header_bytes += data_start
+            self.file_size += size
+        missing = set(weight_map) - set(self._entries)
+        if missing:
+            raise TvqError(f"{index}: stored tensor {sorted(missing)[0]} is in no shard")
+        return max_shard
+
+    def _check_entries(self) -> None:
         expected = {s.key: s for s in self.stored}
-        extra = set(entries) - set(expected)
+        extra = set(self._entries) - set(expected)
         if extra:
             raise TvqError(f"{self.path}: unexpected stored tensor {sorted(extra)[0]}")
         for key, s in expected.items():
-            info = entries.get(key)
+            file_index, info = self._entries.get(key, (0, None))
             if not isinstance(info, dict):
                 raise TvqError(f"{self.path}: stored tensor {key} is missing (damaged archive)")
+            file = self._files[file_index]
+            payload = file.size - file.data_start
             try:
                 start, end = (int(v) for v in info["data_offsets"])
                 ok = info["dtype"] == s.dtype and list(info["shape"]) == list(s.shape)
@@ -79,7 +202,8 @@ class Archive:
                 raise TvqError(f"{self.path}: stored tensor {key} has the wrong size or place")
             if key not in self._checksums:
                 raise TvqError(f"{self.path}: stored tensor {key} has no checksum")
-            self._offsets[key] = (self.header_bytes + start, self.header_bytes + end)
+            self._offsets[key] = (file_index, file.data_start + start, file.data_start + end)
+        del self._entries
 
     # --- raw access -------------------------------------------------------------------------
     @property
@@ -89,13 +213,13 @@ class Archive:
     def raw(self, key: str) -> np.ndarray:
         """The bytes of one stored tensor as a uint8 array, read now and checksum verified."""
         try:
-            start, end = self._offsets[key]
+            file_index, start, end = self._offsets[key]
         except KeyError:
             raise TvqError(f"{self.path}: no stored tensor {key}") from None
         data = np.empty(end - start, np.uint8)
         view = memoryview(data)
         try:
-            pread_into(self._file.fileno(), view, start)
+            pread_into(self._files[file_index].handle.fileno(), view, start)
         except EOFError:
             raise TvqError(f"{self.path}: the file ended early (truncated while open)") from None
         except OSError as exc:
@@ -105,7 +229,8 @@ class Archive:
         return data
 
     def close(self) -> None:
-        self._file.close()
+        for file in self._files:
+            file.handle.close()
 
     def array(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         return self.raw(key).view(DTYPES[dtype].numpy).reshape(shape)
@@ -122,9 +247,72 @@ class Archive:
             elif entry.kind == "exact":
                 for task in self.tasks:
                     self._delta(task, entry)
+        for task in self.tasks:
+            for path in self.info(task).files:
+                self.task_file(task, path)
+            for name in self.info(task).rows:
+                self.added_rows(task, name)
         return sum(s.nbytes for s in self.stored)
 
     # --- decoded access ---------------------------------------------------------------------
+    def info(self, task: str) -> TaskInfo:
+        """What the archive records of a task's original checkpoint."""
+        self._check_task(task)
+        return self.header.info(task)
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.header.tasks:
+            raise TvqError(f"{self.path}: no task named {task!r} (has {', '.join(self.tasks)})")
+
+    def added_rows(self, task: str, name: str) -> torch.Tensor | None:
+        """The rows a task added past the pretrained tensor's (new tokens), exactly as in its
+        checkpoint, in its dtype; None when it added none."""
+        info = self.info(task)
+        if name not in info.rows:
+            return None
+        entry = self.entry(name)
+        dtype = info.dtype_of(entry)
+        shape = (info.rows[name], *entry.shape[1:])
+        rows = torch.from_numpy(self.raw(rows_key(task, name))).view(to_torch(dtype)).reshape(shape)
+        if rows.is_floating_point() and not torch.isfinite(rows).all():
+            raise TvqError(f"{self.path}: NaN or Inf in {rows_key(task, name)} (damaged archive)")
+        return rows
+
+    def task_file(self, task: str, path: str) -> bytes:
+        """One stored non-weight file of a task (config.json, tokenizer.json, ...), checked
+        against its sha256."""
+        sha = self.info(task).files.get(path)
+        if sha is None:
+            raise TvqError(f"{self.path}: task {task!r} has no stored file {path}")
+        blob = self.header.files[sha]
+        try:
+            data = entropy.decompress(self.raw(file_key(sha)), blob.size)
+        except TvqError as exc:
+            raise TvqError(f"{self.path}: stored file {path} of task {task!r}: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise TvqError(f"{self.path}: stored file {path} of task {task!r} is damaged")
+        return data
+
+    def check_model(self, pretrained: Checkpoint) -> None:
+        """The archive describes exactly the pretrained checkpoint's tensors, shapes and
+        dtypes (its fingerprint is a separate, slower check)."""
+        specs = pretrained.specs
+        for entry in self.header.tensors:
+            spec = specs.get(entry.name)
+            if spec is None:
+                raise TvqError(
+                    f"{self.path}: tensor {entry.name} is not in {pretrained.path} "
+                    "(packed from a different model?)"
+                )
+            if spec.shape != entry.shape or spec.dtype != entry.dtype:
+                raise TvqError(
+                    f"{self.path}: tensor {entry.name} is {entry.dtype}{list(entry.shape)} "
+                    f"but {spec.dtype}{list(spec.shape)} in {pretrained.path}"
+                )
+        missing = set(specs) - set(self.entries)
+        if missing:
+            raise TvqError(f"{self.path}: has no tensor {sorted(missing)[0]} of {pretrained.path}")
+
     def entry(self, name: str) -> TensorEntry:
         try:
             return self.entries[name]
@@ -157,8 +345,7 @@ class Archive:
 
         FQ archives store fine-tuned weights, so they need the pretrained tensor to subtract.
         """
-        if task not in self.header.tasks:
-            raise TvqError(f"{self.path}: no task named {task!r} (has {', '.join(self.tasks)})")
+        self._check_task(task)
         entry = self.entry(name)
         if entry.kind == "shared":
             raise TvqError(f"{name} is not a float tensor; it has no task vector")

@@ -1,21 +1,34 @@
 """Streaming archive writer: header first, payload tensor by tensor, checksums patched last.
 
-Writes to a hidden temporary file beside the target and renames it into place only when every
-stored tensor has been written (`io.atomic.AtomicFile`), so an error or an interrupt never
-leaves a partial archive.
+One file: written to a hidden temporary file beside the target and renamed into place only when
+every stored tensor has been written (`io.atomic.AtomicFile`). Sharded (`max_shard_bytes`):
+`NAME-0000k-of-0000n.tvq` shards and `NAME.tvq.index.json` in a folder staged beside the target
+and renamed into place whole (`io.atomic.atomic_output`). Either way an error or an interrupt
+never leaves a partial archive, and never touches the one being replaced.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import InternalError, TvqError
-from ..io.atomic import AtomicFile
-from .container import crc32, encode_header
-from .format import ArchiveHeader, bound_header, layout, part_keys
+from ..io.atomic import AtomicFile, atomic_output
+from .container import (
+    INDEX_SUFFIX,
+    crc32,
+    encode_header,
+    encode_index,
+    encode_shard_header,
+)
+from .format import ArchiveHeader, StoredTensor, bound_header, layout, part_keys
+
+SHARD_SUFFIX = ".tvq"
 
 
 def reserved_header_length(header: ArchiveHeader) -> int:
@@ -25,23 +38,53 @@ def reserved_header_length(header: ArchiveHeader) -> int:
 
 
 def archive_size(header: ArchiveHeader) -> int:
-    """Exact size in bytes of the archive `header` describes (used by --dry-run).
+    """Exact size in bytes of the one-file archive `header` describes (used by --dry-run).
 
     For entropy-coded parts the header must carry their real coded sizes.
     """
     return reserved_header_length(header) + sum(s.nbytes for s in layout(header))
 
 
+def plan_shards(stored: list[StoredTensor], max_bytes: int) -> list[list[StoredTensor]]:
+    """Stored tensors, in order, in shards of at most `max_bytes` of payload (a larger tensor
+    stands alone): the rule of transformers' `save_pretrained`."""
+    shards: list[list[StoredTensor]] = [[]]
+    size = 0
+    for s in stored:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def shard_names(folder: Path, count: int) -> tuple[list[str], str]:
+    """File names of `count` shards and of the index in a sharded archive folder."""
+    stem = folder.name.removesuffix(SHARD_SUFFIX)
+    shards = [f"{stem}-{i:05d}-of-{count:05d}{SHARD_SUFFIX}" for i in range(1, count + 1)]
+    return shards, stem + INDEX_SUFFIX
+
+
+@dataclass
+class _Shard:
+    path: Path
+    keys: list[str]
+    reserve: int
+
+
 class ArchiveWriter:
     """Write an archive whose every stored tensor is known up front from its header.
 
     Entropy-coded codes may be shorter than their planned bound; their real sizes are put into
-    `header` (its parts' `coded_nbytes`) when the archive is finished.
+    `header` (its parts' `coded_nbytes`) when the archive is finished. With `max_shard_bytes`
+    the archive is a folder of shards (docs/format.md).
     """
 
-    def __init__(self, path: Path, header: ArchiveHeader):
+    def __init__(self, path: Path, header: ArchiveHeader, max_shard_bytes: int | None = None):
         self.path = Path(path)
         self.header = header
+        self.max_shard_bytes = max_shard_bytes
         self.stored = layout(bound_header(header))
         self._coded = {
             part_keys(p, t.name)[0]: (i, j)
@@ -52,19 +95,36 @@ class ArchiveWriter:
         self._sizes: dict[str, int] = {}
         self._next = 0
         self._checksums: dict[str, int] = {}
-        self._target = AtomicFile(self.path)
+        self._file: BinaryIO | None = None
+        self._target: AtomicFile | None = None
+        self._folder: contextlib.AbstractContextManager | None = None  # sharded: staged
+        self._shards: list[_Shard] = []
+        self._shard_of: list[int] = []
 
     def __enter__(self) -> ArchiveWriter:
         try:
-            self._file = self._target.open()
-            self._header_len = reserved_header_length(self.header)
-            self._file.write(b"\0" * self._header_len)
+            if self.max_shard_bytes is None:
+                self._target = AtomicFile(self.path)
+                self._file = self._target.open()
+                self._file.write(b"\0" * reserved_header_length(self.header))
+            else:
+                self._folder = atomic_output(self.path, folder=True)
+                self._plan_shards(self._folder.__enter__())
         except BaseException as exc:
-            self._target.discard()
+            self._discard()
             if isinstance(exc, OSError):
                 raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
             raise
         return self
+
+    def _plan_shards(self, staged: Path) -> None:
+        staged.mkdir()
+        planned = plan_shards(self.stored, self.max_shard_bytes)
+        names, _ = shard_names(self.path, len(planned))
+        for number, (name, stored) in enumerate(zip(names, planned, strict=True), start=1):
+            header = encode_shard_header(stored, {}, number, len(planned), 0)
+            self._shards.append(_Shard(staged / name, [s.key for s in stored], len(header)))
+            self._shard_of += [number - 1] * len(stored)
 
     def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
         """Append the next stored tensor; keys must come in layout order with exact sizes."""
@@ -84,10 +144,23 @@ class ArchiveWriter:
         self._checksums[key] = crc32(view)
         self._sizes[key] = view.nbytes
         try:
+            if self._shards and self._shards[self._shard_of[self._next]].keys[0] == key:
+                self._start_shard(self._shards[self._shard_of[self._next]])
             self._file.write(view)
         except OSError as exc:
             raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
         self._next += 1
+
+    def _start_shard(self, shard: _Shard) -> None:
+        self._close_file()
+        self._file = open(shard.path, "wb")  # noqa: SIM115 - closed in _close_file
+        self._file.write(b"\0" * shard.reserve)
+
+    def _close_file(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
 
     def finish(self) -> None:
         if self._next != len(self.stored):
@@ -99,15 +172,57 @@ class ArchiveWriter:
             parts[j] = replace(parts[j], coded_nbytes=self._sizes[key])
             entry.parts = parts
         self.stored = layout(self.header)
-        header_bytes = encode_header(
-            self.header, self.stored, self._checksums, reserve=self._header_len
-        )
         try:
-            self._file.seek(0)
-            self._file.write(header_bytes)
+            if self._target is not None:
+                self._file.seek(0)
+                self._file.write(
+                    encode_header(
+                        self.header,
+                        self.stored,
+                        self._checksums,
+                        reserve=reserved_header_length(self.header),
+                    )
+                )
+                self._target.commit()
+            else:
+                self._finish_shards()
+                folder, self._folder = self._folder, None
+                folder.__exit__(None, None, None)  # renames the staged folder into place
         except OSError as exc:
             raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
-        self._target.commit()
+
+    def _finish_shards(self) -> None:
+        """Patch every shard's header now that sizes, checksums and the header are final, and
+        write the index."""
+        self._close_file()
+        final = {s.key: s for s in self.stored}
+        header_crc = crc32(self.header.to_json().encode())
+        weight_map = {}
+        for number, shard in enumerate(self._shards, start=1):
+            stored = [final[key] for key in shard.keys]
+            data = encode_shard_header(
+                stored, self._checksums, number, len(self._shards), header_crc, shard.reserve
+            )
+            with open(shard.path, "r+b") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            weight_map.update(dict.fromkeys(shard.keys, shard.path.name))
+        _, index = shard_names(self.path, len(self._shards))
+        index_path = self._shards[0].path.parent / index
+        with open(index_path, "w") as f:
+            f.write(encode_index(self.header, weight_map, self.max_shard_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _discard(self) -> None:
+        if self._target is not None:
+            self._target.discard()
+        with contextlib.suppress(OSError):
+            self._close_file()
+        if self._folder is not None:  # an exception thrown in: the staged folder is removed
+            folder, self._folder = self._folder, None
+            folder.__exit__(InternalError, InternalError("discarded"), None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -115,6 +230,6 @@ class ArchiveWriter:
                 self.finish()
                 return
             except BaseException:
-                self._target.discard()
+                self._discard()
                 raise
-        self._target.discard()
+        self._discard()

@@ -56,6 +56,7 @@ def report(merge: Merge, output: dict, seconds: float, rounding: dict | None = N
         "weights": method.ctx.weights.tolist() if merge.weights_given else None,
         "seed": merge.request.seed,
         "fingerprint_mismatch": merge.sources.mismatched,
+        "left_out_rows": merge.sources.left_out_rows,
         "output": output,
         "rounding": rounding,
         "seconds": seconds,

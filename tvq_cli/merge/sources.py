@@ -14,9 +14,9 @@ import torch
 
 from ..archive.format import Part, TensorEntry
 from ..archive.reader import Archive
-from ..dtypes import INPUT_FLOATS
 from ..errors import TvqError
 from ..io.checkpoint import Checkpoint
+from ..io.compat import check_pretrained
 from ..quant.groups import expand_groups
 
 
@@ -64,16 +64,12 @@ class Sources:
         if not archives:
             raise TvqError("give at least one archive to merge")
         self.pretrained = pretrained
-        for name, spec in pretrained.specs.items():
-            if spec.is_float and spec.dtype not in INPUT_FLOATS:
-                raise TvqError(
-                    f"{pretrained.path}: tensor {name} has unsupported dtype {spec.dtype}"
-                )
+        check_pretrained(pretrained)
         opened = [Archive(p) for p in archives]
         self.fingerprint = pretrained.fingerprint()
         self.mismatched: list[str] = []
         for archive in opened:
-            self._check_tensors(archive)
+            archive.check_model(pretrained)
             if archive.header.pretrained_fingerprint != self.fingerprint:
                 if not force:
                     raise TvqError(
@@ -102,29 +98,19 @@ class Sources:
         self.refs = [available[t] for t in tasks]
         self.archives = opened
 
-    def _check_tensors(self, archive: Archive) -> None:
-        specs = self.pretrained.specs
-        for entry in archive.header.tensors:
-            spec = specs.get(entry.name)
-            if spec is None:
-                raise TvqError(
-                    f"{archive.path}: tensor {entry.name} is not in {self.pretrained.path} "
-                    "(packed from a different model?)"
-                )
-            if spec.shape != entry.shape or spec.dtype != entry.dtype:
-                raise TvqError(
-                    f"{archive.path}: tensor {entry.name} is {entry.dtype}{list(entry.shape)} "
-                    f"but {spec.dtype}{list(spec.shape)} in {self.pretrained.path}"
-                )
-        missing = set(specs) - set(archive.entries)
-        if missing:
-            raise TvqError(
-                f"{archive.path}: has no tensor {sorted(missing)[0]} of {self.pretrained.path}"
-            )
-
     @property
     def tasks(self) -> list[str]:
         return [r.task for r in self.refs]
+
+    @property
+    def left_out_rows(self) -> list[dict]:
+        """Rows tasks added past the pretrained tensors (new tokens): a merged model keeps the
+        pretrained vocabulary, so these are not in it (docs/merge.md, "Added tokens")."""
+        return [
+            {"task": ref.task, "tensor": name, "rows": rows}
+            for ref in self.refs
+            for name, rows in ref.archive.info(ref.task).rows.items()
+        ]
 
     @property
     def needs_pretrained(self) -> bool:

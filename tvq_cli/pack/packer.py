@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..archive.format import delta_key, shared_key
+from ..archive.format import ArchiveHeader, delta_key, rows_key, shared_key
 from ..archive.parts import encode_part
 from ..archive.schemes import Scheme
 from ..concurrency import torch_threads
+from ..dtypes import to_torch
 from ..errors import TvqError
-from ..tensors import tensor_bytes
+from ..tensors import require_finite, tensor_bytes
 from .blocked import BlockedRoute, Output, blockable
 from .prefetch import TensorInputs
 from .values import TaskValues, widen
@@ -90,3 +91,15 @@ class TensorPacker:
             for path, raw in zip(self.finetuned, inputs.finetuned, strict=True)
         ]
         return TaskValues(inputs.entry.name, sources, pre, self.device)
+
+
+def added_rows(header: ArchiveHeader, inputs: TensorInputs) -> list[Output]:
+    """The rows each task added to this tensor (new tokens), kept exactly in its dtype."""
+    entry = inputs.entry
+    out: list[Output] = []
+    for task, path, rows in zip(header.tasks, inputs.paths, inputs.added, strict=True):
+        if rows is not None:
+            dtype = to_torch(header.info(task).dtype_of(entry))
+            rows = require_finite(rows, path, entry.name).to(dtype)
+            out.append((rows_key(task, entry.name), tensor_bytes(rows)))
+    return out

@@ -11,21 +11,26 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..archive.format import TensorEntry
 from ..dtypes import itemsize
 from ..io.checkpoint import Checkpoint, tensor_digest
+from ..io.task_source import TaskSource
 
 
 @dataclass
 class TensorInputs:
-    """The raw (stored-dtype) values of one tensor in every input, and its fingerprint digest."""
+    """The raw (stored-dtype) values of one tensor in every input, in the pretrained shape;
+    the rows each fine-tune added past it (None: none); and the pretrained tensor's digest."""
 
     entry: TensorEntry
     pretrained: torch.Tensor
     finetuned: list[torch.Tensor]
+    added: list[torch.Tensor | None]
+    paths: list[Path]
     digest: bytes
     nbytes: int
 
@@ -45,7 +50,7 @@ class Prefetcher:
         self,
         entries: list[TensorEntry],
         pretrained: Checkpoint,
-        finetuned: list[Checkpoint],
+        finetuned: list[TaskSource],
         budget: int,
     ):
         self._entries = entries
@@ -75,8 +80,14 @@ class Prefetcher:
                     self._held += size
                 pre = self._pretrained.load(entry.name)
                 digest = tensor_digest(entry.name, pre)
-                fts = [ckpt.load(entry.name) for ckpt in self._finetuned]
-                self._ready.put(TensorInputs(entry, pre, fts, digest, size))
+                fts, added = [], []
+                for source in self._finetuned:
+                    full = source.load_full(entry.name)
+                    rows = entry.shape[0] if entry.shape else 0
+                    fts.append(full[:rows] if entry.name in source.rows else full)
+                    added.append(full[rows:] if entry.name in source.rows else None)
+                paths = [source.path for source in self._finetuned]
+                self._ready.put(TensorInputs(entry, pre, fts, added, paths, digest, size))
         except BaseException as exc:  # handed to the consumer, raised there
             self._ready.put(exc)
 
@@ -91,6 +102,7 @@ class Prefetcher:
         """The consumer is done with `item`: its bytes no longer count against the budget."""
         item.pretrained = torch.empty(0)
         item.finetuned = []
+        item.added = []
         with self._room:
             self._held -= item.nbytes
             self._room.notify()

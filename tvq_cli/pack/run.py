@@ -12,24 +12,29 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..archive.format import ArchiveHeader
+from ..archive.format import ArchiveHeader, file_key
+from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter, archive_size
 from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
 from ..dtypes import itemsize
 from ..errors import InternalError, TvqError
 from ..io.atomic import check_target
 from ..io.checkpoint import Checkpoint, combine_digests
+from ..io.compat import check_pretrained
+from ..io.model_writer import parse_size
+from ..io.task_source import TaskSource
+from ..io.tasks import open_tasks
 from ..quant import entropy
 from .alloc import Allocation, allocate
 from .options import PackOptions
-from .packer import TensorPacker
-from .plan import plan_pack, task_names
+from .packer import TensorPacker, added_rows
+from .plan import PackPlan, plan_archive, task_names
 from .prefetch import Prefetcher
 from .values import TaskValues
 from .whole import encode_whole
@@ -42,6 +47,7 @@ class PackResult:
     size_bytes: int
     seconds: float = 0.0
     allocation: Allocation | None = None
+    notes: list[str] = field(default_factory=list)  # names mapped, files left out, ...
 
     @property
     def bits_per_weight(self) -> float:
@@ -63,8 +69,17 @@ def resolve_device(device: str) -> torch.device:
     raise TvqError(f"--device must be cpu or cuda, got {device!r}")
 
 
-def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
-    return Checkpoint(pretrained), [Checkpoint(p) for p in finetuned]
+def open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[TaskSource]]:
+    """The pretrained checkpoint and every fine-tune, matched onto its names."""
+    pre = Checkpoint(pretrained)
+    check_pretrained(pre)
+    return pre, open_tasks(finetuned, pre)
+
+
+def _close(pre: Checkpoint, fts: list[TaskSource]) -> None:
+    for source in fts:
+        source.close()
+    pre.close()
 
 
 def dry_run(
@@ -80,17 +95,22 @@ def dry_run(
     """
     options = options or PackOptions()
     finetuned = [Path(p) for p in finetuned]
-    tasks = task_names(finetuned, names)
-    pre, fts = _open_inputs(Path(pretrained), finetuned)
-    header = plan_pack(pre, fts, tasks, options)
-    allocation = _allocate(header, pre, fts, options)
-    if allocation is None:
-        _measure_coded(header, pre, fts, options)
-    return PackResult(None, header, archive_size(header), allocation=allocation)
+    tasks, notes = task_names(finetuned, names)
+    pre, fts = open_inputs(Path(pretrained), finetuned)
+    try:
+        plan = plan_archive(pre, fts, tasks, options)
+        header = plan.header
+        allocation = _allocate(header, pre, fts, options)
+        if allocation is None:
+            _measure_coded(header, pre, fts, options)
+    finally:
+        _close(pre, fts)
+    size = archive_size(header)
+    return PackResult(None, header, size, allocation=allocation, notes=notes + plan.notes)
 
 
 def _allocate(
-    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+    header: ArchiveHeader, pre: Checkpoint, fts: list[TaskSource], options: PackOptions
 ) -> Allocation | None:
     if options.budget is None:
         return None
@@ -98,7 +118,7 @@ def _allocate(
 
 
 def _measure_coded(
-    header: ArchiveHeader, pre: Checkpoint, fts: list[Checkpoint], options: PackOptions
+    header: ArchiveHeader, pre: Checkpoint, fts: list[TaskSource], options: PackOptions
 ) -> None:
     """Fill in the coded size of every entropy-coded part by quantizing and coding it."""
     rules = options.rules
@@ -128,36 +148,73 @@ def pack(
     progress: bool = False,
     threads: int | None = None,
     device: str = "cpu",
+    max_shard_size: int | str | None = None,
 ) -> PackResult:
     """Pack fine-tuned checkpoints of one pretrained model into an archive at `out`.
 
+    Fine-tunes are model checkpoints or PEFT LoRA adapter folders (docs/cli.md, "Inputs").
     `threads`: worker threads (default: every core this process may use); `device`: where
-    quantization runs ("cpu", or "cuda" when a GPU is present).
+    quantization runs ("cpu", or "cuda" when a GPU is present); `max_shard_size` (e.g. "5GB"):
+    write a sharded archive, the folder `out` (docs/format.md).
     """
     options = options or PackOptions()
     torch_device = resolve_device(device)
     threads = check_threads(threads)
+    max_shard = None if max_shard_size is None else parse_size(max_shard_size)
     out = Path(out)
     finetuned = [Path(p) for p in finetuned]
-    tasks = task_names(finetuned, names)
-    pre, fts = _open_inputs(Path(pretrained), finetuned)
-    if out.is_dir():
-        raise TvqError(f"{out}: is a folder; give an archive file name such as tasks.tvq")
-    check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
-    start = time.perf_counter()
-    header = plan_pack(pre, fts, tasks, options)
-    allocation = _allocate(header, pre, fts, options)
+    tasks, notes = task_names(finetuned, names)
+    if out.is_dir() and max_shard is None:
+        raise TvqError(
+            f"{out}: is a folder; give an archive file name such as tasks.tvq "
+            "(or --max-shard-size for a sharded archive folder)"
+        )
+    pre, fts = open_inputs(Path(pretrained), finetuned)
+    try:
+        check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
+        start = time.perf_counter()
+        plan = plan_archive(pre, fts, tasks, options)
+        allocation = _allocate(plan.header, pre, fts, options)
+        write_archive(plan, pre, fts, out, options, torch_device, threads, progress, max_shard)
+    finally:
+        _close(pre, fts)
+    size = archive_bytes(out)
+    if allocation is not None and size > allocation.budget_bytes:
+        raise InternalError(f"{out} is {size} bytes, over the budget")
+    seconds = time.perf_counter() - start
+    return PackResult(out, plan.header, size, seconds, allocation, notes + plan.notes)
+
+
+def write_archive(
+    plan: PackPlan,
+    pre: Checkpoint,
+    fts: list[TaskSource],
+    out: Path,
+    options: PackOptions,
+    device: torch.device,
+    threads: int,
+    progress: bool,
+    max_shard: int | None,
+) -> None:
+    """Read, quantize and write every tensor of a planned archive, then its small files; the
+    pretrained and task fingerprints are taken from the bytes as they are read."""
+    header = plan.header
+    tasks = header.tasks
     largest = max(t.numel * itemsize(t.dtype) for t in header.tensors)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
-    with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
+    with (
+        ArchiveWriter(out, header, max_shard) as writer,
+        torch_threads(1),
+        contextlib.ExitStack() as stack,
+    ):
         packer = TensorPacker(
             options.rules,
             options.error_correction,
             tasks,
             pre.path,
             [c.path for c in fts],
-            torch_device,
+            device,
             threads,
         )
         stack.callback(packer.close)
@@ -176,17 +233,23 @@ def pack(
         )
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
-            outputs = packer.outputs(inputs)
+            outputs = packer.outputs(inputs) + added_rows(header, inputs)
             reader.release(inputs)
             background.submit(lambda outputs=outputs: _write_all(writer, outputs))
         background.wait()
+        _write_all(
+            writer, [(file_key(sha), plan.files.frames[sha]) for sha in sorted(header.files)]
+        )
         header.pretrained_fingerprint = combine_digests(digests)
-    for ckpt in (pre, *fts):
-        ckpt.close()
-    size = out.stat().st_size
-    if allocation is not None and size > allocation.budget_bytes:
-        raise InternalError(f"{out} is {size} bytes, over the budget")
-    return PackResult(out, header, size, time.perf_counter() - start, allocation)
+        for task, source in zip(tasks, fts, strict=True):
+            header.task_info[task].fingerprint = source.fingerprint()
+
+
+def archive_bytes(path: Path) -> int:
+    """Bytes of an archive on disk, every file of a sharded one included."""
+    archive = Archive(path)
+    archive.close()
+    return archive.file_size
 
 
 def _write_all(writer: ArchiveWriter, outputs: list) -> None:

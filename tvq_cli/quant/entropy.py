@@ -38,24 +38,31 @@ def encode(codes: np.ndarray, bits: int) -> bytes:
     return compress(pack_bits(codes, SYMBOL_BITS[bits]))
 
 
-def compress(symbols: np.ndarray) -> bytes:
-    """The zstd frame of codes already laid out byte-aligned (`SYMBOL_BITS` per code)."""
-    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(symbols)
+def compress(data: np.ndarray | bytes) -> bytes:
+    """One zstd frame (content checksum on) of `data`: codes already laid out byte-aligned
+    (`SYMBOL_BITS` per code), or a stored file."""
+    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(data)
 
 
-def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of `encode`; a damaged or foreign frame raises TvqError, never wrong codes."""
-    expected = symbol_nbytes(count, bits)
+def decompress(frame: np.ndarray | bytes, expected: int) -> bytes:
+    """Inverse of `compress`; a damaged frame or one of another size raises TvqError."""
     try:
         data = zstandard.ZstdDecompressor().decompress(
             bytes(frame), max_output_size=max(expected, 1)
         )
     except zstandard.ZstdError as exc:
-        raise TvqError(f"entropy-coded codes are damaged ({exc})") from None
+        raise TvqError(f"zstd frame is damaged ({exc})") from None
     if len(data) != expected:
-        raise TvqError(
-            f"entropy-coded codes decode to {len(data)} bytes, expected {expected} (damaged)"
-        )
+        raise TvqError(f"zstd frame decodes to {len(data)} bytes, expected {expected} (damaged)")
+    return data
+
+
+def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of `encode`; a damaged or foreign frame raises TvqError, never wrong codes."""
+    try:
+        data = decompress(frame, symbol_nbytes(count, bits))
+    except TvqError as exc:
+        raise TvqError(f"entropy-coded codes: {exc}") from None
     codes = unpack_bits(np.frombuffer(data, np.uint8), SYMBOL_BITS[bits], count)
     if bits < SYMBOL_BITS[bits] and (codes >> bits).any():
         raise TvqError("entropy-coded codes hold out-of-range values (damaged)")

@@ -6,18 +6,17 @@ report feeds the rich tables and `--json`.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-from ..archive.format import FORMAT_VERSION, ArchiveHeader, storage_class
+from ..archive.format import ArchiveHeader, storage_class
 from ..archive.reader import Archive
 from ..dtypes import itemsize
 from ..errors import TvqError
 from ..io.checkpoint import Checkpoint
-from ..io.compat import check_compatible
+from ..io.compat import check_pretrained
+from ..io.tasks import open_tasks
+from ..stats import ErrorStats
 
 
 def quantization_settings(header: ArchiveHeader) -> list[dict]:
@@ -44,7 +43,6 @@ def quantization_settings(header: ArchiveHeader) -> list[dict]:
 def storage_summary(archive: Archive) -> dict:
     """Bytes by role, parameter counts, effective bits per weight and compression ratios."""
     header = archive.header
-    n_tasks = len(header.tasks)
     by_class: dict[str, int] = defaultdict(int)
     for stored in archive.stored:
         by_class[storage_class(stored.key)] += stored.nbytes
@@ -53,15 +51,16 @@ def storage_summary(archive: Archive) -> dict:
         kind: sum(t.numel for t in header.tensors if t.kind == kind)
         for kind in ("quantized", "exact", "shared")
     }
-    original_bytes = sum(t.numel * itemsize(t.dtype) for t in header.tensors)
+    original_bytes = sum(_original_bytes(header, task) for task in header.tasks)
     return {
         "archive": str(archive.path),
-        "format_version": FORMAT_VERSION,
+        "files": [str(p) for p in archive.paths],
+        "format_version": header.version,
         "tool_version": header.tool_version,
         "scheme": header.scheme,
         "error_correction": header.error_correction,
         "pretrained_fingerprint": header.pretrained_fingerprint,
-        "tasks": [{"name": name} for name in header.tasks],
+        "tasks": [task_record(header, name) for name in header.tasks],
         "quantization": quantization_settings(header),
         "parameters": {"total": header.parameters, **params},
         "tensors_count": {
@@ -72,62 +71,45 @@ def storage_summary(archive: Archive) -> dict:
             "codes": by_class["codes"],
             "scales": by_class["scales"],
             "exact": by_class["exact"],
+            "files": by_class["files"],
             "header": archive.header_bytes,
             "total": total,
         },
         "bits_per_weight": header.bits_per_weight(total),
         "compression": {
             "vs_fp32": header.ratio_vs_fp32(total),
-            "vs_original": n_tasks * original_bytes / total,
+            "vs_original": original_bytes / total,
         },
     }
 
 
-class _ErrorStats:
-    """Running sums for rel-L2, cosine, max-abs and SNR of a reconstruction."""
+def _original_bytes(header: ArchiveHeader, task: str) -> int:
+    """Bytes of a task's checkpoint in its own dtypes, added rows included."""
+    info = header.info(task)
+    total = 0
+    for entry in header.tensors:
+        rows = entry.numel // entry.shape[0] * info.rows.get(entry.name, 0) if entry.shape else 0
+        total += (entry.numel + rows) * itemsize(info.dtype_of(entry))
+    return total
 
-    def __init__(self) -> None:
-        self.err2 = self.ref2 = self.hat2 = self.dot = 0.0
-        self.max_abs = 0.0
-        self.count = 0
 
-    def add(self, ref: torch.Tensor, hat: torch.Tensor) -> None:
-        ref64, hat64 = ref.reshape(-1).double(), hat.reshape(-1).double()
-        diff = hat64 - ref64
-        self.err2 += float(diff @ diff)
-        self.ref2 += float(ref64 @ ref64)
-        self.hat2 += float(hat64 @ hat64)
-        self.dot += float(ref64 @ hat64)
-        if diff.numel():
-            self.max_abs = max(self.max_abs, float(diff.abs().max()))
-        self.count += ref.numel()
-
-    def merge(self, other: _ErrorStats) -> None:
-        self.err2 += other.err2
-        self.ref2 += other.ref2
-        self.hat2 += other.hat2
-        self.dot += other.dot
-        self.max_abs = max(self.max_abs, other.max_abs)
-        self.count += other.count
-
-    def as_dict(self) -> dict:
-        """rel_l2 and snr_db are null where the reference is all zeros (undefined ratio)."""
-        rel = (
-            math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else (0.0 if self.err2 == 0 else None)
-        )
-        denom = math.sqrt(self.ref2 * self.hat2)
-        cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
-        if self.err2 == 0:
-            snr = None
-        else:
-            snr = 10 * math.log10(self.ref2 / self.err2) if self.ref2 > 0 else None
-        return {
-            "rel_l2": rel,
-            "cosine": cosine,
-            "max_abs_error": self.max_abs,
-            "snr_db": snr,
-            "parameters": self.count,
-        }
+def task_record(header: ArchiveHeader, task: str) -> dict:
+    """What the archive records of a task's original checkpoint (docs/cli.md)."""
+    info = header.info(task)
+    return {
+        "name": task,
+        "source": info.source,
+        "dtype": info.dtype,
+        "dtypes": info.dtypes,
+        "added_rows": info.rows,
+        "copies": info.copies,
+        "absent": info.absent,
+        "renamed": None
+        if info.renamed is None
+        else {"removed": info.renamed[0], "added": info.renamed[1]},
+        "files": {path: header.files[sha].size for path, sha in info.files.items()},
+        "fingerprint": info.fingerprint,
+    }
 
 
 def error_report(
@@ -144,8 +126,8 @@ def error_report(
             f"(tasks {', '.join(tasks)}), got {len(finetuned)}"
         )
     pre = Checkpoint(pretrained)
-    fts = [Checkpoint(p) for p in finetuned]
-    check_compatible(pre, fts)
+    check_pretrained(pre)
+    fts = open_tasks(finetuned, pre)
     names = {t.name for t in archive.header.tensors}
     if set(pre.specs) != names:
         missing = sorted(set(pre.specs) ^ names)[0]
@@ -154,14 +136,14 @@ def error_report(
         raise TvqError(
             f"{pretrained}: is not the pretrained checkpoint this archive was packed from"
         )
-    totals = {task: _ErrorStats() for task in tasks}
+    totals = {task: ErrorStats() for task in tasks}
     rows: list[dict] = []
     for entry in archive.header.tensors:
         if entry.kind == "shared":
             continue
         pre_t = pre.load_float(entry.name)
         for task, ckpt in zip(tasks, fts, strict=True):
-            stats = _ErrorStats()
+            stats = ErrorStats()
             tau = ckpt.load_float(entry.name) - pre_t
             stats.add(tau, archive.task_vector(task, entry.name, pre_t))
             totals[task].merge(stats)
@@ -169,7 +151,9 @@ def error_report(
                 rows.append(
                     {"task": task, "tensor": entry.name, "kind": entry.kind, **stats.as_dict()}
                 )
-    overall = _ErrorStats()
+    for source in fts:
+        source.close()
+    overall = ErrorStats()
     for task in tasks:
         overall.merge(totals[task])
     return [{"name": t, **totals[t].as_dict()} for t in tasks], overall.as_dict(), rows
@@ -196,7 +180,9 @@ def inspect_archive(
         tasks, overall, rows = error_report(
             archive, Path(pretrained), [Path(p) for p in finetuned], per_tensor
         )
-        report["tasks"] = tasks
+        report["tasks"] = [
+            {**record, **error} for record, error in zip(report["tasks"], tasks, strict=True)
+        ]
         report["error"] = overall
         if per_tensor:
             report["tensors"] = rows

@@ -155,6 +155,13 @@ def render_merge(report: dict, console: Console) -> None:
             "  [yellow]forced: pretrained fingerprint differs for "
             f"{', '.join(report['fingerprint_mismatch'])}[/yellow]"
         )
+    for left in report.get("left_out_rows", []):
+        console.print(
+            f"  vocabulary: the pretrained one; {left['rows']} row(s) task {left['task']} added "
+            f"to {left['tensor']} are left out (tvq extract --task {left['task']} has them)",
+            markup=False,
+            highlight=False,
+        )
     what = {"safetensors": "model file", "folder": "model folder", "tvq": "archive"}[out["format"]]
     if out.get("targets"):
         what += f" for task(s) {', '.join(out['targets'])}"

@@ -80,6 +80,14 @@ class Scheme:
         input's size the scheme may use for values of its own (RTVQ's base)."""
         raise NotImplementedError
 
+    def own_values(
+        self, values: torch.Tensor, dequantized: Callable[[str], torch.Tensor]
+    ) -> torch.Tensor:
+        """What a task added to an existing archive stores in its own role: its inputs less
+        what the shared roles, already stored, reconstruct (`tvq add`; nothing for schemes
+        without shared roles). May change `values` in place."""
+        return values
+
     def decode(
         self,
         task: str,

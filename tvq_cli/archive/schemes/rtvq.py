@@ -43,5 +43,8 @@ class ResidualTaskVectors(Scheme):
         for index, tau in enumerate(inputs, start=1):
             code(index, tau.sub_(anchor))
 
+    def own_values(self, values, dequantized):
+        return values.sub_(dequantized("base"))
+
     def decode(self, task, dequantized, pretrained):
         return dequantized("base").add_(dequantized(self.task_role(task)))

@@ -1,0 +1,118 @@
+"""A fine-tune as pack, inspect, add and extract read it: its tensors under the pretrained
+checkpoint's names, whatever its form on disk.
+
+Two forms: a model checkpoint (`CheckpointTask`: a .safetensors file, a folder, a sharded
+folder; names mapped, tied copies and grown embeddings recognised by `compat`) and a PEFT LoRA
+adapter folder (`lora.LoraTask`: weights rebuilt as peft's merge would). Both hand out each
+tensor in the pretrained shape (`load`, `load_float`) or with the rows it added (`load_full`),
+and the fingerprint of the files they were read from, computed from the bytes as they are read
+(no second pass over the files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import TvqError
+from ..tensors import require_finite
+from .checkpoint import Checkpoint, TensorSpec, combine_digests, tensor_digest
+from .compat import Match, match_checkpoint
+from .model_files import ModelFiles, read_model_files
+from .names import Renaming
+
+
+class TaskSource:
+    """One fine-tune, read tensor by tensor under the pretrained names."""
+
+    kind = "checkpoint"
+
+    def __init__(self, path: Path, pretrained: Checkpoint):
+        self.path = Path(path)
+        self.pretrained = pretrained
+        self.files: list[Path] = []  # its files on disk
+        self.specs: dict[str, TensorSpec] = {}  # its own shape (added rows included) and dtype
+        self.rows: dict[str, int] = {}  # rows added past the pretrained's
+        self.copies: dict[str, str] = {}  # explicit copies of tied tensors -> the original
+        self.absent: list[str] = []  # pretrained tensors it lacks (task vector 0)
+        self.renamed = Renaming()
+        self.notes: list[str] = []  # what was mapped or assumed, for people
+
+    def load_full(self, name: str) -> torch.Tensor:
+        """Tensor `name` with any rows it added, in a float dtype of the input (its own, or
+        fp32 where it is computed)."""
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        """Tensor `name` in the pretrained shape (added rows left out)."""
+        full = self.load_full(name)
+        return full[: self.pretrained.specs[name].shape[0]] if name in self.rows else full
+
+    def load_float(self, name: str) -> torch.Tensor:
+        """`load` in fp32, refusing NaN and Inf."""
+        return require_finite(self.load(name).to(torch.float32), self.path, name)
+
+    def fingerprint(self) -> str:
+        """sha256 over its tensors as stored (sorted names, dtypes, shapes, bytes): the same
+        function as the pretrained fingerprint, so `Checkpoint(path).fingerprint()` equals it."""
+        raise NotImplementedError
+
+    def model_files(self) -> ModelFiles:
+        """Its config, tokenizer and other small files (none for a bare .safetensors file)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """The original dtype of each float tensor."""
+        return {n: s.dtype for n, s in self.specs.items() if s.is_float}
+
+
+class CheckpointTask(TaskSource):
+    """A fine-tuned model checkpoint."""
+
+    def __init__(self, path: Path, pretrained: Checkpoint):
+        super().__init__(path, pretrained)
+        self.checkpoint = Checkpoint(path)
+        self.files = list(self.checkpoint.files)
+        self._digests: dict[str, bytes] = {}
+        match: Match = match_checkpoint(pretrained, self.checkpoint, self._same)
+        self._own = match.own
+        self.specs = match.specs
+        self.rows = match.rows
+        self.copies = match.copies
+        self.absent = match.absent
+        self.renamed = match.renamed
+        self.notes = match.notes(self.path)
+
+    def _read(self, own_name: str) -> torch.Tensor:
+        tensor = self.checkpoint.load(own_name)
+        if own_name not in self._digests:
+            self._digests[own_name] = tensor_digest(own_name, tensor)
+        return tensor
+
+    def _same(self, a: str, b: str) -> bool:
+        return torch.equal(self._read(a), self._read(b))
+
+    def load_full(self, name: str) -> torch.Tensor:
+        own = self._own.get(name)
+        if own is None:  # absent, or a buffer it did not save: the pretrained tensor
+            if name not in self.pretrained.specs:
+                raise TvqError(f"{self.path}: no tensor named {name}")
+            return self.pretrained.load(name)
+        return self._read(own)
+
+    def fingerprint(self) -> str:
+        for name in self.checkpoint.names:
+            if name not in self._digests:
+                self._read(name)
+        return combine_digests(self._digests)
+
+    def model_files(self) -> ModelFiles:
+        return read_model_files(self.path) if self.path.is_dir() else ModelFiles()
+
+    def close(self) -> None:
+        self.checkpoint.close()
