@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from ..version import __version__
-from . import demo, inspect, pack  # noqa: F401 - importing registers each command
+from . import demo, inspect, pack, store  # noqa: F401 - importing registers each command
 from . import merge as merge_cli
 from .common import app
 from .main import main, run

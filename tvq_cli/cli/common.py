@@ -25,3 +25,9 @@ def show_progress(quiet: bool) -> bool:
 def echo_plain(text: str) -> None:
     """Print as is: no markup, and no line breaks inside a command that must stay typeable."""
     stdout.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_notes(notes: list[str]) -> None:
+    """What a command mapped, assumed or left out: one line each on stderr."""
+    for note in notes:
+        stderr.print(f"tvq: note: {note}", markup=False, highlight=False, soft_wrap=True)

@@ -13,10 +13,10 @@ from ..quant.entropy import DEFAULT_CODEC
 from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS
 from ..report import quantization_settings
 from ..report.render import human_bytes
-from .common import app, show_progress, stderr, stdout
+from .common import app, print_notes, show_progress, stderr, stdout
 
 
-def _parse_names(pairs: list[str]) -> dict[str, str]:
+def parse_names(pairs: list[str]) -> dict[str, str]:
     names = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
@@ -69,6 +69,12 @@ def pack_command(
     ),
     keep: list[str] = typer.Option([], "--keep", help="Glob of tensor names to keep exact."),
     name: list[str] = typer.Option([], "--name", help="NAME=PATH: name a task (repeatable)."),
+    max_shard_size: str = typer.Option(
+        None,
+        "--max-shard-size",
+        help="Write a sharded archive: the folder --out, of NAME-0000k-of-0000n.tvq shards of "
+        "at most this size (e.g. 5GB) and NAME.tvq.index.json.",
+    ),
     dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing archive."),
     threads: int = typer.Option(
@@ -79,7 +85,7 @@ def pack_command(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Quantize the task vectors of FINETUNED checkpoints into one archive."""
+    """Quantize the task vectors of FINETUNED checkpoints or LoRA adapters into one archive."""
     options = PackOptions(
         scheme=scheme,
         bits=bits,
@@ -94,9 +100,10 @@ def pack_command(
         budget=budget,
         weighting=weighting,
     )
-    names = _parse_names(name)
+    names = parse_names(name)
     if dry:
         result = dry_run(pretrained, finetuned, options, names)
+        print_notes(result.notes)
         stdout.print(
             f"dry run: {result.size_bytes} bytes ({human_bytes(result.size_bytes)}) for "
             f"{len(result.header.tasks)} tasks, {result.bits_per_weight:.4f} bits per weight, "
@@ -116,7 +123,9 @@ def pack_command(
         progress=show_progress(quiet),
         threads=threads,
         device=device,
+        max_shard_size=max_shard_size,
     )
+    print_notes(result.notes)
     tasks = result.header.tasks
     stdout.print(
         f"wrote {out}: {human_bytes(result.size_bytes)}, {len(tasks)} tasks "

@@ -56,9 +56,12 @@ class ModelFiles:
         return sum(len(d) for d in self.files.values())
 
     def overlay(self, other: ModelFiles, patterns: tuple[str, ...]) -> ModelFiles:
-        """These files with the ones matching `patterns` taken from `other` instead."""
-        kept = {p: d for p, d in self.files.items() if not is_one_of(p, patterns)}
+        """These files, with those matching `patterns` taken from `other` instead when it has
+        any (a set such as a tokenizer's files is taken whole from one folder)."""
         taken = {p: d for p, d in other.files.items() if is_one_of(p, patterns)}
+        if not taken:
+            return self
+        kept = {p: d for p, d in self.files.items() if not is_one_of(p, patterns)}
         return ModelFiles({**kept, **taken}, self.skipped + other.skipped)
 
 

@@ -5,11 +5,13 @@
 
 Methods live one per module in `tvq_cli.merge.methods`, registered by name (`list_methods()`).
 `request` checks a merge, `engine` streams task vectors and merges them tensor by tensor,
-`model_out` / `archive_out` write the result, `run` ties them together.
+`model_out` / `archive_out` write the result, `run` ties them together. `rebuild` gives one
+task's fine-tune back (`tvq extract`, and a stream of its tensors for serving code).
 """
 
 from .base import MergeMethod, Option
 from .methods import all_methods, method_class
+from .rebuild import extract, task_tensors
 from .request import MergeRequest
 from .run import run_merge
 
@@ -44,8 +46,10 @@ __all__ = [
     "MergeRequest",
     "Option",
     "all_methods",
+    "extract",
     "list_methods",
     "merge",
     "method_class",
     "run_merge",
+    "task_tensors",
 ]

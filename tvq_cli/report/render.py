@@ -218,3 +218,28 @@ def render_accuracy(report: dict, console: Console) -> None:
         table.add_row(task, f"{acc:.2f}")
     table.add_row("mean", f"{report['mean']:.2f}", style="bold")
     console.print(table)
+
+
+def render_extract(report: dict, console: Console) -> None:
+    out = report["output"]
+    what = "model folder" if out["format"] == "folder" else "model file"
+    rows = "".join(f", +{n} rows of {name}" for name, n in report["added_rows"].items())
+    console.print(
+        f"extracted task {report['task']}: wrote {what} {out['path']}: {report['tensors']} "
+        f"tensors{rows}, {human_bytes(out['bytes'])} in {len(out['files'])} file(s), "
+        f"dtype {out['dtype'] or 'as pretrained'}, {report['seconds']:.1f} s",
+        markup=False,
+        highlight=False,
+    )
+    against = report.get("against")
+    if against:
+        check = {
+            "match": "is the fine-tune packed as this task (fingerprint matches)",
+            "not recorded": "compared (the archive records no fingerprint to check)",
+        }[against["fingerprint"]]
+        console.print(
+            f"  {against['path']} {check}; task vector rel-L2 {_fmt(against['rel_l2'])}, "
+            f"cosine {_fmt(against['cosine'], 6)}",
+            markup=False,
+            highlight=False,
+        )
