@@ -185,5 +185,7 @@ def test_sharded_and_folder_inputs_give_the_same_task_vectors(tmp_path):
     for stored in from_files.stored:
         assert np.array_equal(from_files.raw(stored.key), from_folders.raw(stored.key))
     assert len(from_folders.header.files) == 1
-    assert from_folders.task_file("t1", "config.json") == (folder_fts[1] / "config.json").read_bytes()
+    assert (
+        from_folders.task_file("t1", "config.json") == (folder_fts[1] / "config.json").read_bytes()
+    )
     assert from_files.header.tensors[0].dtype == "BF16"

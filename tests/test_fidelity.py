@@ -126,7 +126,7 @@ def test_damaged_entropy_coded_archive_is_detected(tmp_path):
     pack(pre, fts, out, PackOptions(bits=2))
     archive = open_archive(out)
     key = "task:t1:block1.weight:codes"
-    start, end = archive._offsets[key]
+    _, start, end = archive._offsets[key]
     data = bytearray(out.read_bytes())
     data[(start + end) // 2] ^= 0xFF  # offsets are absolute in the file
     out.write_bytes(bytes(data))

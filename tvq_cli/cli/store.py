@@ -47,6 +47,7 @@ def add_command(
         f"{result.bits_per_weight:.3f} bits per weight, {result.seconds:.1f} s",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -62,6 +63,7 @@ def remove_command(
         f"({', '.join(header.tasks)})",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -52,7 +52,7 @@ def render_inspect(report: dict, console: Console) -> None:
         "bytes",
         f"{human_bytes(b['total'])} = codes {human_bytes(b['codes'])} + "
         f"scales/zero-points {human_bytes(b['scales'])} + exact {human_bytes(b['exact'])}"
-        f" + header {human_bytes(b['header'])}",
+        f" + files {human_bytes(b['files'])} + header {human_bytes(b['header'])}",
     )
     summary.add_row("bits per weight", f"{report['bits_per_weight']:.3f} (all metadata counted)")
     c = report["compression"]
@@ -69,6 +69,8 @@ def render_inspect(report: dict, console: Console) -> None:
             "every checksum matches",
         )
     console.print(summary)
+    if report["format_version"] > 1:
+        console.print(_task_table(report["tasks"]))
     if "error" in report:
         table = Table(title="task vector reconstruction error")
         for col in ("task", "rel L2", "cosine", "max |err|", "SNR dB"):
@@ -111,6 +113,30 @@ def render_inspect(report: dict, console: Console) -> None:
                 quant or "-",
             )
         console.print(table)
+
+
+def _task_table(tasks: list[dict]) -> Table:
+    """What each task was packed from: its dtype, added rows, names, files, fingerprint."""
+    table = Table(title="tasks as packed")
+    for col in ("task", "from", "dtype", "added rows (stored exactly)", "names", "files"):
+        table.add_column(col)
+    table.add_column("fingerprint")
+    for t in tasks:
+        dtype = t["dtype"] or "-"
+        if t["dtypes"]:
+            dtype += f" ({len(t['dtypes'])} other)"
+        rows = ", ".join(f"{name} +{n}" for name, n in t["added_rows"].items()) or "-"
+        names = []
+        if t["renamed"]:
+            names.append(" ".join(f"{k} {v!r}" for k, v in t["renamed"].items() if v))
+        names += [f"{copy} = {original}" for copy, original in t["copies"].items()]
+        names += [f"no {name}" for name in t["absent"]]
+        files = f"{len(t['files'])}, {human_bytes(sum(t['files'].values()))}" if t["files"] else "-"
+        fingerprint = (t["fingerprint"] or "-").removeprefix("sha256:")[:12]
+        table.add_row(
+            t["name"], t["source"], dtype, rows, "; ".join(names) or "-", files, fingerprint
+        )
+    return table
 
 
 def render_methods(methods: list[dict], console: Console) -> None:
@@ -161,6 +187,7 @@ def render_merge(report: dict, console: Console) -> None:
             f"to {left['tensor']} are left out (tvq extract --task {left['task']} has them)",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
     what = {"safetensors": "model file", "folder": "model folder", "tvq": "archive"}[out["format"]]
     if out.get("targets"):
@@ -230,6 +257,7 @@ def render_extract(report: dict, console: Console) -> None:
         f"dtype {out['dtype'] or 'as pretrained'}, {report['seconds']:.1f} s",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     against = report.get("against")
     if against:
@@ -242,4 +270,5 @@ def render_extract(report: dict, console: Console) -> None:
             f"cosine {_fmt(against['cosine'], 6)}",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
