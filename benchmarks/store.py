@@ -1,0 +1,133 @@
+"""The store's costs: what `tvq add` costs RTVQ against packing all tasks again, and what the
+small files and task records add per task.
+
+1. On the example zoo (8 tasks), RTVQ with the defaults (base 3 bits, offsets 2): the first k
+   tasks are packed and the other 8 - k added (`tvq add`), against packing all 8 at once;
+   rel-L2 of the task vectors (the added tasks, the first ones, all) and the mean accuracy of
+   task arithmetic and TIES merges. TVQ and FQ are checked to give the same bytes either way.
+2. On tiny Hugging Face models (tests/hf_models.py; needs transformers and peft): the bytes
+   of the small files kept per task (config, tokenizer, chat template) as files and as stored,
+   and of its record in the header, for a plain fine-tune, one with added tokens and a LoRA
+   adapter.
+Writes the tables between the STORE markers of docs/cli.md.
+Usage: PYTHONPATH=.:tests python benchmarks/store.py [--zoo DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from doc_sections import write_section  # benchmarks/ is the script's folder
+from merged_accuracy import archive_vectors, merged_accuracy
+
+from tvq_cli import PackOptions, add_tasks, open_archive, pack
+from tvq_cli.io.checkpoint import Checkpoint
+from tvq_cli.stats import ErrorStats
+from tvq_cli.zoo import Zoo, build_zoo
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "cli.md"
+
+
+def errors(archive: Path, zoo: Zoo, first: int) -> list[float | None]:
+    """rel-L2 of the task vectors over the first `first` tasks, over the others, and over all."""
+    pre, opened = Checkpoint(zoo.pretrained), open_archive(archive)
+    groups = [ErrorStats(), ErrorStats(), ErrorStats()]
+    for index, (task, path) in enumerate(zoo.tasks.items()):
+        ft = Checkpoint(path)
+        for name, spec in pre.specs.items():
+            if spec.is_float:
+                base = pre.load_float(name)
+                tau, hat = ft.load_float(name) - base, opened.task_vector(task, name, base)
+                groups[0 if index < first else 1].add(tau, hat)
+                groups[2].add(tau, hat)
+    return [g.as_dict()["rel_l2"] if g.count else None for g in groups]
+
+
+def add_vs_repack(zoo: Zoo, work: Path) -> str:
+    fts = list(zoo.tasks.values())
+    options = PackOptions(scheme="rtvq")
+    lines = [
+        "| archive (RTVQ B3O2, 8 zoo tasks) | size | rel-L2 first k | rel-L2 added | "
+        "rel-L2 all | TA acc % | TIES acc % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for first in (8, 6, 4, 2, 1):
+        out = work / f"rtvq-{first}.tvq"
+        pack(zoo.pretrained, fts[:first], out, options, overwrite=True)
+        if first < 8:
+            add_tasks(out, zoo.pretrained, fts[first:])
+        old, new, overall = errors(out, zoo, first)
+        taus = archive_vectors(out)
+        accs = [merged_accuracy(zoo, taus, m) for m in ("task_arithmetic", "ties")]
+        label = "packed at once" if first == 8 else f"{first} packed, {8 - first} added"
+        size = open_archive(out).file_size
+        added = "-" if first == 8 else f"{new:.4f}"
+        lines.append(
+            f"| {label} | {size / 1024:.1f} KiB | {old:.4f} | {added} | {overall:.4f} | "
+            f"{accs[0]:.2f} | {accs[1]:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    for scheme in ("tvq", "fq"):
+        a, b = work / f"{scheme}-all.tvq", work / f"{scheme}-added.tvq"
+        pack(zoo.pretrained, fts, a, PackOptions(scheme=scheme), overwrite=True)
+        pack(zoo.pretrained, fts[:4], b, PackOptions(scheme=scheme), overwrite=True)
+        add_tasks(b, zoo.pretrained, fts[4:])
+        same = a.read_bytes() == b.read_bytes()
+        lines.append(f"\n{scheme.upper()}: 4 packed + 4 added gives the same bytes as 8: {same}.")
+    return "\n".join(lines)
+
+
+def small_files(work: Path) -> str:
+    try:
+        import hf_models
+    except ImportError:
+        return "(not measured: needs transformers and peft, the `hf` extra)"
+    lines = [
+        "| tiny model, task | files kept | as files | stored (zstd) | task record in header |",
+        "|---|---|---|---|---|",
+    ]
+    for arch in ("llama", "qwen2", "gpt2"):
+        root = work / arch
+        root.mkdir()
+        base = hf_models.make_base(root, arch, "base")
+        tasks = {
+            "fine-tune": hf_models.make_finetune(root, base, "ft"),
+            "+2 tokens, ChatML": hf_models.make_finetune(root, base, "added", add_tokens=2),
+            "LoRA adapter": hf_models.make_lora(root, base, "lora"),
+        }
+        for label, folder in tasks.items():
+            out = root / f"{folder.name}.tvq"
+            pack(base, [folder], out)
+            header = open_archive(out).header
+            info = header.info(folder.name)
+            size = sum(header.files[s].size for s in info.files.values())
+            stored = sum(header.files[s].stored for s in info.files.values())
+            record = len(json.dumps(info.to_json(), separators=(",", ":")))
+            lines.append(
+                f"| {arch}, {label} | {len(info.files)} | {size:,} B | {stored:,} B | "
+                f"{record:,} B |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, help="an example zoo folder (built if missing)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        zoo = build_zoo(args.zoo or work / "zoo", seed=0)
+        body = add_vs_repack(zoo, work) + "\n\nSmall files and records per task:\n\n"
+        body += small_files(work)
+    write_section(DOC, "STORE", body)
+
+
+if __name__ == "__main__":
+    main()
