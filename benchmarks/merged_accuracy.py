@@ -11,20 +11,18 @@ Usage: PYTHONPATH=. python benchmarks/merged_accuracy.py [--zoo DIR]
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from doc_sections import write_section  # benchmarks/ is the script's folder
+from doc_sections import zoo_benchmark  # benchmarks/ is the script's folder
 from paper_settings import PAPER
 
 from tvq_cli import PackOptions, inspect_archive, open_archive, pack
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.merge.base import MergeContext
 from tvq_cli.merge.methods import method_class
-from tvq_cli.zoo import Zoo, build_zoo, evaluate_state, mean_accuracy
+from tvq_cli.zoo import Zoo, evaluate_state, mean_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
@@ -130,18 +128,5 @@ def render(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, help="an example zoo folder (built if missing)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        zoo = build_zoo(args.zoo or work / "zoo", seed=0)
-        table = render(measure(zoo, work))
-    write_section(DOC, "MERGED", table)
-    print(table)
-
-
 if __name__ == "__main__":
-    main()
+    zoo_benchmark(__doc__, lambda zoo, work: render(measure(zoo, work)), DOC, "MERGED")

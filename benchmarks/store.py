@@ -15,19 +15,16 @@ Usage: PYTHONPATH=.:tests python benchmarks/store.py [--zoo DIR]
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
-import torch
-from doc_sections import write_section  # benchmarks/ is the script's folder
+from doc_sections import zoo_benchmark  # benchmarks/ is the script's folder
 from merged_accuracy import archive_vectors, merged_accuracy
 
 from tvq_cli import PackOptions, add_tasks, open_archive, pack
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.stats import ErrorStats
-from tvq_cli.zoo import Zoo, build_zoo
+from tvq_cli.zoo import Zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "cli.md"
@@ -116,18 +113,10 @@ def small_files(work: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, help="an example zoo folder (built if missing)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        zoo = build_zoo(args.zoo or work / "zoo", seed=0)
-        body = add_vs_repack(zoo, work) + "\n\nSmall files and records per task:\n\n"
-        body += small_files(work)
-    write_section(DOC, "STORE", body)
+def measure(zoo: Zoo, work: Path) -> str:
+    body = add_vs_repack(zoo, work) + "\n\nSmall files and records per task:\n\n"
+    return body + small_files(work)
 
 
 if __name__ == "__main__":
-    main()
+    zoo_benchmark(__doc__, measure, DOC, "STORE")

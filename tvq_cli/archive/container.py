@@ -44,9 +44,22 @@ def encode_header(
     `reserve` bytes with spaces (the padding safetensors allows).
     """
     meta = header.to_json()
-    sums = {HEADER_CHECKSUM: f"{crc32(meta.encode()):08x}"}
-    sums.update({s.key: f"{checksums.get(s.key, CRC_PLACEHOLDER):08x}" for s in stored})
-    metadata = {METADATA_KEY: meta, CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":"))}
+    own = {HEADER_CHECKSUM: crc32(meta.encode())}
+    return _encode(stored, {**own, **checksums}, {METADATA_KEY: meta}, reserve, HEADER_CHECKSUM)
+
+
+def _encode(
+    stored: list[StoredTensor],
+    checksums: dict[str, int],
+    metadata: dict[str, str],
+    reserve: int,
+    *first: str,
+) -> bytes:
+    """A container header: `metadata`, then the checksums of `first` keys and of every stored
+    tensor (fixed-width hex, a placeholder where not known yet)."""
+    keys = [*first, *(s.key for s in stored)]
+    sums = {key: f"{checksums.get(key, CRC_PLACEHOLDER):08x}" for key in keys}
+    metadata = {**metadata, CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":"))}
     tensors = ((s.key, s.dtype, s.shape, s.nbytes) for s in stored)
     return encode_safetensors_header(tensors, metadata, reserve)
 
@@ -62,13 +75,9 @@ def encode_shard_header(
     """The container header of shard `shard` (1-based) of `count`: its own stored tensors,
     their checksums, and the crc32 of the archive header (in the index) it belongs to."""
     place = {"shard": shard, "of": count, "header_crc32": f"{header_crc:08x}"}
-    sums = {s.key: f"{checksums.get(s.key, CRC_PLACEHOLDER):08x}" for s in stored}
-    metadata = {
-        SHARD_KEY: json.dumps(place, separators=(",", ":")),
-        CHECKSUMS_KEY: json.dumps(sums, separators=(",", ":")),
-    }
-    tensors = ((s.key, s.dtype, s.shape, s.nbytes) for s in stored)
-    return encode_safetensors_header(tensors, metadata, reserve)
+    return _encode(
+        stored, checksums, {SHARD_KEY: json.dumps(place, separators=(",", ":"))}, reserve
+    )
 
 
 def encode_index(header: ArchiveHeader, weight_map: dict[str, str], max_shard_bytes: int) -> str:

@@ -129,10 +129,7 @@ class Archive:
         self._index: list[Path] = []
         handle, size, prefix = self._open(path)
         self._files.append(_File(path, handle, size, 0))
-        try:
-            entries, header, checksums, data_start = decode_header(prefix, size)
-        except TvqError as exc:
-            raise TvqError(f"{path}: {exc}") from None
+        entries, header, checksums, data_start = _about(path, decode_header, prefix, size)
         self._files[0].data_start = data_start
         self.header: ArchiveHeader = header
         self._checksums = checksums
@@ -148,10 +145,7 @@ class Archive:
             raise TvqError(f"{index}: no such file") from None
         except OSError as exc:
             raise TvqError(f"{index}: cannot read ({exc.strerror})") from None
-        try:
-            header, header_crc, weight_map, max_shard = decode_index(text)
-        except TvqError as exc:
-            raise TvqError(f"{index}: {exc}") from None
+        header, header_crc, weight_map, max_shard = _about(index, decode_index, text)
         self.header = header
         names = sorted(set(weight_map.values()))
         self._entries = {}
@@ -160,10 +154,7 @@ class Archive:
             path = index.parent / name
             handle, size, prefix = self._open(path)
             self._files.append(_File(path, handle, size, 0))
-            try:
-                entries, place, checksums, data_start = decode_shard_header(prefix, size)
-            except TvqError as exc:
-                raise TvqError(f"{path}: {exc}") from None
+            entries, place, checksums, data_start = _about(path, decode_shard_header, prefix, size)
             if place != {"shard": number, "of": len(names), "header_crc32": header_crc}:
                 raise TvqError(
                     f"{path}: is not shard {number} of {len(names)} of the archive its index "
@@ -355,6 +346,14 @@ class Archive:
         return self.scheme.decode(
             task, lambda role: self.dequantized(parts[role], entry), pretrained
         )
+
+
+def _about(path: Path, decode, *args):
+    """`decode(*args)`, its errors prefixed with the file they are about."""
+    try:
+        return decode(*args)
+    except TvqError as exc:
+        raise TvqError(f"{path}: {exc}") from None
 
 
 def _read_prefix(file, size: int) -> bytes:

@@ -12,7 +12,7 @@ from ..archive.edit import remove_tasks
 from ..merge import extract
 from ..pack import add_tasks
 from ..report.render import human_bytes, render_extract
-from .common import app, print_notes, stdout
+from .common import app, echo_plain, print_notes, stdout
 from .pack import parse_names
 
 
@@ -41,13 +41,10 @@ def add_command(
     print_notes(result.notes)
     tasks = result.header.tasks
     added = tasks[len(tasks) - len(finetuned) :]
-    stdout.print(
+    echo_plain(
         f"added {len(added)} task{'s' if len(added) != 1 else ''} ({', '.join(added)}) to "
         f"{result.path}: now {len(tasks)} tasks, {human_bytes(result.size_bytes)}, "
-        f"{result.bits_per_weight:.3f} bits per weight, {result.seconds:.1f} s",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f"{result.bits_per_weight:.3f} bits per weight, {result.seconds:.1f} s"
     )
 
 
@@ -58,12 +55,9 @@ def remove_command(
 ) -> None:
     """Drop tasks from ARCHIVE in place; the others are kept exactly as stored."""
     header = remove_tasks(archive, task)
-    stdout.print(
+    echo_plain(
         f"removed {', '.join(task)} from {archive}: now {len(header.tasks)} tasks "
-        f"({', '.join(header.tasks)})",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        f"({', '.join(header.tasks)})"
     )
 
 

@@ -49,13 +49,8 @@ def find_renaming(names: Iterable[str], target: Collection[str]) -> Renaming:
     names = list(names)
     if not names or all(n in target for n in names):
         return Renaming()
-    # at most two parts removed, and never down to a bare "weight": a wrapper's prefix, not a
-    # coincidence between a few names
-    strips = [
-        p
-        for p in _dotted_prefixes(names[0], 2)
-        if all(n.startswith(p) and n.count(".") - p.count(".") >= 1 for n in names)
-    ]
+    # at most two parts removed: a wrapper's prefix, not a coincidence between a few names
+    strips = [p for p in _dotted_prefixes(names[0], 2) if all(n.startswith(p) for n in names)]
     adds = {p for t in target for p in _dotted_prefixes(t, 2)}
     candidates = sorted(
         {Renaming(s, a) for s in ["", *strips] for a in ["", *adds]},
