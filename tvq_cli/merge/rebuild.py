@@ -18,6 +18,7 @@ import torch
 
 from ..archive.format import TaskInfo
 from ..archive.reader import Archive
+from ..concurrency import Writer
 from ..dtypes import to_torch
 from ..errors import TvqError
 from ..io.atomic import atomic_output, check_target
@@ -30,6 +31,7 @@ from ..io.task_source import TaskSource
 from ..io.tasks import open_task
 from ..stats import ErrorStats
 from ..tensors import require_finite
+from .stream import task_vector_into
 
 
 class Rebuild:
@@ -79,15 +81,21 @@ class Rebuild:
             if entry.kind == "shared":
                 yield name, raw
                 continue
-            pre = require_finite(raw.to(torch.float32), self.pre.path, name)
-            tau = self.archive.task_vector(self.task, name, pre)
+            pre = raw.to(torch.float32)
+            tau = torch.empty(entry.numel)
+            task_vector_into(self.archive, self.task, name, pre, tau)
+            tau = tau.view(entry.shape)
             if compare is not None:
                 stats.add(compare.load_float(name) - pre, tau)
-            value = pre.add_(tau).to(to_torch(self.info.dtype_of(entry)))
+            where = f"{name} of task {self.task}"
+            value = require_finite(pre.add_(tau), self.archive.path, where)
+            dtype = self.info.dtype_of(entry)
+            value = value.to(to_torch(dtype))
+            if dtype == "F16":  # past fp16's range a value becomes Inf
+                require_finite(value, self.archive.path, f"{where} in fp16")
             rows = self.archive.added_rows(self.task, name)
             if rows is not None:
                 value = torch.cat([value, rows])
-            value = require_finite(value, self.archive.path, f"{name} of task {self.task}")
             yield name, value
             if name in copies:
                 yield copies[name], value
@@ -182,15 +190,20 @@ def extract(
         with atomic_output(out, folder=folder) as staged:
             specs = rebuild.specs()
             writer = ModelWriter(staged, specs, folder=folder, max_shard_bytes=max_shard)
+            behind = Writer()  # the previous tensor is written while the next one is rebuilt
             try:
                 for name, tensor in rebuild.tensors(original, stats):
-                    writer.write(name, tensor)
+                    behind.submit(lambda name=name, tensor=tensor: writer.write(name, tensor))
+                behind.wait()
                 rebuild.check_streamed()
                 fingerprint = _check_original(original, rebuild, against)
                 writer.finish()
             except BaseException:
+                behind.close()
                 writer.abort()
                 raise
+            finally:
+                behind.close()
             written = [out / f.relative_to(staged) for f in writer.files]
             written += [out / p.relative_to(staged) for p in write_model_files(files, staged)]
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..archive.format import TensorEntry
+from ..archive.reader import Archive
 from ..quant.kernel import dequantize_into
 from .sources import Sources
 
@@ -38,20 +39,26 @@ class TaskVectorBuffer:
 
 
 def decode_into(sources: Sources, index: int, name: str, pre: torch.Tensor | None, row) -> None:
-    """Task `index`'s fp32 task vector of tensor `name` into `row` (flat, numel elements).
+    """Task `index`'s fp32 task vector of tensor `name` into `row` (flat, numel elements)."""
+    ref = sources.refs[index]
+    task_vector_into(ref.archive, ref.task, name, pre, row)
+
+
+def task_vector_into(
+    archive: Archive, task: str, name: str, pre: torch.Tensor | None, row: torch.Tensor
+) -> None:
+    """One task's fp32 task vector of tensor `name` into `row` (flat, numel elements).
 
     A part that is the task vector itself (TVQ), made of whole groups, is dequantized in place
     (`dequantize_into`: the same ops as `dequantize`, so the same values); everything else goes
     through `Archive.task_vector`.
     """
-    ref = sources.refs[index]
-    archive = ref.archive
     entry: TensorEntry = archive.entry(name)
-    sole = archive.scheme.sole_role(ref.task)
+    sole = archive.scheme.sole_role(task)
     if sole is not None and entry.kind == "quantized" and entry.shape:
         part = next(p for p in entry.parts if p.role == sole)
         if part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
             q = archive.quantized(part, entry)
             dequantize_into(q.codes.reshape(-1), part.spec, q.scales, q.zeros, row)
             return
-    row.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
+    row.copy_(archive.task_vector(task, name, pre).reshape(-1))

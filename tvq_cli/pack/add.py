@@ -1,16 +1,17 @@
 """`tvq add`: append tasks to an archive without re-encoding the tasks already in it.
 
 Every stored tensor of the archive is copied as it is (checksums verified); only the new tasks
-are quantized, each tensor with the settings the archive's first task has for it (so an
-archive allocated under `--budget` keeps its per-tensor bits). A scheme with shared roles
-(RTVQ's base) keeps them: a new task stores its inputs less what they reconstruct
-(`Scheme.own_values`), so RTVQ's base stays the mean of the tasks it was packed with, and a new
-task's offset is larger than if the base had been its mean too (docs/cli.md measures the cost
-against packing all tasks again).
+are quantized, through pack's own pipeline (`Prefetcher`, `TensorPacker`), each tensor with the
+settings the archive's first task has for it (so an archive allocated under `--budget` keeps
+its per-tensor bits). A scheme with shared roles (RTVQ's base) keeps them: a new task is coded
+against the pretrained weights plus their reconstruction (`Scheme.anchor`), so RTVQ's base
+stays the mean of the tasks it was packed with, and a new task's offset is larger than if the
+base had been its mean too (docs/cli.md measures the cost against packing all tasks again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,31 +20,23 @@ import torch
 
 from ..archive import schemes
 from ..archive.edit import copy_stored
-from ..archive.format import (
-    ArchiveHeader,
-    TensorEntry,
-    delta_key,
-    entry_layout,
-    file_key,
-    files_layout,
-    rows_key,
-)
-from ..archive.parts import encode_part
+from ..archive.format import ArchiveHeader, TensorEntry, entry_layout, file_key, files_layout
 from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter
 from ..concurrency import check_threads, torch_threads
-from ..dtypes import to_torch
+from ..dtypes import itemsize
 from ..errors import TvqError
-from ..io.checkpoint import Checkpoint, combine_digests, tensor_digest
+from ..io.checkpoint import Checkpoint, combine_digests
 from ..io.compat import check_pretrained
 from ..io.lock import exclusive
 from ..io.model_writer import parse_size
 from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
-from ..quant.quantizer import quantize
-from ..tensors import require_finite, tensor_bytes
+from ..tensors import require_finite
 from ..version import __version__
+from .packer import TensorPacker, added_rows
 from .plan import task_names
+from .prefetch import Prefetcher, TensorInputs
 from .records import StoredFiles, task_info
 from .run import PackResult, archive_bytes
 
@@ -84,8 +77,10 @@ def add_tasks(
                 )
             sources = open_tasks(finetuned, pre)
             header, files, more = _extended(opened.header, tasks, sources)
-            with ArchiveWriter(root, header, max_shard) as writer, torch_threads(threads):
-                digests = _write(writer, header, opened, pre, tasks, sources, files)
+            notes += more
+            with ArchiveWriter(root, header, max_shard) as writer:
+                digests = _write(writer, header, opened, pre, tasks, sources, threads)
+                copy_stored(writer, opened, files_layout(header), _frames(files).get)
                 if combine_digests(digests) != header.pretrained_fingerprint:
                     raise TvqError(
                         f"{pre.path}: is not the pretrained checkpoint {root} was packed from "
@@ -99,7 +94,7 @@ def add_tasks(
             pre.close()
             opened.close()
     seconds = time.perf_counter() - start
-    return PackResult(root, header, archive_bytes(root), seconds, None, notes + more)
+    return PackResult(root, header, archive_bytes(root), seconds, None, notes)
 
 
 def _shard_size(archive: Archive, given: int | str | None) -> int | None:
@@ -116,19 +111,18 @@ def _shard_size(archive: Archive, given: int | str | None) -> int | None:
 def _extended(
     header: ArchiveHeader, tasks: list[str], sources: list[TaskSource]
 ) -> tuple[ArchiveHeader, StoredFiles, list[str]]:
-    """The header with the new tasks appended, the new small files, and notes."""
+    """The header with the new tasks appended, their new small files, and notes."""
     files = StoredFiles()
     infos, notes = {t: header.info(t) for t in header.tasks}, []
     for task, source in zip(tasks, sources, strict=True):
         infos[task], skipped = task_info(source, files)
         notes += source.notes + skipped
-    tensors = [_with_parts(entry, header, tasks) for entry in header.tensors]
     extended = ArchiveHeader(
         scheme=header.scheme,
         tasks=header.tasks + tasks,
         tool_version=__version__,
         pretrained_fingerprint=header.pretrained_fingerprint,
-        tensors=tensors,
+        tensors=[replace(e, parts=e.parts + _new_parts(e, header, tasks)) for e in header.tensors],
         error_correction=header.error_correction,
         task_info=infos,
         files={**header.files, **files.blobs},
@@ -137,14 +131,17 @@ def _extended(
     return extended, files, notes
 
 
-def _with_parts(entry: TensorEntry, header: ArchiveHeader, tasks: list[str]) -> TensorEntry:
-    """The entry with a part for each new task, set as the first task's own part."""
+def _new_parts(entry: TensorEntry, header: ArchiveHeader, tasks: list[str]) -> list:
+    """A part for each new task, set as the first task's own part of this tensor."""
     if entry.kind != "quantized":
-        return replace(entry, parts=[])
+        return []
     scheme = schemes.get(header.scheme)
     model = next(p for p in entry.parts if p.role == scheme.task_role(header.tasks[0]))
-    new = [replace(model, role=scheme.task_role(t), coded_nbytes=0) for t in tasks]
-    return replace(entry, parts=[*entry.parts, *new])
+    return [replace(model, role=scheme.task_role(t), coded_nbytes=0) for t in tasks]
+
+
+def _frames(files: StoredFiles) -> dict[str, bytes]:
+    return {file_key(sha): frame for sha, frame in files.frames.items()}
 
 
 def _write(
@@ -154,60 +151,47 @@ def _write(
     pre: Checkpoint,
     tasks: list[str],
     sources: list[TaskSource],
-    files: StoredFiles,
+    threads: int,
 ) -> dict[str, bytes]:
-    """Every stored tensor in layout order: the archive's as stored, the new tasks' coded
-    now. Returns the pretrained tensors' digests."""
+    """Every tensor's stored tensors in layout order: the archive's as stored, the new tasks'
+    coded by pack's pipeline. Returns the pretrained tensors' digests."""
+    scheme = archive.scheme
+    new_parts = len(tasks)
+    entries = [replace(e, parts=e.parts[len(e.parts) - new_parts :]) for e in header.tensors]
+    largest = max(e.numel * itemsize(e.dtype) for e in entries)
     digests: dict[str, bytes] = {}
-    for entry in header.tensors:
-        raw = pre.load(entry.name)
-        digests[entry.name] = tensor_digest(entry.name, raw)
-        new = _new_outputs(header, archive, entry, raw, pre.path, tasks, sources)
-        copy_stored(writer, archive, entry_layout(header, entry), new.get)
-    frames = {file_key(sha): frame for sha, frame in files.frames.items()}
-    copy_stored(writer, archive, files_layout(header), frames.get)
+    with torch_threads(1), contextlib.ExitStack() as stack:
+        packer = TensorPacker(
+            scheme.added_tasks,
+            archive.header.error_correction or False,
+            tasks,
+            pre.path,
+            [s.path for s in sources],
+            torch.device("cpu"),
+            threads,
+        )
+        stack.callback(packer.close)
+        reader = Prefetcher(entries, pre, sources, budget=largest * (1 + len(sources)))
+        stack.callback(reader.close)
+        reader.start()
+        for entry, inputs in zip(header.tensors, reader, strict=True):
+            digests[entry.name] = inputs.digest
+            _anchor(archive, inputs, pre.path)
+            new = dict(packer.outputs(inputs) + added_rows(header, tasks, inputs))
+            reader.release(inputs)
+            copy_stored(writer, archive, entry_layout(header, entry), new.get)
     return digests
 
 
-def _new_outputs(
-    header: ArchiveHeader,
-    archive: Archive,
-    entry: TensorEntry,
-    raw: torch.Tensor,
-    pre_path: Path,
-    tasks: list[str],
-    sources: list[TaskSource],
-) -> dict[str, object]:
-    """The stored tensors of one tensor for the new tasks, by key."""
-    out: dict[str, object] = {}
-    name, scheme = entry.name, archive.scheme
-    pre = None if entry.kind == "shared" else require_finite(raw.to(torch.float32), pre_path, name)
-    stored = archive.entry(name)
-    stored_parts = {p.role: p for p in stored.parts}
-
-    def shared_role(role: str) -> torch.Tensor:
-        return archive.dequantized(stored_parts[role], stored)
-
-    for task, source in zip(tasks, sources, strict=True):
-        full = source.load_full(name)
-        value = full[: entry.shape[0]] if name in source.rows else full
-        if name in source.rows:
-            dtype = to_torch(header.info(task).dtype_of(entry))
-            added = require_finite(full[entry.shape[0] :], source.path, name).to(dtype)
-            out[rows_key(task, name)] = tensor_bytes(added)
-        if pre is None:
-            if not torch.equal(value, raw):
-                raise TvqError(
-                    f"{source.path}: non-float tensor {name} differs from the pretrained one"
-                )
-            continue
-        values = require_finite(value.to(torch.float32), source.path, name)
-        if entry.kind == "exact":  # exact tensors are deltas whatever the scheme
-            out[delta_key(task, name)] = tensor_bytes(values - pre)
-            continue
-        if scheme.subtracts_pretrained:
-            values = values - pre
-        part = next(p for p in entry.parts if p.role == scheme.task_role(task))
-        values = scheme.own_values(values, shared_role)
-        out.update(encode_part(part, name, quantize(values, part.spec)))
-    return out
+def _anchor(archive: Archive, inputs: TensorInputs, pre_path: Path) -> None:
+    """For a scheme with shared roles, code the new tasks' quantized parts against the
+    pretrained weights plus what the shared roles reconstruct (RTVQ: the base)."""
+    entry = inputs.entry
+    if entry.kind != "quantized":
+        return
+    stored = archive.entry(entry.name)
+    parts = {p.role: p for p in stored.parts}
+    anchor = archive.scheme.anchor(lambda role: archive.dequantized(parts[role], stored))
+    if anchor is not None:
+        pre = require_finite(inputs.pretrained.to(torch.float32), pre_path, entry.name)
+        inputs.pretrained = pre.add_(anchor)

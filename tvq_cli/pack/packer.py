@@ -93,11 +93,12 @@ class TensorPacker:
         return TaskValues(inputs.entry.name, sources, pre, self.device)
 
 
-def added_rows(header: ArchiveHeader, inputs: TensorInputs) -> list[Output]:
-    """The rows each task added to this tensor (new tokens), kept exactly in its dtype."""
+def added_rows(header: ArchiveHeader, tasks: list[str], inputs: TensorInputs) -> list[Output]:
+    """The rows each of `tasks` (those of `inputs`) added to this tensor (new tokens), kept
+    exactly in its dtype."""
     entry = inputs.entry
     out: list[Output] = []
-    for task, path, rows in zip(header.tasks, inputs.paths, inputs.added, strict=True):
+    for task, path, rows in zip(tasks, inputs.paths, inputs.added, strict=True):
         if rows is not None:
             dtype = to_torch(header.info(task).dtype_of(entry))
             rows = require_finite(rows, path, entry.name).to(dtype)

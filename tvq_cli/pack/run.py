@@ -233,7 +233,7 @@ def write_archive(
         )
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
-            outputs = packer.outputs(inputs) + added_rows(header, inputs)
+            outputs = packer.outputs(inputs) + added_rows(header, tasks, inputs)
             reader.release(inputs)
             background.submit(lambda outputs=outputs: _write_all(writer, outputs))
         background.wait()

@@ -80,13 +80,16 @@ class Scheme:
         input's size the scheme may use for values of its own (RTVQ's base)."""
         raise NotImplementedError
 
-    def own_values(
-        self, values: torch.Tensor, dequantized: Callable[[str], torch.Tensor]
-    ) -> torch.Tensor:
-        """What a task added to an existing archive stores in its own role: its inputs less
-        what the shared roles, already stored, reconstruct (`tvq add`; nothing for schemes
-        without shared roles). May change `values` in place."""
-        return values
+    def anchor(self, dequantized: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+        """What a task added to an existing archive (`tvq add`) is stored against besides the
+        pretrained weights: the reconstruction of the shared roles already stored (None for a
+        scheme without shared roles)."""
+        return None
+
+    @property
+    def added_tasks(self) -> Scheme:
+        """The scheme that codes added tasks' own roles, each on its own."""
+        return self
 
     def decode(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .base import Scheme, register
+from .base import Scheme, get, register
 
 
 def task_mean(inputs: Iterable[torch.Tensor], count: int, out: torch.Tensor | None = None):
@@ -43,8 +43,12 @@ class ResidualTaskVectors(Scheme):
         for index, tau in enumerate(inputs, start=1):
             code(index, tau.sub_(anchor))
 
-    def own_values(self, values, dequantized):
-        return values.sub_(dequantized("base"))
+    def anchor(self, dequantized):
+        return dequantized("base")
+
+    @property
+    def added_tasks(self):
+        return get("tvq")  # an offset is a task vector less the base: coded as TVQ codes it
 
     def decode(self, task, dequantized, pretrained):
         return dequantized("base").add_(dequantized(self.task_role(task)))
