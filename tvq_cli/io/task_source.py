@@ -90,6 +90,7 @@ class CheckpointTask(TaskSource):
         self.notes = match.notes(self.path)
 
     def _read(self, own_name: str) -> torch.Tensor:
+        self._digests.settle()
         tensor = self.checkpoint.load(own_name)
         self._digests.add(own_name, tensor)
         return tensor
@@ -120,30 +121,33 @@ class CheckpointTask(TaskSource):
 
 
 class Digests:
-    """Fingerprint digests of tensors as they are read, hashed on a thread of their own:
-    sha256 runs at about 0.8 GB/s, and on the reading thread it would hold up reading the
-    next tensor. At most `ahead` tensors wait to be hashed, so memory stays bounded."""
+    """Fingerprint digests of tensors as they are read, hashed on a thread of their own: sha256
+    runs at about 0.8 GB/s, and on the reading thread it would hold up the reading. A tensor is
+    hashed while it is being quantized; the next one is read only once it is hashed
+    (`settle`), so no tensor is kept alive for its hash and memory stays as bounded as pack's."""
 
-    def __init__(self, ahead: int = 2):
+    def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvq-hash")
-        self._pending: dict[str, Future] = {}
+        self._pending: tuple[str, Future] | None = None
         self._done: dict[str, bytes] = {}
-        self._ahead = ahead
 
     def __contains__(self, name: str) -> bool:
-        return name in self._done or name in self._pending
+        return name in self._done or (self._pending is not None and self._pending[0] == name)
+
+    def settle(self) -> None:
+        """Wait for the tensor being hashed."""
+        if self._pending is not None:
+            name, future = self._pending
+            self._pending = None
+            self._done[name] = future.result()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self:
-            return
-        self._pending[name] = self._pool.submit(tensor_digest, name, tensor)
-        while len(self._pending) > self._ahead:
-            oldest = next(iter(self._pending))
-            self._done[oldest] = self._pending.pop(oldest).result()
+        if name not in self:
+            self.settle()
+            self._pending = (name, self._pool.submit(tensor_digest, name, tensor))
 
     def result(self) -> dict[str, bytes]:
-        for name in list(self._pending):
-            self._done[name] = self._pending.pop(name).result()
+        self.settle()
         return self._done
 
     def close(self) -> None:

@@ -44,10 +44,15 @@ class Rebuild:
         self.info: TaskInfo = archive.info(task)
         self._digests: dict[str, bytes] = {}
 
+    @property
+    def _copies(self) -> dict[str, str]:
+        """Tensor -> the explicit copy of it the task's checkpoint held (a tied head)."""
+        return {original: copy for copy, original in self.info.copies.items()}
+
     def specs(self) -> dict[str, TensorSpec]:
         """Every output tensor's shape and dtype, tied copies right after their original."""
         specs: dict[str, TensorSpec] = {}
-        copies = {original: copy for copy, original in self.info.copies.items()}
+        copies = self._copies
         for name in self.pre.names:
             entry = self.archive.entry(name)
             rows = self.info.rows.get(name, 0)
@@ -73,7 +78,7 @@ class Rebuild:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) in `specs` order. With `compare`, the original fine-tune's task
         vectors are read alongside and the reconstruction's error added to `stats`."""
-        copies = {original: copy for copy, original in self.info.copies.items()}
+        copies = self._copies
         for name in self.pre.names:
             raw = self.pre.load(name)
             self._digests[name] = tensor_digest(name, raw)
