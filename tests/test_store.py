@@ -340,3 +340,31 @@ def test_store_commands(zoo, tmp_path):
     assert code == 2 and "Missing option '--task'" in err
     code, _, err = run_cli("remove", archive)
     assert code == 2
+
+
+def test_added_rows_are_kept_exactly_left_out_of_merges_and_extracted(zoo, tmp_path):
+    """A fine-tune whose embedding grew by 3 rows (new tokens), in bf16 over an fp32 base."""
+    base, fts = zoo
+    pre = synthetic_model()
+    grown = finetune(pre, 5)
+    new_rows = torch.randn(3, 32, generator=torch.Generator().manual_seed(9))
+    grown["embed.weight"] = torch.cat([grown["embed.weight"], new_rows])
+    grown = {k: v.bfloat16() if v.is_floating_point() else v for k, v in grown.items()}
+    chat = write_checkpoint(tmp_path / "chat", grown, folder=True)
+    folder = tmp_path / "store"
+    tvq_cli.pack(base, [fts[0], chat], folder, max_shard_size="8KB")
+    report = tvq_cli.inspect_archive(folder)
+    record = report["tasks"][1]
+    assert record["added_rows"] == {"embed.weight": 3} and record["dtype"] == "BF16"
+    code, out, err = run_cli("merge", folder, "--pretrained", base, "--method", "average",
+                             "--out", tmp_path / "m.safetensors")  # fmt: skip
+    assert code == 0, err
+    assert "3 row(s) task chat added to embed.weight are left out" in out
+    assert load_file(str(tmp_path / "m.safetensors"))["embed.weight"].shape == (50, 32)
+    tvq_cli.extract(folder, "chat", base, tmp_path / "x.safetensors")
+    rebuilt = load_file(str(tmp_path / "x.safetensors"))
+    assert rebuilt["embed.weight"].shape == (53, 32)
+    assert torch.equal(rebuilt["embed.weight"][50:], grown["embed.weight"][50:])
+    assert all(rebuilt[k].dtype == grown[k].dtype for k in grown)
+    error = (rebuilt["embed.weight"][:50].float() - grown["embed.weight"][:50].float()).norm()
+    assert error / (grown["embed.weight"][:50].float() - pre["embed.weight"]).norm() < 0.2

@@ -60,7 +60,11 @@ TASKS = {
         "lora-tokens": {"lora": {"trainable_token_indices": {"embed_tokens": [3, 5]}}},
     },
     "llama-bf16": {"fp32": {"dtype": torch.float32}},
-    "llama-tied": {"tied-copy": {"tied_copy": True}, "tied-added": {"add_tokens": 2}},
+    "llama-tied": {
+        "tied": {},
+        "tied-copy": {"tied_copy": True},
+        "tied-added": {"add_tokens": 2},
+    },
     "gpt2": {
         "tied-copy": {"tied_copy": True},
         "added": {"add_tokens": 2},
@@ -229,6 +233,6 @@ def test_inspect_records_what_each_task_was(store):
     if HAS_PEFT:
         assert tasks["lora"]["source"] == "lora" and tasks["lora"]["dtype"] == "F32"
     tied = tvq_cli.inspect_archive(store["llama-tied"]["archives"]["quantized"])["tasks"]
-    assert tied[0]["copies"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert [t["copies"] for t in tied] == [{}, {HEAD: EMBED}, {}]
     notes = " ".join(store["llama"]["notes"])
     assert "removed the prefix 'base_model.model.'" in notes and "mein_Modell_ü" in notes
