@@ -151,3 +151,24 @@ def test_edited_header_without_new_checksum(archive: Path) -> None:
     assert tampered != data
     with pytest.raises(TvqError, match="header checksum mismatch"):
         read_everything(damaged(archive, tampered))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda info: info.update(files={"../escape": "0" * 64}), "malformed"),
+        (lambda info: info.update(rows={"nope": 2}), "rows of nope"),
+        (lambda info: info.update(dtype="F64"), "dtype 'F64'"),
+        (lambda info: info.update(surprise=1), "unknown task field 'surprise'"),
+        (lambda info: info.update(fingerprint="md5:1"), "fingerprint"),
+    ],
+)
+def test_task_records_are_checked(archive: Path, edit, message) -> None:
+    """A task record naming files outside the archive, tensors it does not have, or fields
+    no version knows is a damaged or foreign header, whatever its checksum says."""
+
+    def change(meta):
+        edit(meta["task_info"][meta["tasks"][0]])
+
+    with pytest.raises(TvqError, match=message):
+        read_everything(damaged(archive, reencode(archive.read_bytes(), change)))
