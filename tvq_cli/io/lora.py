@@ -73,10 +73,12 @@ class LoraTask(TaskSource):
         self._parse()
 
     # --- reading the adapter's keys -------------------------------------------------------
-    def _parse(self) -> None:
-        modules: dict[str, dict[str, str]] = {}  # module path -> {"lora_A.weight": key, ...}
-        whole: dict[str, str] = {}  # tensor name (adapter naming) -> key
-        tokens: dict[str, str] = {}  # module path -> key of its trainable rows
+    def _keys(self) -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, str]]:
+        """The adapter's keys by kind: LoRA modules (module path -> {"lora_A.weight": key,
+        ...}), whole tensors (tensor name -> key) and trainable rows (module path -> key)."""
+        modules: dict[str, dict[str, str]] = {}
+        whole: dict[str, str] = {}
+        tokens: dict[str, str] = {}
         adapters: set[str] = set()
         for key in self.adapter.names:
             name = key.removeprefix(WRAPPER_PREFIX)
@@ -86,7 +88,7 @@ class LoraTask(TaskSource):
             if token:
                 tokens[token.group(1)] = key
             elif role is not None:
-                rest = parts[role + 1 :]
+                rest = parts[role + 1 :]  # [adapter name] [weight | bias]
                 leaf = rest.pop() if rest and rest[-1] in ("weight", "bias") else "weight"
                 adapters.update(rest)
                 module = ".".join(parts[:role])
@@ -95,6 +97,10 @@ class LoraTask(TaskSource):
                 whole[WHOLE_WRAPPERS.sub(".", "." + name)[1:]] = key
         if len(adapters) > 1:
             raise TvqError(f"{self.path}: holds several adapters ({', '.join(sorted(adapters))})")
+        return modules, whole, tokens
+
+    def _parse(self) -> None:
+        modules, whole, tokens = self._keys()
         # every name the adapter changes, in its own naming, mapped onto the pretrained names
         targets = {f"{m}.weight" for m in modules} | {f"{m}.weight" for m in tokens}
         targets |= {f"{m}.bias" for m, g in modules.items() if "lora_B.bias" in g}

@@ -47,8 +47,14 @@ class TaskSource:
 
     def load(self, name: str) -> torch.Tensor:
         """Tensor `name` in the pretrained shape (added rows left out)."""
-        full = self.load_full(name)
-        return full[: self.pretrained.specs[name].shape[0]] if name in self.rows else full
+        return self.split(name, self.load_full(name))[0]
+
+    def split(self, name: str, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A `load_full` tensor as (its pretrained-shaped rows, the rows it added or None)."""
+        if name not in self.rows:
+            return full, None
+        rows = self.pretrained.specs[name].shape[0]
+        return full[:rows], full[rows:]
 
     def load_float(self, name: str) -> torch.Tensor:
         """`load` in fp32, refusing NaN and Inf."""

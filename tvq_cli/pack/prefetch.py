@@ -82,10 +82,9 @@ class Prefetcher:
                 digest = tensor_digest(entry.name, pre)
                 fts, added = [], []
                 for source in self._finetuned:
-                    full = source.load_full(entry.name)
-                    rows = entry.shape[0] if entry.shape else 0
-                    fts.append(full[:rows] if entry.name in source.rows else full)
-                    added.append(full[rows:] if entry.name in source.rows else None)
+                    shared_rows, new_rows = source.split(entry.name, source.load_full(entry.name))
+                    fts.append(shared_rows)
+                    added.append(new_rows)
                 paths = [source.path for source in self._finetuned]
                 self._ready.put(TensorInputs(entry, pre, fts, added, paths, digest, size))
         except BaseException as exc:  # handed to the consumer, raised there
