@@ -139,6 +139,8 @@ def test_sharded_archive_holds_the_same_tensors_and_works_everywhere(zoo, tmp_pa
     assert count > 2 and names[-1] == "store.tvq.index.json"
     assert names[:-1] == [f"store-{i:05d}-of-{count:05d}.tvq" for i in range(1, count + 1)]
     assert max(shard_payloads(folder)) <= 4000 or count == len(result.header.tensors)
+    with pytest.raises(TvqError, match="is a file; a sharded archive is a folder"):
+        tvq_cli.pack(base, fts[:1], single, max_shard_size="4KB", overwrite=True)
     one, sharded = tvq_cli.open_archive(single), tvq_cli.open_archive(folder)
     assert sharded.sharded and sharded.file_size == sum(p.stat().st_size for p in folder.iterdir())
     for stored in one.stored:

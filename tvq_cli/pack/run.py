@@ -169,6 +169,8 @@ def pack(
             f"{out}: is a folder; give an archive file name such as tasks.tvq "
             "(or --max-shard-size for a sharded archive folder)"
         )
+    if out.is_file() and max_shard is not None:
+        raise TvqError(f"{out}: is a file; a sharded archive is a folder: give another name")
     pre, fts = open_inputs(Path(pretrained), finetuned)
     try:
         check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
