@@ -36,10 +36,11 @@ class ArchiveWriter:
     """Write an archive whose every stored tensor is known up front from its header.
 
     Entropy-coded codes may be shorter than their planned bound; their real sizes are put into
-    `header` (its parts' `coded_nbytes`) when the archive is finished.
+    `header` (its parts' `coded_nbytes`) when the archive is finished. `replace`: the archive
+    may replace an existing file.
     """
 
-    def __init__(self, path: Path, header: ArchiveHeader):
+    def __init__(self, path: Path, header: ArchiveHeader, replace: bool = False):
         self.path = Path(path)
         self.header = header
         self.stored = layout(bound_header(header))
@@ -52,7 +53,7 @@ class ArchiveWriter:
         self._sizes: dict[str, int] = {}
         self._next = 0
         self._checksums: dict[str, int] = {}
-        self._target = AtomicFile(self.path)
+        self._target = AtomicFile(self.path, replace)
 
     def __enter__(self) -> ArchiveWriter:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import TvqError
+from ..errors import UsageError
 from ..report import inspect_archive
 from ..report.render import render_inspect
 from .common import app, stdout
@@ -31,9 +31,9 @@ def inspect_command(
     """Storage report of an archive, and its error against the original checkpoints."""
     checkpoints = checkpoints or []
     if against and len(checkpoints) < 2:
-        raise TvqError("--against needs the pretrained checkpoint and the fine-tuned ones")
+        raise UsageError("--against needs the pretrained checkpoint and the fine-tuned ones")
     if checkpoints and not against:
-        raise TvqError("extra paths given: use --against PRE FT1 FT2 ... to compare")
+        raise UsageError("extra paths given: use --against PRE FT1 FT2 ... to compare")
     pair = (checkpoints[0], checkpoints[1:]) if against else None
     report = inspect_archive(archive, against=pair, per_tensor=tensors, verify=verify)
     if as_json:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import TvqError
+from ..errors import UsageError
 from ..merge import MergeRequest, list_methods, merge
 from ..merge.base import Option
 from ..merge.methods import all_methods
@@ -45,7 +45,12 @@ def merge_command(
         None, "--tie-tolerance", help=".tvq output: distance to a midpoint that is a tie."
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace an existing output; merge despite a fingerprint mismatch."
+        False, "--force", help="Replace an existing output (a folder only if tvq wrote it)."
+    ),
+    allow_different_base: bool = typer.Option(
+        False,
+        "--allow-different-base",
+        help="Merge archives packed against a different pretrained model than --pretrained.",
     ),
     list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -65,9 +70,9 @@ def merge_command(
         return
     for value, flag in ((archives, "ARCHIVE"), (pretrained, "--pretrained"), (out, "--out")):
         if not value:
-            raise TvqError(f"{flag} is required (see 'tvq merge --help')")
+            raise UsageError(f"{flag} is required (see 'tvq merge --help')")
     if method is None:
-        raise TvqError("--method is required (see 'tvq merge --list-methods')")
+        raise UsageError("--method is required (see 'tvq merge --list-methods')")
     options = {
         key.removeprefix(PREFIX): value for key, value in coefficients.items() if value is not None
     }
@@ -84,6 +89,7 @@ def merge_command(
         task=task,
         all_tasks=all_tasks,
         force=force,
+        allow_different_base=allow_different_base,
         max_shard_size=max_shard_size,
         bits=bits,
         group_size=group_size,

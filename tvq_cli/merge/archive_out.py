@@ -25,7 +25,7 @@ from ..archive.format import ArchiveHeader, Part, TensorEntry, delta_key, shared
 from ..archive.parts import encode_part
 from ..archive.plan import plan_tensors
 from ..archive.writer import ArchiveWriter
-from ..errors import TvqError
+from ..errors import UsageError, usage_errors
 from ..io.checkpoint import Checkpoint
 from ..quant.spec import DEFAULT_GROUP_SIZE, Quantized, QuantSpec
 from ..tensors import tensor_bytes
@@ -54,15 +54,15 @@ class Rounding:
     def of(cls, request: MergeRequest) -> Rounding:
         mode = request.rounding or "noise"
         if mode not in ("nearest", "noise"):
-            raise TvqError(f"--rounding must be nearest or noise, got {request.rounding!r}")
+            raise UsageError(f"--rounding must be nearest or noise, got {request.rounding!r}")
         samples = DEFAULT_SAMPLES if request.samples is None else request.samples
         if samples < 0:
-            raise TvqError(f"--samples must be 0 or more, got {samples}")
+            raise UsageError(f"--samples must be 0 or more, got {samples}")
         tolerance = (
             DEFAULT_TIE_TOLERANCE if request.tie_tolerance is None else request.tie_tolerance
         )
         if not 0 <= tolerance < 0.5:
-            raise TvqError(f"--tie-tolerance must be in [0, 0.5), got {tolerance}")
+            raise UsageError(f"--tie-tolerance must be in [0, 0.5), got {tolerance}")
         return cls(mode, samples, tolerance, request.seed)
 
 
@@ -71,7 +71,7 @@ def _common(values: set, what: str, default=None):
         return values.pop()
     if not values and default is not None:
         return default
-    raise TvqError(f"the inputs use different {what}s ({sorted(values)}): give --{what}")
+    raise UsageError(f"the inputs use different {what}s ({sorted(values)}): give --{what}")
 
 
 class ArchiveOutput:
@@ -86,8 +86,10 @@ class ArchiveOutput:
         rounding: Rounding,
         bits: int | None = None,
         group_size: int | None = None,
+        replace: bool = False,
     ):
         self.out, self.method, self.sources, self.pretrained = out, method, sources, pretrained
+        self.replace = replace  # the archive may replace an existing file
         self.rounding = rounding.mode
         self.samples = rounding.samples
         self.tolerance = rounding.tolerance
@@ -96,15 +98,14 @@ class ArchiveOutput:
         parts = [p for row in self._input_parts() for p in row if p is not None]
         self.bits = bits or _common({p.bits for p in parts}, "bits", None if parts else 0)
         if not self.bits:
-            raise TvqError("the inputs hold no quantized tensors: give --bits")
+            raise UsageError("the inputs hold no quantized tensors: give --bits")
         self.group_size = (
             group_size
             if group_size is not None
             else _common({p.group_size for p in parts}, "group-size", DEFAULT_GROUP_SIZE)
         )
-        QuantSpec(self.bits, self.group_size)  # validates
-        if out.is_dir():
-            raise TvqError(f"{out}: is a folder; a .tvq output must be a file")
+        with usage_errors():
+            QuantSpec(self.bits, self.group_size)  # validates --bits and --group-size
         self.same_grid = self._same_grid()
         targets = method.ctx.targets
         self.task = sources.tasks[targets[0]] if method.per_task else "merged"
@@ -178,7 +179,7 @@ class ArchiveOutput:
         """Write the archive from `stream`, every float tensor's task vectors in model order;
         returns the output and rounding reports."""
         tally = RoundingTally(len(self.sources.refs))
-        with ArchiveWriter(self.out, self.header) as writer:
+        with ArchiveWriter(self.out, self.header, replace=self.replace) as writer:
             for entry in self.header.tensors:
                 if entry.kind == "shared":
                     raw = self.pretrained.load(entry.name)

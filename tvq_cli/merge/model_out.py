@@ -37,8 +37,8 @@ def write_models(merge: Merge, engine: Engine) -> dict:
     out, pre = merge.out, merge.pretrained
     pre_is_folder = pre.path.is_dir()
     per_task = merge.method.per_task and merge.request.all_tasks
-    folder = per_task or out.suffix != ".safetensors"
-    with atomic_output(out, folder=folder) as staged:
+    folder = merge.request.folder_output
+    with atomic_output(out, folder=folder, replace=merge.request.force) as staged:
         if per_task:
             staged.mkdir()
             paths = [

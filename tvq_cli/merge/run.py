@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..concurrency import fixed_mmap_threshold, torch_threads
+from ..io.target import claim_output
 from .archive_out import ArchiveOutput, Rounding
 from .engine import Engine
 from .model_out import write_models
@@ -20,8 +21,9 @@ def run_merge(request: MergeRequest, progress: bool = False) -> dict:
     fixed_mmap_threshold()
     # blocks run on the engine's own threads; whole-tensor methods keep torch's intra-op threads
     intra_op = 1 if merge.method.elementwise else merge.threads
+    claim = claim_output(merge.out, request.force, merge.inputs, request.folder_output)
     try:
-        with torch_threads(intra_op):
+        with claim, torch_threads(intra_op):
             engine.run_statistics()
             if archive_output is not None:
                 output, rounding = archive_output.write(engine.tensors("merge"))
@@ -42,6 +44,7 @@ def _archive_output(merge: Merge) -> ArchiveOutput:
         Rounding.of(request),
         request.bits,
         request.group_size,
+        request.force,
     )
 
 

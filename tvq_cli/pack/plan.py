@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..archive.format import ArchiveHeader, check_task_name
 from ..archive.plan import plan_tensors
-from ..errors import InternalError, TvqError
+from ..errors import InternalError, UsageError, usage_errors
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible
 from ..version import __version__
@@ -31,14 +31,15 @@ def task_names(finetuned: list[Path], overrides: dict[str, str] | None = None) -
     names = []
     for path in finetuned:
         name = resolved.get(str(Path(path).resolve())) or default_task_name(path)
-        names.append(check_task_name(name))
+        with usage_errors():
+            names.append(check_task_name(name))
     unknown = set(resolved) - {str(Path(p).resolve()) for p in finetuned}
     if unknown:
-        raise TvqError(f"--name refers to {sorted(unknown)[0]}, which is not a fine-tuned input")
+        raise UsageError(f"--name refers to {sorted(unknown)[0]}, which is not a fine-tuned input")
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise TvqError(f"duplicate task name {name!r}: give distinct names with --name")
+            raise UsageError(f"duplicate task name {name!r}: give distinct names with --name")
         seen.add(name)
     return names
 
@@ -48,7 +49,7 @@ def plan_pack(
 ) -> ArchiveHeader:
     """The archive header: which tensors are quantized, kept exact or shared, and how."""
     if not finetuned:
-        raise TvqError("give at least one fine-tuned checkpoint")
+        raise UsageError("give at least one fine-tuned checkpoint")
     if len(tasks) != len(finetuned):
         raise InternalError("one task name per fine-tuned checkpoint")
     check_compatible(pretrained, finetuned)

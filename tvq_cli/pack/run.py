@@ -22,9 +22,9 @@ from ..archive.format import ArchiveHeader
 from ..archive.writer import ArchiveWriter, archive_size
 from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
 from ..dtypes import itemsize
-from ..errors import InternalError, TvqError
-from ..io.atomic import check_target
+from ..errors import InternalError, TvqError, UsageError
 from ..io.checkpoint import Checkpoint, combine_digests
+from ..io.target import check_target, claim_output
 from ..quant import entropy
 from .alloc import Allocation, allocate
 from .options import PackOptions
@@ -60,7 +60,7 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise TvqError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
         return torch.device(device)
-    raise TvqError(f"--device must be cpu or cuda, got {device!r}")
+    raise UsageError(f"--device must be cpu or cuda, got {device!r}")
 
 
 def _open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
@@ -143,14 +143,20 @@ def pack(
     pre, fts = _open_inputs(Path(pretrained), finetuned)
     if out.is_dir():
         raise TvqError(f"{out}: is a folder; give an archive file name such as tasks.tvq")
-    check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
+    inputs = [f for c in [pre, *fts] for f in c.files]
+    check_target(out, overwrite, inputs)
     start = time.perf_counter()
     header = plan_pack(pre, fts, tasks, options)
     allocation = _allocate(header, pre, fts, options)
     largest = max(t.numel * itemsize(t.dtype) for t in header.tensors)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
-    with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
+    with (
+        claim_output(out, overwrite, inputs),
+        ArchiveWriter(out, header, replace=overwrite) as writer,
+        torch_threads(1),
+        contextlib.ExitStack() as stack,
+    ):
         packer = TensorPacker(
             options.rules,
             options.error_correction,

@@ -15,7 +15,7 @@ import torch
 from ..archive.format import FORMAT_VERSION, ArchiveHeader, storage_class
 from ..archive.reader import Archive
 from ..dtypes import itemsize
-from ..errors import TvqError
+from ..errors import TvqError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible
 
@@ -139,7 +139,7 @@ def error_report(
     """
     tasks = archive.header.tasks
     if len(finetuned) != len(tasks):
-        raise TvqError(
+        raise UsageError(
             f"--against needs the pretrained checkpoint and {len(tasks)} fine-tuned ones "
             f"(tasks {', '.join(tasks)}), got {len(finetuned)}"
         )
