@@ -50,6 +50,11 @@ def to_torch(name: str) -> torch.dtype:
     return DTYPES[name].torch
 
 
+def config_name(name: str) -> str:
+    """How a Hugging Face config.json spells a dtype ("F32" -> "float32", "BF16" -> "bfloat16")."""
+    return str(to_torch(name)).removeprefix("torch.")
+
+
 def from_torch(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype (its repr for types safetensors lacks)."""
     return _BY_TORCH.get(dtype, str(dtype))
