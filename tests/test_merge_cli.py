@@ -263,3 +263,19 @@ def test_list_methods(tmp_path):
         "consensus", "lines", "emr",
     }  # fmt: skip
     assert {o["flag"]: o["default"] for o in methods["ties"]["options"]}["--topk"] == 20.0
+
+
+def test_a_group_size_longer_than_every_row_is_one_group_per_row(tmp_path):
+    """--group-size 1000000 packs and merges like groups of a whole row (here 48 >= every row
+    of the model), at the same speed: rows are never padded to the group size."""
+    pre, fts = make_checkpoints(tmp_path, 2)
+    merged = []
+    for group in (48, 1_000_000):
+        archive = _pack(tmp_path, pre, fts, f"g{group}.tvq", "--group-size", group)
+        out = tmp_path / f"g{group}.safetensors"
+        code, _, err = run_cli(
+            "merge", archive, "--pretrained", pre, "--method", "ties", "--out", out
+        )
+        assert code == 0, err
+        merged.append(out.read_bytes())
+    assert merged[0] == merged[1]
