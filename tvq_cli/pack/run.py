@@ -22,7 +22,7 @@ from ..archive.format import ArchiveHeader
 from ..archive.writer import ArchiveWriter, archive_size
 from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
 from ..dtypes import itemsize
-from ..errors import InternalError, TvqError, UsageError
+from ..errors import InternalError, TvqError, UsageError, warn
 from ..io.checkpoint import Checkpoint, combine_digests
 from ..io.target import check_target, claim_output
 from ..quant import entropy
@@ -30,7 +30,7 @@ from .alloc import Allocation, allocate
 from .options import PackOptions
 from .packer import TensorPacker
 from .plan import plan_pack, task_names
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, TensorInputs
 from .values import TaskValues
 from .whole import encode_whole
 
@@ -180,8 +180,10 @@ def pack(
             disable=not progress,
             file=sys.stderr,
         )
+        unchanged = UnchangedTasks(len(fts))
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
+            unchanged.see(inputs)
             outputs = packer.outputs(inputs)
             reader.release(inputs)
             background.submit(lambda outputs=outputs: _write_all(writer, outputs))
@@ -189,10 +191,34 @@ def pack(
         header.pretrained_fingerprint = combine_digests(digests)
     for ckpt in (pre, *fts):
         ckpt.close()
+    for index in unchanged.tasks:
+        warn(
+            f"task {tasks[index]!r}: {fts[index].path} is identical to the pretrained "
+            "checkpoint, so its task vector is all zero (was the pretrained packed as a task?)"
+        )
     size = out.stat().st_size
     if allocation is not None and size > allocation.budget_bytes:
         raise InternalError(f"{out} is {size} bytes, over the budget")
     return PackResult(out, header, size, time.perf_counter() - start, allocation)
+
+
+class UnchangedTasks:
+    """The fine-tunes that have not differed from the pretrained checkpoint in any float
+    tensor so far. A real fine-tune differs in its first tensor or so, so this costs about
+    one comparison of one tensor per task."""
+
+    def __init__(self, count: int):
+        self.tasks = list(range(count))
+
+    def see(self, inputs: TensorInputs) -> None:
+        if inputs.entry.kind == "shared":  # non-float tensors equal the pretrained ones anyway
+            return
+        pre = inputs.pretrained
+        self.tasks = [
+            t
+            for t in self.tasks
+            if inputs.finetuned[t].dtype == pre.dtype and torch.equal(inputs.finetuned[t], pre)
+        ]
 
 
 def _write_all(writer: ArchiveWriter, outputs: list) -> None:

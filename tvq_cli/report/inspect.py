@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from ..archive.format import FORMAT_VERSION, ArchiveHeader, storage_class
+from ..archive.identity import check_task_source
 from ..archive.reader import Archive
 from ..dtypes import itemsize
-from ..errors import TvqError, UsageError
+from ..errors import TvqError, UsageError, warn
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_compatible
+from .identity import CrossMatch, check_distance, check_order
 
 
 def quantization_settings(header: ArchiveHeader) -> list[dict]:
@@ -131,11 +133,16 @@ class _ErrorStats:
 
 
 def error_report(
-    archive: Archive, pretrained: Path, finetuned: list[Path], per_tensor: bool = False
+    archive: Archive,
+    pretrained: Path,
+    finetuned: list[Path],
+    per_tensor: bool = False,
+    allow_different_base: bool = False,
 ) -> tuple[list[dict], dict, list[dict]]:
     """Per-task and overall error of the reconstructed task vectors against the true ones.
 
-    Fine-tuned checkpoints are matched to the archive's tasks in order.
+    Fine-tuned checkpoints are matched to the archive's tasks in order; a swapped order or a
+    wrong file is an error (or, where it cannot be told for sure, a warning): `identity`.
     """
     tasks = archive.header.tasks
     if len(finetuned) != len(tasks):
@@ -151,24 +158,40 @@ def error_report(
         missing = sorted(set(pre.specs) ^ names)[0]
         raise TvqError(f"{pretrained}: tensor {missing} does not match the archive's tensors")
     if pre.fingerprint() != archive.header.pretrained_fingerprint:
-        raise TvqError(
-            f"{pretrained}: is not the pretrained checkpoint this archive was packed from"
+        if not allow_different_base:
+            raise TvqError(
+                f"{pretrained}: is not the pretrained checkpoint this archive was packed from "
+                "(use --allow-different-base to measure against it anyway)"
+            )
+        warn(
+            f"measuring against {pretrained}, not the pretrained model the archive was packed from"
         )
+    for task, ckpt in zip(tasks, fts, strict=True):
+        check_task_source(archive.header, task, ckpt)
     totals = {task: _ErrorStats() for task in tasks}
+    cross = CrossMatch(len(tasks))
     rows: list[dict] = []
     for entry in archive.header.tensors:
         if entry.kind == "shared":
             continue
         pre_t = pre.load_float(entry.name)
+        decoded, given = [], []
         for task, ckpt in zip(tasks, fts, strict=True):
             stats = _ErrorStats()
             tau = ckpt.load_float(entry.name) - pre_t
-            stats.add(tau, archive.task_vector(task, entry.name, pre_t))
+            tau_hat = archive.task_vector(task, entry.name, pre_t)
+            stats.add(tau, tau_hat)
+            decoded.append(cross.sample(tau_hat))
+            given.append(cross.sample(tau))
             totals[task].merge(stats)
             if per_tensor:
                 rows.append(
                     {"task": task, "tensor": entry.name, "kind": entry.kind, **stats.as_dict()}
                 )
+        cross.add(decoded, given)
+    check_order(tasks, finetuned, cross)
+    for task, path in zip(tasks, finetuned, strict=True):
+        check_distance(task, path, totals[task].err2, totals[task].ref2, archive.scheme)
     overall = _ErrorStats()
     for task in tasks:
         overall.merge(totals[task])
@@ -180,6 +203,7 @@ def inspect_archive(
     against: tuple[Path | str, list[Path | str]] | None = None,
     per_tensor: bool = False,
     verify: bool = False,
+    allow_different_base: bool = False,
 ) -> dict:
     """The full inspect report as a JSON-ready dict.
 
@@ -194,7 +218,11 @@ def inspect_archive(
     if against is not None:
         pretrained, finetuned = against
         tasks, overall, rows = error_report(
-            archive, Path(pretrained), [Path(p) for p in finetuned], per_tensor
+            archive,
+            Path(pretrained),
+            [Path(p) for p in finetuned],
+            per_tensor,
+            allow_different_base,
         )
         report["tasks"] = tasks
         report["error"] = overall
