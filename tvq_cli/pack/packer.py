@@ -16,6 +16,7 @@ from ..archive.parts import encode_part
 from ..archive.schemes import Scheme
 from ..concurrency import torch_threads
 from ..errors import TvqError
+from ..quant import native
 from ..tensors import tensor_bytes
 from .blocked import BlockedRoute, Output, blockable
 from .prefetch import TensorInputs
@@ -55,9 +56,13 @@ class TensorPacker:
         if entry.kind == "exact":
             return self._exact(inputs)
         cols = entry.shape[-1]
-        if self.device.type == "cpu" and all(blockable(p, cols) for p in entry.parts):
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and all(blockable(p, cols) for p in entry.parts):
             return self.blocked.outputs(inputs)
-        with torch_threads(self.threads):
+        # On the CPU the whole route's work is in the native kernels (one thread); torch's
+        # thread team would only add hand-offs (3-5x slower measured on a loaded 2-core
+        # machine, docs/performance.md). Without them, torch's own ops do the work.
+        with torch_threads(1 if on_cpu and native.built() else self.threads):
             return self._whole(inputs)
 
     def _shared(self, inputs: TensorInputs) -> list[Output]:
