@@ -4,14 +4,12 @@ own, so that transformers loads a `--dtype bf16` merge as bf16 and an fp32 one a
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import FullDisk, run_cli
 from safetensors.torch import load_file, save_file
 
 from tvq_cli.io import model_writer
@@ -142,23 +140,6 @@ def test_sub_configs_that_name_a_dtype_follow(tmp_path):
     assert merged["vision_config"] == {"hidden_size": 8}
 
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes are written."""
-
-    def __init__(self, real, room: int):
-        self._real, self._room = real, room
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if size > self._room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room -= size
-        return self._real.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
 @pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
 def test_disk_full_names_the_output(tmp_path, monkeypatch, folder):
     pre, fts = _tiny_llama(tmp_path, torch.float32)
@@ -167,7 +148,7 @@ def test_disk_full_names_the_output(tmp_path, monkeypatch, folder):
     monkeypatch.setattr(
         model_writer,
         "open",
-        lambda *a, **k: _FullDisk(open(*a, **k), 4000),  # noqa: SIM115
+        lambda *a, **k: FullDisk(open(*a, **k), 4000),  # noqa: SIM115
         raising=False,
     )
     out = tmp_path / ("merged" if folder else "merged.safetensors")

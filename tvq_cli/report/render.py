@@ -152,7 +152,7 @@ def render_merge(report: dict, console: Console) -> None:
         console.print(f"  weights: {', '.join(_fmt(w) for w in report['weights'])}")
     if report["fingerprint_mismatch"]:
         console.print(
-            "  [yellow]forced: pretrained fingerprint differs for "
+            "  [yellow]--allow-different-base: packed against another pretrained model: "
             f"{', '.join(report['fingerprint_mismatch'])}[/yellow]"
         )
     what = {"safetensors": "model file", "folder": "model folder", "tvq": "archive"}[out["format"]]
