@@ -144,3 +144,9 @@ def test_ctrl_c_while_opening_inputs_is_one_line(tmp_path):
     )
     assert (code, err) == (130, INTERRUPTED)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.safetensors", "pre.safetensors"]
+
+
+def test_a_bare_command_shows_its_help():
+    for args in ([], ["zoo"]):
+        code, stdout, err = run_cli(*args)
+        assert code == 2 and "Usage" in stdout + err and "tvq: error" not in err

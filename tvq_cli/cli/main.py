@@ -57,7 +57,8 @@ def _main(argv: list[str] | None) -> int:
         return 1
     except Exception as exc:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's usage error
-            print(f"tvq: error: {exc.format_message()} (see 'tvq --help')", file=sys.stderr)
+            if exc.format_message():  # empty after printing the help of a bare `tvq`
+                print(f"tvq: error: {exc.format_message()} (see 'tvq --help')", file=sys.stderr)
             return exc.exit_code
         raise
     return 0
