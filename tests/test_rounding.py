@@ -149,12 +149,13 @@ def _merge_json(*args) -> dict:
 def test_average_of_two_4bit_archives_changes_and_reports(tmp_path):
     pre, archive = _two_fq_archives(tmp_path)
     common = (archive, "--pretrained", pre, "--method", "average")
-    noise = _merge_json(*common, "--out", tmp_path / "noise.tvq", "--rounding", "noise")
-    nearest = _merge_json(*common, "--out", tmp_path / "near.tvq")  # the default
+    noise = _merge_json(*common, "--out", tmp_path / "noise.tvq")  # the default on this grid
+    nearest = _merge_json(*common, "--out", tmp_path / "near.tvq", "--rounding", "nearest")
     _merge_json(*common, "--out", tmp_path / "again.tvq", "--rounding", "noise")
     rounding = noise["rounding"]
     assert rounding["grid"] == "inputs" and noise["output"]["scheme"] == "fq"
     assert rounding["mode"] == "noise" and rounding["samples"] == 16
+    assert rounding["select"] == "min" and rounding["nearest_candidate"]
     assert rounding["ambiguous"] == 2 and rounding["values"] == 4
     assert rounding["tensors_changed"] == 1
     row = rounding["per_tensor"][0]
@@ -190,9 +191,12 @@ def test_noise_rounding_never_below_nearest_on_a_merge(tmp_path):
     pre, fts = make_checkpoints(tmp_path, 3)
     archive = tmp_path / "a.tvq"
     run_cli("pack", *fts, "--pretrained", pre, "--out", archive, "--bits", 3)
+    common = (archive, "--pretrained", pre, "--method", "ties")
+    default = _merge_json(*common, "--out", tmp_path / "d.tvq")["rounding"]
+    assert default["mode"] == "nearest" and default["samples"] == 0  # the min-max grid's default
     report = _merge_json(
-        archive, "--pretrained", pre, "--method", "ties", "--out", tmp_path / "t.tvq",
-        "--tie-tolerance", 0.3, "--samples", 8, "--rounding", "noise",
+        *common, "--out", tmp_path / "t.tvq", "--tie-tolerance", 0.3, "--samples", 8,
+        "--rounding", "noise",
     )  # fmt: skip
     rounding = report["rounding"]
     assert rounding["grid"] == "min-max" and rounding["ambiguous"] > 0

@@ -59,7 +59,6 @@ class ArchiveOutput:
         group_size: int | None = None,
     ):
         self.out, self.method, self.sources, self.pretrained = out, method, sources, pretrained
-        self.rounding = rounding
         self.float_names = method.ctx.tensor_names
         parts = [p for row in self._input_parts() for p in row if p is not None]
         self.bits = bits or _common({p.bits for p in parts}, "bits", None if parts else 0)
@@ -74,6 +73,7 @@ class ArchiveOutput:
         if out.is_dir():
             raise TvqError(f"{out}: is a folder; a .tvq output must be a file")
         self.same_grid = self._same_grid()
+        self.rounding = rounding.for_grid(exact_ties=self.same_grid)
         targets = method.ctx.targets
         self.task = sources.tasks[targets[0]] if method.per_task else "merged"
         self.header = self._header()

@@ -80,7 +80,7 @@ class PackedOutput:
 
     def __init__(self, merge: Merge, rounding: Rounding):
         request = merge.request
-        self.merge, self.rounding = merge, rounding
+        self.merge, self.rounding = merge, rounding.for_grid(exact_ties=False)
         self.pre = merge.pretrained
         if not self.pre.path.is_dir():
             raise TvqError("--quantize needs --pretrained to be a model folder with config.json")

@@ -23,17 +23,22 @@ rounding with cosine selection (HDRQ, section 4.3).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import TvqError
+from ..errors import InternalError, TvqError
 
 ROUNDING_MODES = ("nearest", "floor", "noise")
-DEFAULT_ROUNDING = "nearest"  # from the measurements in docs/results.md, section 5
+# Defaults from the measurements in docs/results.md ("Rounding onto a grid"): noise rounding
+# helps where ties are exact (an FQ average on the inputs' grid) and wrote the same codes as
+# nearest rounding everywhere else, where it would only cost `samples` extra merges per tensor.
+DEFAULT_ON_EXACT_TIES = "noise"
+DEFAULT_ELSEWHERE = "nearest"
 DEFAULT_SAMPLES = 16
 DEFAULT_TIE_TOLERANCE = 0.05
 SELECTIONS = ("min", "every")
+CHUNK = 1 << 18  # elements per step of the cosine sums
 FLOOR_SLACK = 1e-6  # in grid steps: a position that is an integer up to round-off stays on it
 
 
@@ -41,7 +46,7 @@ FLOOR_SLACK = 1e-6  # in grid steps: a position that is an integer up to round-o
 class Rounding:
     """How merged values are put on a grid (checked, defaults filled in)."""
 
-    mode: str = DEFAULT_ROUNDING
+    mode: str | None = None  # None: the default for the grid (`for_grid`)
     samples: int = DEFAULT_SAMPLES
     tolerance: float = DEFAULT_TIE_TOLERANCE
     seed: int = 0
@@ -49,7 +54,7 @@ class Rounding:
     keep_nearest: bool = True  # False: HDRQ's code, whose first draw stands in for nearest
 
     def __post_init__(self) -> None:
-        if self.mode not in ROUNDING_MODES:
+        if self.mode is not None and self.mode not in ROUNDING_MODES:
             modes = ", ".join(ROUNDING_MODES)
             raise TvqError(f"--rounding must be one of {modes}, got {self.mode!r}")
         if self.samples < 0:
@@ -65,11 +70,18 @@ class Rounding:
     ) -> Rounding:
         """From the request's options (None: the default)."""
         return cls(
-            mode or DEFAULT_ROUNDING,
+            mode,
             DEFAULT_SAMPLES if samples is None else samples,
             DEFAULT_TIE_TOLERANCE if tolerance is None else tolerance,
             seed,
         )
+
+    def for_grid(self, exact_ties: bool) -> Rounding:
+        """The rounding with its mode decided: the default depends on whether the grid's
+        ambiguous values are exact ties."""
+        if self.mode is not None:
+            return self
+        return replace(self, mode=DEFAULT_ON_EXACT_TIES if exact_ties else DEFAULT_ELSEWHERE)
 
     @property
     def draws(self) -> int:
@@ -157,9 +169,19 @@ class CosineSums:
 
     @classmethod
     def of(cls, candidate: torch.Tensor, merged: torch.Tensor, inputs: torch.Tensor):
-        a = (candidate.unsqueeze(0) - inputs).reshape(inputs.shape[0], -1).double()
-        b = (merged.unsqueeze(0) - inputs).reshape(inputs.shape[0], -1).double()
-        return cls((a * b).sum(1), (a * a).sum(1), (b * b).sum(1))
+        """Sums of `a = candidate - x_t` against `b = merged - x_t`, in float64, over chunks of
+        elements (a float64 copy of all T inputs would be 2T times the tensor)."""
+        count = inputs.shape[0]
+        flat = inputs.reshape(count, -1)
+        candidate, merged = candidate.reshape(-1), merged.reshape(-1)
+        sums = torch.zeros(3, count, dtype=torch.float64)
+        for start in range(0, flat.shape[1], CHUNK):
+            part = slice(start, start + CHUNK)
+            x = flat[:, part].double()
+            a = candidate[part].double() - x
+            b = merged[part].double() - x
+            sums += torch.stack([(a * b).sum(1), (a * a).sum(1), (b * b).sum(1)])
+        return cls(sums[0], sums[1], sums[2])
 
     def cosines(self) -> torch.Tensor:
         """Per input; NaN where a direction is undefined (a zero vector)."""
@@ -200,6 +222,8 @@ def round_on_grid(
     per-element quantization steps (None: stored exact, no noise), `remerge` the merge applied
     to perturbed inputs, and `ambiguous` the elements whose direction noise may decide.
     """
+    if rounding.mode is None:
+        raise InternalError("the rounding mode is decided by Rounding.for_grid first")
     codes = grid.nearest(merged)
     nearest = CosineSums.of(grid.value(codes), merged, inputs)
     result = Rounded(codes, None, False, merged.numel(), int(ambiguous.sum()), nearest, nearest)
@@ -291,6 +315,8 @@ class RoundingTally:
         return {
             "mode": rounding.mode,
             "samples": rounding.draws,
+            "select": rounding.select if rounding.draws else None,
+            "nearest_candidate": rounding.keep_nearest if rounding.draws else None,
             "tensors": len(rows),
             "tensors_changed": sum(1 for r in rows if r["changed"]),
             "values": sum(r["values"] for r in rows),

@@ -13,11 +13,18 @@ from .request import Merge, MergeRequest, check_request
 from .rounding import Rounding
 
 
-def run_merge(request: MergeRequest, progress: bool = False) -> dict:
-    """Check, merge and write; returns the report (schema in docs/merge.md)."""
+def run_merge(
+    request: MergeRequest, progress: bool = False, rounding: Rounding | None = None
+) -> dict:
+    """Check, merge and write; returns the report (schema in docs/merge.md). `rounding`
+    replaces the request's rounding options (the selection-rule ablations of
+    benchmarks/hdrq_rounding.py use it)."""
     start = time.perf_counter()
     merge = check_request(request)
-    rounding = Rounding.of(request.rounding, request.samples, request.tie_tolerance, request.seed)
+    if rounding is None:
+        rounding = Rounding.of(
+            request.rounding, request.samples, request.tie_tolerance, request.seed
+        )
     archive_output = _archive_output(merge, rounding) if request.writes_archive else None
     packed_output = PackedOutput(merge, rounding) if request.writes_packed else None  # checks
     engine = Engine(merge, progress)
