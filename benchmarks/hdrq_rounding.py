@@ -47,7 +47,7 @@ import torch
 from tvq_cli import PackOptions, open_archive, pack
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.merge import MergeRequest, merge
-from tvq_cli.merge.rounding import Rounding
+from tvq_cli.merge.rounding import DEFAULT_ELSEWHERE, DEFAULT_ON_EXACT_TIES, Rounding
 from tvq_cli.zoo import Zoo, build_zoo, evaluate, evaluate_state, mean_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,15 +177,16 @@ def fmt_acc(outcomes: list[Outcome]) -> str:
     return _spread([o.accuracy for o in outcomes])
 
 
-def verdict(deltas: list[float]) -> str:
-    """A change against nearest rounding, and whether it is one."""
+def verdict(deltas: list[float]) -> tuple[str, str]:
+    """Whether a change against nearest rounding is one ("helps", "hurts", "no effect"), and
+    the cell that shows it."""
     mean = statistics.fmean(deltas)
     spread = f" ({min(deltas):+.2f}..{max(deltas):+.2f})" if len(deltas) > 1 else ""
     if abs(mean) > RESOLUTION and min(deltas) * max(deltas) > 0:
         word = "helps" if mean > 0 else "hurts"
     else:
         word = "no effect"
-    return f"{mean:+.2f}{spread} {word}"
+    return word, f"{mean:+.2f}{spread} {word}"
 
 
 def log(text: str) -> None:
@@ -310,10 +311,22 @@ def render(rows: list, pmq: dict, seeds: int, pairs: int, minutes: float) -> str
         "| setting | " + " | ".join(f"{c} - nearest" for c in compared) + " |",
         "|---|" + "---|" * len(compared),
     ]
+    calls: dict[str, list[str]] = {"helps": [], "hurts": [], "no effect": []}
     for label, _, cells in rows:
         near = cells["nearest"][0].accuracy
         verdicts = [verdict([o.accuracy - near for o in cells[c]]) for c in compared]
-        lines.append(f"| {label} | " + " | ".join(verdicts) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell for _, cell in verdicts) + " |")
+        calls[verdicts[0][0]].append(label)
+    lines += [
+        "",
+        f"In short, noise rounding (K = 16) against nearest rounding: helps in "
+        f"{len(calls['helps'])} of {len(rows)} settings ({'; '.join(calls['helps']) or 'none'}), "
+        f"hurts in {len(calls['hurts'])} ({'; '.join(calls['hurts']) or 'none'}), and does "
+        f"nothing measurable in the other {len(calls['no effect'])}. Defaults chosen from "
+        f"this (`tvq_cli/merge/rounding.py`): `{DEFAULT_ON_EXACT_TIES}` where ties are exact "
+        f"(an FQ average on the inputs' grid), `{DEFAULT_ELSEWHERE}` elsewhere, where noise "
+        "wrote the same codes as nearest; why, in [merge.md](merge.md).",
+    ]
     lines += [
         "",
         "Post-merge quantization (C): mean accuracy over the 8 tasks of the full-precision "

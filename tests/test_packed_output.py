@@ -277,6 +277,7 @@ def test_packed_zoo_merge_decompresses_into_the_backbone(zoo: Zoo, tmp_path):
 
 
 def test_packed_output_refusals(tmp_path):
+    pytest.importorskip("transformers")  # finds the Linear layers
     pre = write_checkpoint(tmp_path / "pre", {"w.weight": torch.ones(4, 32)}, folder=True)
     tuned = write_checkpoint(tmp_path / "t.safetensors", {"w.weight": torch.full((4, 32), 2.0)})
     archive = tmp_path / "a.tvq"
@@ -308,7 +309,6 @@ def test_packed_output_refusals(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tvq").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # the synthetic config's model_type is unknown to transformers: 2-D weights are the Linears
-    pytest.importorskip("transformers")
     out = tmp_path / "o"
     report = _merge(
         *common, "--pretrained", pre, "--out", out, "--quantize", "w4", "--group-size", 32

@@ -12,7 +12,14 @@ from helpers import make_checkpoints, run_cli, write_checkpoint
 
 from tvq_cli.archive.reader import Archive
 from tvq_cli.errors import TvqError
-from tvq_cli.merge.rounding import CosineSums, Rounding, ScaleGrid, StepGrid, round_on_grid
+from tvq_cli.merge.rounding import (
+    CosineSums,
+    MergedTensor,
+    Rounding,
+    ScaleGrid,
+    StepGrid,
+    round_on_grid,
+)
 
 # Two inputs on one 4-bit grid (step 1): the mean of the first two elements is a .5 tie.
 # Nearest rounding (half to even) gives (4, 0); (4, 1) raises both inputs' cosines, (3, 0) the
@@ -27,16 +34,8 @@ def _round(x1, x2, seed: int = 0, **options):
     grid = ScaleGrid(torch.ones_like(merged), torch.zeros_like(merged), 15)
     ambiguous = (merged - merged.floor()) == 0.5
     rounding = Rounding(**{"mode": "noise", "samples": 16, **options})
-    return round_on_grid(
-        merged,
-        inputs,
-        [torch.ones_like(merged)] * 2,
-        lambda x: x.mean(0),
-        grid,
-        ambiguous,
-        rounding,
-        torch.Generator().manual_seed(seed),
-    )
+    tensor = MergedTensor(merged, inputs, [torch.ones_like(merged)] * 2, lambda x: x.mean(0))
+    return round_on_grid(tensor, grid, ambiguous, rounding, torch.Generator().manual_seed(seed))
 
 
 def test_noise_rounding_resolves_ties_and_never_scores_below_nearest():
@@ -93,10 +92,9 @@ def test_floor_rounds_every_value_down_but_keeps_integers_up_to_round_off():
     merged = torch.tensor([[0.5, 1.5, 2.99, 3.7, -0.2, 20.0]])
     grid = ScaleGrid(torch.ones_like(merged), torch.zeros_like(merged), 15)
     inputs = torch.stack([merged - 1, merged + 1])
-    result = round_on_grid(
-        merged, inputs, [None, None], lambda x: x.mean(0), grid,
-        torch.zeros_like(merged, dtype=torch.bool), Rounding("floor"), torch.Generator(),
-    )  # fmt: skip
+    tensor = MergedTensor(merged, inputs, [None, None], lambda x: x.mean(0))
+    nothing = torch.zeros_like(merged, dtype=torch.bool)
+    result = round_on_grid(tensor, grid, nothing, Rounding("floor"), torch.Generator())
     assert torch.equal(result.codes, torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.0, 15.0]]))
     assert result.changed and result.chosen is None
     # 13 / 11 * 11 is 12.999999 in float32: an integer up to round-off stays on its level

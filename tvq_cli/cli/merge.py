@@ -52,7 +52,10 @@ def merge_command(
         None, "--group-size", help="Quantized output: group size (0: per tensor / channel)."
     ),
     rounding: str = typer.Option(
-        None, "--rounding", help="Quantized output: nearest (default), floor or noise."
+        None,
+        "--rounding",
+        help="Quantized output: nearest, floor or noise (default: noise on an FQ average's "
+        "own grid, nearest elsewhere).",
     ),
     samples: int = typer.Option(None, "--samples", help="--rounding noise: candidates (16)."),
     tie_tolerance: float = typer.Option(
@@ -69,7 +72,7 @@ def merge_command(
     ),
     **coefficients: object,
 ) -> None:
-    """Merge task vectors from ARCHIVES into a model (or a quantized one-task archive)."""
+    """Merge task vectors from ARCHIVES into a model (dense or packed) or a quantized archive."""
     if list_methods_flag:
         methods = list_methods()
         if as_json:

@@ -16,7 +16,7 @@ from ..quant.groups import expand_groups
 from ..quant.quantizer import quantize
 from ..quant.spec import Quantized
 from .base import MergeMethod
-from .rounding import Rounded, Rounding, ScaleGrid, round_on_grid
+from .rounding import MergedTensor, Rounded, Rounding, ScaleGrid, round_on_grid
 from .sources import Sources
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
@@ -58,7 +58,8 @@ def min_max_codes(
     grid_q = quantize(merged, part.spec)
     grid = element_grid(grid_q.scales, grid_q.zeros, entry, part)
     ambiguous = grid.ambiguous(merged, rounding.tolerance)
-    rounded = round_on_grid(merged, taus, steps, merge, grid, ambiguous, rounding, generator)
+    tensor = MergedTensor(merged, taus, steps, merge)
+    rounded = round_on_grid(tensor, grid, ambiguous, rounding, generator)
     codes = rounded.codes.to(torch.uint8).reshape(-1)
     return Quantized(codes, grid_q.scales, grid_q.zeros), rounded
 
@@ -99,8 +100,7 @@ def inputs_grid_codes(
 
     mean_code = torch.tensordot(share.double(), torch.stack(codes).double(), dims=1)
     ambiguous = ((mean_code - torch.floor(mean_code)) - 0.5).abs() <= 1e-9
-    rounded = round_on_grid(
-        merge(stacked), stacked, steps, merge, grid, ambiguous, rounding, generator
-    )
+    tensor = MergedTensor(merge(stacked), stacked, steps, merge)
+    rounded = round_on_grid(tensor, grid, ambiguous, rounding, generator)
     codes_out = rounded.codes.to(torch.uint8).reshape(-1)
     return Quantized(codes_out, out_scales.to(torch.float32), out_zeros), rounded

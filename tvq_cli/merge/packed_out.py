@@ -34,7 +34,7 @@ from .engine import Engine
 from .model_out import output_specs
 from .on_grid import first_output
 from .request import Merge
-from .rounding import Rounding, RoundingTally, StepGrid, round_on_grid
+from .rounding import MergedTensor, Rounding, RoundingTally, StepGrid, round_on_grid
 
 SCHEMES = {"w4": 4, "w8": 8}
 DEFAULT_GROUP = {"w4": 128, "w8": 0}  # compressed-tensors' W4A16 preset; w8 per channel
@@ -229,13 +229,12 @@ class PackedOutput:
             scheme.qmax,
             base,
         )
-        remerge = first_output(self.merge.method, name)
-        steps = self.merge.sources.steps(name)
+        tensor = MergedTensor(
+            merged, taus, self.merge.sources.steps(name), first_output(self.merge.method, name)
+        )
         generator = derive_generator(self.rounding.seed, name, "rounding")
         ambiguous = grid.ambiguous(merged, self.rounding.tolerance)
-        rounded = round_on_grid(
-            merged, taus, steps, remerge, grid, ambiguous, self.rounding, generator
-        )
+        rounded = round_on_grid(tensor, grid, ambiguous, self.rounding, generator)
         tally.add(name, rounded)
         stored = [
             ("weight_packed", packed_int.pack_codes(rounded.codes, scheme)),

@@ -30,7 +30,7 @@ import torch
 from ..errors import InternalError, TvqError
 
 ROUNDING_MODES = ("nearest", "floor", "noise")
-# Defaults from the measurements in docs/results.md ("Rounding onto a grid"): noise rounding
+# Defaults from the measurements in docs/results.md (section 5): noise rounding
 # helps where ties are exact (an FQ average on the inputs' grid) and wrote the same codes as
 # nearest rounding everywhere else, where it would only cost `samples` extra merges per tensor.
 DEFAULT_ON_EXACT_TIES = "noise"
@@ -206,24 +206,30 @@ class Rounded:
     best: CosineSums
 
 
+@dataclass
+class MergedTensor:
+    """One merged tensor and what rounding it needs: `inputs` [T, *shape] are the merged inputs
+    in the same space as `merged`, `steps` their per-element quantization steps (None: stored
+    exact, no noise), and `remerge` the merge applied to perturbed inputs."""
+
+    merged: torch.Tensor
+    inputs: torch.Tensor
+    steps: list[torch.Tensor | None]
+    remerge: Callable[[torch.Tensor], torch.Tensor]
+
+
 def round_on_grid(
-    merged: torch.Tensor,
-    inputs: torch.Tensor,
-    steps: list[torch.Tensor | None],
-    remerge: Callable[[torch.Tensor], torch.Tensor],
+    tensor: MergedTensor,
     grid: Grid,
     ambiguous: torch.Tensor,
     rounding: Rounding,
     generator: torch.Generator,
 ) -> Rounded:
-    """Codes of `merged` on `grid` under `rounding`.
-
-    `inputs` [T, *shape] are the merged inputs in the same space as `merged`, `steps` their
-    per-element quantization steps (None: stored exact, no noise), `remerge` the merge applied
-    to perturbed inputs, and `ambiguous` the elements whose direction noise may decide.
-    """
+    """Codes of the merged tensor on `grid` under `rounding`; `ambiguous` marks the elements
+    whose direction noise may decide."""
     if rounding.mode is None:
         raise InternalError("the rounding mode is decided by Rounding.for_grid first")
+    merged, inputs = tensor.merged, tensor.inputs
     codes = grid.nearest(merged)
     nearest = CosineSums.of(grid.value(codes), merged, inputs)
     result = Rounded(codes, None, False, merged.numel(), int(ambiguous.sum()), nearest, nearest)
@@ -231,17 +237,14 @@ def round_on_grid(
         result.codes = grid.floor(merged)
         result.best = CosineSums.of(grid.value(result.codes), merged, inputs)
     elif rounding.mode == "noise":
-        _sample(result, merged, inputs, steps, remerge, grid, ambiguous, rounding, generator)
+        _sample(result, tensor, grid, ambiguous, rounding, generator)
     result.changed = not torch.equal(result.codes, codes)
     return result
 
 
 def _sample(
     result: Rounded,
-    merged: torch.Tensor,
-    inputs: torch.Tensor,
-    steps: list[torch.Tensor | None],
-    remerge: Callable[[torch.Tensor], torch.Tensor],
+    tensor: MergedTensor,
     grid: Grid,
     ambiguous: torch.Tensor,
     rounding: Rounding,
@@ -252,6 +255,7 @@ def _sample(
     undefined = bool(torch.isnan(result.nearest.cosines()).any())
     if rounding.samples == 0 or result.ambiguous == 0 or undefined:
         return
+    merged, inputs = tensor.merged, tensor.inputs
     nearest = result.codes
     position = grid.position(merged)
     low = torch.floor(position).clamp_(grid.low, grid.high)[ambiguous]
@@ -266,11 +270,11 @@ def _sample(
     best = result.nearest.cosines() if rounding.keep_nearest else None
     for k in range(1, rounding.samples + 1):
         noisy = inputs.clone()
-        for t, step in enumerate(steps):
+        for t, step in enumerate(tensor.steps):
             if step is not None:
                 noise = (torch.rand(step.shape, generator=generator) - 0.5) * step
                 noisy[t] += noise * ambiguous
-        drawn = torch.round(grid.position(remerge(noisy)))[ambiguous]
+        drawn = torch.round(grid.position(tensor.remerge(noisy)))[ambiguous]
         picked = torch.minimum(torch.maximum(drawn, low), high)
         sums = rest + sums_at(picked)
         cos = sums.cosines()
