@@ -3,7 +3,8 @@
 The merged weights of every Linear layer are put on an integer grid (`--quantize w4|w8`) and
 written as int32-packed codes with their steps (and zero-points when asymmetric); embeddings,
 norms, biases, `lm_head` and the layers matching `--quantize-ignore` stay dense. The folder
-loads in transformers (which decompresses it) and in vLLM, both through compressed-tensors.
+loads in transformers (which decompresses it through compressed-tensors), and vLLM's
+compressed-tensors loader reads the same layout.
 Written tensor by tensor like any merged model (`io.ModelWriter`): the header is planned from
 the pretrained model's header, so at most one tensor's task vectors and merge are in memory.
 
