@@ -18,3 +18,9 @@ def write_section(doc: Path, marker: str, body: str) -> None:
     else:
         text += f"\n{block}\n"
     doc.write_text(text)
+
+
+def marked_sections(text: str) -> dict[str, str]:
+    """Every `<!-- MARKER -->` ... `<!-- /MARKER -->` section of a doc, by marker."""
+    found = re.finditer(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)\n<!-- /\1 -->", text, flags=re.S)
+    return {m.group(1): m.group(2) for m in found}

@@ -5,7 +5,9 @@
 
 Methods live one per module in `tvq_cli.merge.methods`, registered by name (`list_methods()`).
 `request` checks a merge, `engine` streams task vectors and merges them tensor by tensor,
-`model_out` / `archive_out` write the result, `run` ties them together.
+`model_out` / `packed_out` / `archive_out` write the result (a dense model, a
+compressed-tensors folder, a `.tvq` archive; `rounding` puts values on a grid), `run` ties
+them together.
 """
 
 from .base import MergeMethod, Option

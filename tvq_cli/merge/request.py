@@ -47,18 +47,30 @@ class MergeRequest:
     samples: int | None = None
     tie_tolerance: float | None = None
     threads: int | None = None  # worker threads; default: every core this process may use
+    quantize: str | None = None  # "w4" / "w8": a compressed-tensors (pack-quantized) folder
+    symmetric: bool | None = None
+    quantize_ignore: list[str] | None = None  # module-name globs kept in full precision
 
     @property
-    def quantized(self) -> bool:
+    def writes_archive(self) -> bool:
+        """A quantized one-task .tvq archive."""
         return Path(self.out).suffix == ".tvq"
+
+    @property
+    def writes_packed(self) -> bool:
+        """A model folder with packed integer weights (`--quantize`)."""
+        return self.quantize is not None
 
     @property
     def folder_output(self) -> bool:
         """A model folder (or a folder of one model per task), not one file."""
-        return not self.quantized and (self.all_tasks or Path(self.out).suffix != ".safetensors")
+        suffix = Path(self.out).suffix
+        return not self.writes_archive and (self.all_tasks or suffix != ".safetensors")
 
 
-QUANTIZED_ONLY = ("bits", "group_size", "rounding", "samples", "tie_tolerance")
+ON_GRID = ("group_size", "rounding", "samples", "tie_tolerance")  # any quantized output
+ARCHIVE_ONLY = ("bits",)
+PACKED_ONLY = ("symmetric", "quantize_ignore")
 
 
 @dataclass
@@ -145,16 +157,31 @@ def _targets(request: MergeRequest, cls: type[MergeMethod], tasks: list[str]) ->
 def _check_output_options(request: MergeRequest) -> None:
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype must be fp32, fp16 or bf16, got {request.dtype!r}")
-    if request.quantized:
+    if request.writes_archive:
+        if request.writes_packed:
+            raise UsageError("--quantize writes a model folder: give --out a folder name, not .tvq")
         if request.dtype is not None:
             raise UsageError("--dtype applies to model outputs, not to a .tvq archive")
         if request.all_tasks:
             raise UsageError("a .tvq output holds one merged task vector: use --task NAME")
+        _refuse(request, PACKED_ONLY, "a --quantize output")
         return
-    given = [o for o in QUANTIZED_ONLY if getattr(request, o) is not None]
+    if request.writes_packed:
+        if Path(request.out).suffix == ".safetensors":
+            raise UsageError("--quantize writes a model folder: give --out a folder name")
+        if request.all_tasks:
+            raise UsageError("--quantize writes one model: use --task NAME")
+        _refuse(request, ARCHIVE_ONLY, "a .tvq output (--quantize w4|w8 sets the bits)")
+        return
+    _refuse(request, ON_GRID + ARCHIVE_ONLY, "a quantized output (--out NAME.tvq or --quantize)")
+    _refuse(request, PACKED_ONLY, "a --quantize output")
+
+
+def _refuse(request: MergeRequest, options: tuple[str, ...], where: str) -> None:
+    given = [o for o in options if getattr(request, o) is not None]
     if given:
         flag = "--" + given[0].replace("_", "-")
-        raise UsageError(f"{flag} applies only to a quantized output (--out NAME.tvq)")
+        raise UsageError(f"{flag} applies only to {where}")
 
 
 def _weights(weights: str | list[float] | None, n: int) -> torch.Tensor | None:
