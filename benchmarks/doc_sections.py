@@ -27,6 +27,12 @@ def write_section(doc: Path, marker: str, body: str) -> None:
     doc.write_text(text)
 
 
+def marked_sections(text: str) -> dict[str, str]:
+    """Every `<!-- MARKER -->` ... `<!-- /MARKER -->` section of a doc, by marker."""
+    found = re.finditer(r"<!-- ([A-Za-z0-9_-]+) -->\n(.*?)\n<!-- /\1 -->", text, flags=re.S)
+    return {m.group(1): m.group(2) for m in found}
+
+
 def zoo_benchmark(description: str, run: Callable[[Zoo, Path], str], doc: Path, marker: str):
     """A benchmark's command line on the example zoo: `--zoo DIR` (built if missing), torch
     on one thread, a temporary work folder; `run`'s text goes between `marker`s of `doc`."""

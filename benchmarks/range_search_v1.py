@@ -1,6 +1,7 @@
 """The first range search (round 1), kept only to time it against the current one.
 
-Unchanged except imports.
+Unchanged except imports, and the row padding of that round's grouping (now gone from
+`tvq_cli.quant.groups`) copied in.
 Min-max ranges are set by each group's extreme values; on heavy-tailed task vectors that
 wastes most levels on a few outliers. Here each group tries a fixed grid of shrink factors of
 its min-max step (1.0 included, so it is never worse than min-max), with the min-max integer
@@ -17,12 +18,31 @@ from __future__ import annotations
 import torch
 
 from tvq_cli.quant import scale_codec
-from tvq_cli.quant.groups import grouped as _grouped
-from tvq_cli.quant.groups import ungrouped as _ungrouped
 from tvq_cli.quant.spec import Quantized, QuantSpec
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
 IMPROVEMENT = 1e-9  # relative margin so float rounding never picks a worse candidate
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """View `x` as (groups, group_len), each row padded to whole groups by repeating its last
+    element (the grouping of that round); returns the view and the padded row length."""
+    if group_size == 0:
+        return x.reshape(1, -1), 0
+    cols = x.shape[-1]
+    rows = x.reshape(-1, cols)
+    pad = (-cols) % group_size
+    if pad == 0:
+        return rows.reshape(-1, group_size), 0
+    padded = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
+    return padded.reshape(-1, group_size), cols + pad
+
+
+def _ungrouped(groups: torch.Tensor, shape: tuple[int, ...], padded_cols: int) -> torch.Tensor:
+    """Inverse of `_grouped`: the tensor of `shape`, padding dropped."""
+    if padded_cols:
+        return groups.reshape(-1, padded_cols)[:, : shape[-1]].reshape(shape)
+    return groups.reshape(shape)
 
 
 def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> torch.Tensor | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -75,3 +77,20 @@ def run_cli(*args: object) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are written."""
+
+    def __init__(self, real, room: int):
+        self._real, self._room = real, room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= size
+        return self._real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)

@@ -236,12 +236,12 @@ def test_budget_too_small_is_one_clear_error(tmp_path):
     pre, fts = _zoo_like(tmp_path)
     out = tmp_path / "b.tvq"
     code, _, stderr = run_cli("pack", "--pretrained", pre, *fts, "--out", out, "--budget", 0.3)
-    assert code == 1 and "too small" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 2 and "too small" in stderr and len(stderr.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.glob(".b.tvq*")) == []
     code, _, stderr = run_cli(
         "pack", "--pretrained", pre, *fts, "--dry-run", "--weighting", "x", "--budget", 2
     )
-    assert code == 1 and "weighting" in stderr
+    assert code == 2 and "weighting" in stderr
 
 
 def test_paper_settings_stay_available(tmp_path):

@@ -11,6 +11,8 @@ from helpers import finetune, make_checkpoints, run_cli, synthetic_model, write_
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tvq_cli.io.target import MANIFEST
+
 
 def _pack(root: Path, pre: Path, fts: list[Path], name: str = "a.tvq", *extra) -> Path:
     out = root / name
@@ -83,7 +85,8 @@ def test_per_task_methods_write_one_model_per_task(packed):
         "merge", archive, "--pretrained", pre, "--method", "tall", "--all-tasks", "--out", out
     )
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [f"task{i}.safetensors" for i in range(3)]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [MANIFEST, *(f"task{i}.safetensors" for i in range(3))]
     single = root / "emr1.safetensors"
     code, _, err = run_cli(
         "merge", archive, "--pretrained", pre, "--method", "emr", "--task", "task1", "--out", single
@@ -176,10 +179,11 @@ def test_quantized_output_round_trips_to_a_model(packed):
             assert torch.allclose(a[name], b[name], atol=span / 255 + 1e-6)
 
 
-def _fails(tmp_path: Path, out: Path, *args) -> str:
+def _fails(tmp_path: Path, out: Path, *args, code: int = 1) -> str:
+    """The merge fails with exit `code` (2: a usage error), one line, nothing written."""
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = run_cli("merge", *args)
-    assert code == 1 and stdout == ""
+    exit_code, stdout, err = run_cli("merge", *args)
+    assert exit_code == code and stdout == ""
     assert err.startswith("tvq: error: ") and err.count("\n") == 1, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp files left
@@ -198,38 +202,42 @@ def test_errors_are_one_line_and_write_nothing(packed):
     assert "not in" in _fails(
         root, out, archive, "--pretrained", small, "--method", "average", "--out", out
     )
-    assert "unknown merge method" in _fails(root, out, *base, "--method", "soup")
-    assert "--lambda must be finite" in _fails(
-        root, out, *base, "--method", "ties", "--lambda", "nan"
-    )
-    assert "does not take --gamma" in _fails(root, out, *base, "--method", "ties", "--gamma", 0.1)
-    assert "--weights has 2 values" in _fails(
-        root, out, *base, "--method", "task_arithmetic", "--weights", "1,2"
-    )
-    assert "does not take --weights" in _fails(
-        root, out, *base, "--method", "magmax", "--weights", "1,2,3"
-    )
-    assert "no task named" in _fails(root, out, *base, "--method", "average", "--tasks", "zz")
-    assert "--task NAME or --all-tasks" in _fails(root, out, *base, "--method", "tall")
-    assert "only to a quantized output" in _fails(
-        root, out, *base, "--method", "average", "--bits", 4
-    )
+    usage = {
+        "unknown merge method": ("--method", "soup"),
+        "--lambda must be finite": ("--method", "ties", "--lambda", "nan"),
+        "does not take --gamma": ("--method", "ties", "--gamma", 0.1),
+        "--weights has 2 values": ("--method", "task_arithmetic", "--weights", "1,2"),
+        "does not take --weights": ("--method", "magmax", "--weights", "1,2,3"),
+        "no task named": ("--method", "average", "--tasks", "zz"),
+        "--task NAME or --all-tasks": ("--method", "tall"),
+        "only to a quantized output": ("--method", "average", "--bits", 4),
+        "--method is required": (),
+        "--dtype must be": ("--method", "average", "--dtype", "int8"),
+        "invalid size": ("--method", "average", "--max-shard-size", "lots"),
+    }
+    for message, args in usage.items():
+        assert message in _fails(root, out, *base, *args, code=2)
     before = pre.read_bytes()
     code, _, err = run_cli("merge", *base[:3], "--out", pre, "--method", "average", "--force")
     assert code == 1 and "refusing to overwrite an input" in err and pre.read_bytes() == before
 
 
-def test_mismatched_archives_are_refused_unless_forced(tmp_path):
+def test_mismatched_archives_are_refused_unless_allowed(tmp_path):
+    """--force only replaces the output; a different base takes --allow-different-base."""
     pre, fts = make_checkpoints(tmp_path, 2)
     a = _pack(tmp_path, pre, fts[:1], "a.tvq")
     other_pre = write_checkpoint(tmp_path / "pre2.safetensors", synthetic_model(seed=3))
     b = _pack(tmp_path, other_pre, fts[1:], "b.tvq")
     out = tmp_path / "m.safetensors"
     err = _fails(tmp_path, out, a, b, "--pretrained", pre, "--method", "average", "--out", out)
-    assert "b.tvq" in err and "--force" in err
-    code, stdout, err = run_cli(
+    assert "b.tvq" in err and "--allow-different-base" in err
+    code, _, err = run_cli(
         "merge", a, b, "--pretrained", pre, "--method", "average", "--out", out, "--force",
-        "--json",
+    )  # fmt: skip
+    assert code == 1 and "--allow-different-base" in err and not out.exists()
+    code, stdout, err = run_cli(
+        "merge", a, b, "--pretrained", pre, "--method", "average", "--out", out,
+        "--allow-different-base", "--json",
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(stdout)["fingerprint_mismatch"] == [str(b)]
@@ -255,3 +263,19 @@ def test_list_methods(tmp_path):
         "consensus", "lines", "emr",
     }  # fmt: skip
     assert {o["flag"]: o["default"] for o in methods["ties"]["options"]}["--topk"] == 20.0
+
+
+def test_a_group_size_longer_than_every_row_is_one_group_per_row(tmp_path):
+    """--group-size 1000000 packs and merges like groups of a whole row (here 48 >= every row
+    of the model), at the same speed: rows are never padded to the group size."""
+    pre, fts = make_checkpoints(tmp_path, 2)
+    merged = []
+    for group in (48, 1_000_000):
+        archive = _pack(tmp_path, pre, fts, f"g{group}.tvq", "--group-size", group)
+        out = tmp_path / f"g{group}.safetensors"
+        code, _, err = run_cli(
+            "merge", archive, "--pretrained", pre, "--method", "ties", "--out", out
+        )
+        assert code == 0, err
+        merged.append(out.read_bytes())
+    assert merged[0] == merged[1]

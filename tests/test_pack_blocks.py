@@ -82,6 +82,8 @@ PAPER = dict(range="minmax", scale_bits=0, codec="raw")
         PackOptions(scheme="rtvq", group_size=9, codec="raw"),
         PackOptions(scheme="rtvq", group_size=3, range="minmax", scale_bits=0),
         PackOptions(scheme="tvq", bits=4, group_size=0),
+        PackOptions(scheme="tvq", bits=4, group_size=1000),  # longer than a row: the row
+        PackOptions(scheme="rtvq", group_size=1000, codec="raw"),
         PackOptions(scheme="tvq", bits=3, group_size=0, range="minmax"),  # blocked, compact
         PackOptions(scheme="rtvq", group_size=0, range="minmax"),
         PackOptions(scheme="tvq", bits=4, group_size=3, **PAPER),

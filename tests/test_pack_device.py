@@ -42,7 +42,7 @@ def test_cuda_gives_the_same_archive_as_cpu(tmp_path: Path) -> None:
 def test_bad_execution_options(tmp_path: Path, args, message) -> None:
     pre, fts = make_checkpoints(tmp_path, n_tasks=1)
     code, _, err = run_cli("pack", *fts, "--pretrained", pre, "-o", tmp_path / "a.tvq", *args)
-    assert code == 1 and err.strip() == f"tvq: error: {message}"
+    assert code == 2 and err.strip() == f"tvq: error: {message}"  # usage errors
 
 
 def test_one_thread_works(tmp_path: Path) -> None:

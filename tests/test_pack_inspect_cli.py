@@ -172,12 +172,15 @@ def test_bad_inputs_fail_cleanly(tmp_path, case, message):
 @pytest.mark.parametrize(
     ("extra", "message", "exit_code"),
     [
-        (["--bits", "9"], "bits must be between 1 and 8", 1),
-        (["--bits", "0"], "bits must be between 1 and 8", 1),
-        (["--scheme", "gptq"], "unknown scheme 'gptq'", 1),
-        (["--group-size", "-4"], "group size", 1),
-        (["--name", "nonsense"], "--name expects NAME=PATH", 1),
+        (["--bits", "9"], "bits must be between 1 and 8", 2),
+        (["--bits", "0"], "bits must be between 1 and 8", 2),
+        (["--scheme", "gptq"], "unknown scheme 'gptq'", 2),
+        (["--group-size", "-4"], "group size", 2),
+        (["--name", "nonsense"], "--name expects NAME=PATH", 2),
         (["--frobnicate"], "No such option", 2),
+        (["--threads", "0"], "--threads must be at least 1", 2),
+        (["--device", "tpu"], "--device must be cpu or cuda", 2),
+        (["--budget", "-1"], "budget must be a positive", 2),
     ],
 )
 def test_bad_options_fail_cleanly(tmp_path, inputs, extra, message, exit_code):
@@ -208,7 +211,7 @@ def test_duplicate_names_and_overwrite_rules(tmp_path, inputs):
     pre, fts = inputs
     out = tmp_path / "tasks.tvq"
     code, _, stderr = run_cli("pack", "--pretrained", pre, fts[0], fts[0], "--out", out)
-    assert code == 1 and "duplicate task name 'task0'" in stderr
+    assert code == 2 and "duplicate task name 'task0'" in stderr
     code, _, stderr = run_cli("pack", "--pretrained", pre, *fts, "--out", fts[0])
     assert code == 1 and "refusing to overwrite an input" in stderr
     assert run_cli("pack", "--pretrained", pre, *fts, "--out", out)[0] == 0
@@ -226,7 +229,7 @@ def test_inspect_errors(tmp_path, inputs):
     out = tmp_path / "tasks.tvq"
     run_cli("pack", "--pretrained", pre, *fts, "--out", out)
     code, _, stderr = run_cli("inspect", out, "--against", pre, fts[0])
-    assert code == 1 and "needs the pretrained checkpoint and 3 fine-tuned" in stderr
+    assert code == 2 and "needs the pretrained checkpoint and 3 fine-tuned" in stderr
     other = write_checkpoint(tmp_path / "other.safetensors", synthetic_model(seed=5))
     code, _, stderr = run_cli("inspect", out, "--against", other, *fts)
     assert code == 1 and "is not the pretrained checkpoint" in stderr

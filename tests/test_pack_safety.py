@@ -3,7 +3,6 @@ permission denied and inputs vanishing are one clear line; inputs are never over
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_checkpoints, run_cli, write_checkpoint
+from helpers import FullDisk, make_checkpoints, run_cli, write_checkpoint
 
 from tvq_cli.io import atomic as writer_module
 from tvq_cli.io.checkpoint import Checkpoint
@@ -90,29 +89,12 @@ def test_interrupt_leaves_previous_file_and_no_litter(tmp_path: Path, big, sig, 
     assert litter(tmp_path) == []
 
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes are written."""
-
-    def __init__(self, real, room: int):
-        self._real, self._room = real, room
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if size > self._room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room -= size
-        return self._real.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
 @pytest.mark.parametrize("room", [0, 8000], ids=["in-header", "in-payload"])
 def test_disk_full(tmp_path: Path, monkeypatch, room: int) -> None:
     pre, fts = make_checkpoints(tmp_path, n_tasks=2)
     real_fdopen = os.fdopen
     monkeypatch.setattr(
-        writer_module.os, "fdopen", lambda *a, **k: _FullDisk(real_fdopen(*a, **k), room)
+        writer_module.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k), room)
     )
     out = tmp_path / "a.tvq"
     out.write_bytes(b"previous")

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvq_cli.errors import TvqError
+from tvq_cli.quant import range_search
 from tvq_cli.quant.quantizer import dequantize, quantize
 from tvq_cli.quant.spec import QuantSpec, group_count
 
@@ -65,16 +68,48 @@ def test_constant_groups_have_no_nan(value):
     assert torch.allclose(x_hat, x)
 
 
-def test_short_last_group_matches_explicit_grouping():
+@pytest.mark.parametrize("range_method", ["minmax", "search"])
+def test_short_last_group_matches_explicit_grouping(range_method):
     """A row of 10 with groups of 4 is quantized as [4, 4, 2]."""
     x = torch.randn(2, 10)
-    spec = QuantSpec(3, 4)
+    spec = QuantSpec(3, 4, range_method)
     _, x_hat = _round_trip(x, spec)
     for row in range(2):
         for start in (0, 4, 8):
             piece = x[row, start : start + 4].reshape(1, -1)
-            _, piece_hat = _round_trip(piece, QuantSpec(3, 0))
+            _, piece_hat = _round_trip(piece, QuantSpec(3, 0, range_method))
             assert torch.allclose(x_hat[row, start : start + 4], piece_hat.reshape(-1))
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(3, 10**6), QuantSpec(3, 10**6, "search", 6)], ids=["minmax", "defaults"]
+)
+def test_a_group_longer_than_a_row_is_the_row(spec):
+    x = torch.randn(5, 12)
+    row = replace(spec, group_size=12)
+    q, by_row = quantize(x, spec), quantize(x, row)
+    for field in ("codes", "scales", "zeros"):
+        assert torch.equal(getattr(q, field), getattr(by_row, field)), field
+    if spec.scale_bits:
+        assert torch.equal(q.step_codes, by_row.step_codes)
+    assert torch.equal(dequantize(q, spec, (5, 12)), dequantize(by_row, row, (5, 12)))
+
+
+@pytest.mark.parametrize("group", [3, 5, 12, 10**6])
+def test_the_search_sees_each_element_once(monkeypatch, group):
+    """The work is bounded by the tensor, whatever the group size: no row is padded to G
+    (a huge G once made every row G elements long: minutes for a small model)."""
+    seen = []
+    search = range_search.quantize_groups
+
+    def counted(groups, *args):
+        seen.append(groups.numel())
+        return search(groups, *args)
+
+    monkeypatch.setattr(range_search, "quantize_groups", counted)
+    x = torch.randn(7, 12)
+    quantize(x, QuantSpec(4, group, "search", 6))
+    assert sum(seen) == x.numel()
 
 
 def test_more_bits_less_error():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import tvq_cli
 from tvq_cli import PackOptions, TvqError
-from tvq_cli.io.lock import exclusive
+from tvq_cli.io.target import claim_output
 from tvq_cli.merge import MergeRequest, merge
 
 DATA = Path(__file__).parent / "data"
@@ -115,7 +115,7 @@ def test_add_refuses_clashes_and_the_wrong_base(zoo, tmp_path):
     with pytest.raises(TvqError, match="is one file; --max-shard-size"):
         tvq_cli.add_tasks(out, base, [fts[2]], max_shard_size="1KB")
     assert out.read_bytes() == before
-    with exclusive(out), pytest.raises(TvqError, match="another tvq process is changing it"):
+    with claim_output(out, True, []), pytest.raises(TvqError, match="another tvq process"):
         tvq_cli.add_tasks(out, base, [fts[2]])
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -134,15 +134,16 @@ def test_sharded_archive_holds_the_same_tensors_and_works_everywhere(zoo, tmp_pa
     single, folder = tmp_path / "one.tvq", tmp_path / "store"
     tvq_cli.pack(base, fts[:3], single)
     result = tvq_cli.pack(base, fts[:3], folder, max_shard_size="4KB")
-    names = sorted(p.name for p in folder.iterdir())
+    names = sorted(p.name for p in folder.iterdir() if p.name != ".tvq-output.json")
     count = len(names) - 1
     assert count > 2 and names[-1] == "store.tvq.index.json"
     assert names[:-1] == [f"store-{i:05d}-of-{count:05d}.tvq" for i in range(1, count + 1)]
     assert max(shard_payloads(folder)) <= 4000 or count == len(result.header.tensors)
-    with pytest.raises(TvqError, match="is a file; a sharded archive is a folder"):
+    with pytest.raises(TvqError, match="is a file, and the output is a folder"):
         tvq_cli.pack(base, fts[:1], single, max_shard_size="4KB", overwrite=True)
     one, sharded = tvq_cli.open_archive(single), tvq_cli.open_archive(folder)
-    assert sharded.sharded and sharded.file_size == sum(p.stat().st_size for p in folder.iterdir())
+    archive_files = [p for p in folder.iterdir() if p.name != ".tvq-output.json"]  # tvq's manifest
+    assert sharded.sharded and sharded.file_size == sum(p.stat().st_size for p in archive_files)
     for stored in one.stored:
         assert np.array_equal(one.raw(stored.key), sharded.raw(stored.key))
     index = folder / "store.tvq.index.json"
@@ -157,7 +158,7 @@ def test_sharded_archive_holds_the_same_tensors_and_works_everywhere(zoo, tmp_pa
     tvq_cli.add_tasks(folder, base, fts[3:])
     tvq_cli.remove_tasks(index, ["t0"])
     assert tvq_cli.open_archive(folder).tasks == ["t1", "t2", "t3"]
-    assert all(p.name.startswith("store") for p in folder.iterdir())
+    assert all(p.name.startswith(("store", ".tvq-output")) for p in folder.iterdir())
     assert max(shard_payloads(folder)) <= 4000 or len(shard_payloads(folder)) > 1
     tvq_cli.add_tasks(folder, base, [fts[0]], max_shard_size="1MB")
     assert len(shard_payloads(folder)) == 1
@@ -229,7 +230,7 @@ def test_task_names_from_any_folder(tmp_path):
     assert tvq_cli.open_archive(out).tasks == ["my_task_v2", "modèle"]
     assert "task name 'my_task_v2' (from 'my task (v2)'" in err
     code, _, err = run_cli("pack", "--pretrained", base, odd, "--out", tmp_path / "b.tvq")
-    assert code == 1 and f"give one with --name NAME={odd}" in err
+    assert code == 2 and f"give one with --name NAME={odd}" in err
     code, _, err = run_cli(
         "pack",
         "--pretrained",

@@ -57,7 +57,7 @@ def test_eval_errors_are_one_line(zoo: Zoo, tmp_path: Path) -> None:
         assert code == 1 and out == ""
         assert err.startswith("tvq: error:") and message in err and err.count("\n") == 1
     code, _, err = run_cli("zoo", "eval", zoo.pretrained, "--zoo", zoo.root, "--tasks", "nope")
-    assert code == 1 and "unknown task" in err
+    assert code == 2 and "unknown task" in err
 
 
 def test_build_into_a_file_is_refused(tmp_path: Path) -> None:

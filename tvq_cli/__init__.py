@@ -16,31 +16,52 @@ The library API mirrors the CLI:
 Rooms (docs/architecture.md): `io` reads checkpoints and writes models, `quant` is the
 quantizer math, `archive` the file format and its schemes, `pack` and `merge` the two
 pipelines, `report` what inspect prints, `cli` the command line over all of them.
+
+The public names load on first use, so `import tvq_cli` does not import torch: the command
+line's start-up (and a Ctrl-C during it, see `__main__`) is then in tvq's own hands.
 """
 
-from .archive import Archive, open_archive
-from .archive.edit import remove_tasks
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from .errors import InternalError, TvqError
-from .io.checkpoint import Checkpoint
-from .merge import extract, task_tensors
-from .pack import PackOptions, PackResult, add_tasks, pack, plan_pack
-from .report import inspect_archive
 from .version import __version__
 
-__all__ = [
-    "Archive",
-    "Checkpoint",
-    "InternalError",
-    "PackOptions",
-    "PackResult",
-    "TvqError",
-    "__version__",
-    "add_tasks",
-    "extract",
-    "inspect_archive",
-    "open_archive",
-    "pack",
-    "plan_pack",
-    "remove_tasks",
-    "task_tensors",
-]
+_LAZY = {  # public name -> the module that defines it
+    "Archive": ".archive",
+    "Checkpoint": ".io.checkpoint",
+    "add_tasks": ".pack",
+    "extract": ".merge",
+    "PackOptions": ".pack",
+    "PackResult": ".pack",
+    "inspect_archive": ".report",
+    "open_archive": ".archive",
+    "pack": ".pack",
+    "plan_pack": ".pack",
+    "remove_tasks": ".archive.edit",
+    "task_tensors": ".merge",
+}
+
+__all__ = ["InternalError", "TvqError", "__version__", *_LAZY]
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name: str) -> object:
+        if name not in _LAZY:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # `pack` names the subpackage and the function: importing the subpackage sets it
+        # here, and the function keeps the name (as when both were imported eagerly).
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .errors import TvqError
+from .errors import UsageError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -45,7 +45,7 @@ def check_threads(threads: int | None) -> int:
     if threads is None:
         return default_threads()
     if threads < 1:
-        raise TvqError(f"--threads must be at least 1, got {threads}")
+        raise UsageError(f"--threads must be at least 1, got {threads}")
     return threads
 
 

@@ -39,7 +39,6 @@ DTYPES: dict[str, DType] = {
 }
 INPUT_FLOATS = ("F32", "F16", "BF16")  # float dtypes a checkpoint may hold to be packed
 OUTPUT_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}  # `--dtype` names
-CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's names
 _BY_TORCH = {d.torch: d.name for d in DTYPES.values()}
 
 
@@ -49,6 +48,11 @@ def itemsize(name: str) -> int:
 
 def to_torch(name: str) -> torch.dtype:
     return DTYPES[name].torch
+
+
+def config_name(name: str) -> str:
+    """How a Hugging Face config.json spells a dtype ("F32" -> "float32", "BF16" -> "bfloat16")."""
+    return str(to_torch(name)).removeprefix("torch.")
 
 
 def from_torch(dtype: torch.dtype) -> str:

@@ -1,6 +1,7 @@
 """Changing which tasks an archive holds without re-encoding the others (`tvq remove`; `tvq
 add` builds on `copy_stored`). The archive is rewritten whole under a temporary name and
-renamed into place (`ArchiveWriter`), under a lock that keeps a second writer out."""
+renamed into place (`ArchiveWriter`), under the output's lock (`io.target.claim_output`), so
+that a second writer fails at once rather than write the old archive plus its own change."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TvqError
-from ..io.lock import exclusive
+from ..errors import UsageError
+from ..io.target import claim_output
 from ..version import __version__
 from .format import ArchiveHeader, StoredTensor
 from .reader import Archive
@@ -58,23 +59,23 @@ def remove_tasks(path: Path | str, tasks: list[str]) -> ArchiveHeader:
     tasks decode exactly as before.
     """
     archive = Archive(path)
-    root = archive.root
+    root, sharded = archive.root, archive.sharded
     archive.close()
-    with exclusive(root):
+    with claim_output(root, True, [], sharded):  # one writer: read, change, write back
         archive = Archive(root)  # reopened under the lock: the version no one else changes
         try:
             unknown = [t for t in tasks if t not in archive.tasks]
             if unknown:
-                raise TvqError(
+                raise UsageError(
                     f"{root}: has no task {unknown[0]!r} (it holds {', '.join(archive.tasks)})"
                 )
             if set(tasks) >= set(archive.tasks):
-                raise TvqError(
+                raise UsageError(
                     f"{root}: removing {', '.join(tasks)} would leave no task; delete the archive "
                     "instead"
                 )
             header = without_tasks(archive.header, tasks)
-            with ArchiveWriter(root, header, archive.max_shard_bytes) as writer:
+            with ArchiveWriter(root, header, archive.max_shard_bytes, replace=True) as writer:
                 copy_stored(writer, archive, writer.stored)
         finally:
             archive.close()

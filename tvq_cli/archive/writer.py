@@ -78,10 +78,17 @@ class ArchiveWriter:
 
     Entropy-coded codes may be shorter than their planned bound; their real sizes are put into
     `header` (its parts' `coded_nbytes`) when the archive is finished. With `max_shard_bytes`
-    the archive is a folder of shards (docs/format.md).
+    the archive is a folder of shards (docs/format.md). `replace`: the archive may replace an
+    existing one.
     """
 
-    def __init__(self, path: Path, header: ArchiveHeader, max_shard_bytes: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        header: ArchiveHeader,
+        max_shard_bytes: int | None = None,
+        replace: bool = False,
+    ):
         self.path = Path(path)
         self.header = header
         self.max_shard_bytes = max_shard_bytes
@@ -100,15 +107,16 @@ class ArchiveWriter:
         self._folder: contextlib.AbstractContextManager | None = None  # sharded: staged
         self._shards: list[_Shard] = []
         self._shard_of: list[int] = []
+        self._replace = replace
 
     def __enter__(self) -> ArchiveWriter:
         try:
             if self.max_shard_bytes is None:
-                self._target = AtomicFile(self.path)
+                self._target = AtomicFile(self.path, self._replace)
                 self._file = self._target.open()
                 self._file.write(b"\0" * reserved_header_length(self.header))
             else:
-                self._folder = atomic_output(self.path, folder=True)
+                self._folder = atomic_output(self.path, folder=True, replace=self._replace)
                 self._plan_shards(self._folder.__enter__())
         except BaseException as exc:
             self._discard()

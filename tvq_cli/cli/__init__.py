@@ -12,10 +12,10 @@ from ..version import __version__
 from . import demo, inspect, pack, store  # noqa: F401 - importing registers each command
 from . import merge as merge_cli
 from .common import app
-from .main import main, run
+from .main import main
 from .zoo import zoo_app
 
-__all__ = ["app", "main", "run"]
+__all__ = ["app", "main"]
 
 app.add_typer(zoo_app, name="zoo")
 merge_cli.register(app)

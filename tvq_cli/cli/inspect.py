@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import TvqError
+from ..errors import UsageError
 from ..report import inspect_archive
 from ..report.render import render_inspect
 from .common import app, stdout
@@ -27,15 +27,28 @@ def inspect_command(
     verify: bool = typer.Option(
         False, "--verify", help="Read the whole archive and check every checksum; exit 1 on damage."
     ),
+    allow_different_base: bool = typer.Option(
+        False,
+        "--allow-different-base",
+        help="With --against: measure against a pretrained model other than the archive's.",
+    ),
 ) -> None:
     """Storage report of an archive, and its error against the original checkpoints."""
     checkpoints = checkpoints or []
     if against and len(checkpoints) < 2:
-        raise TvqError("--against needs the pretrained checkpoint and the fine-tuned ones")
+        raise UsageError("--against needs the pretrained checkpoint and the fine-tuned ones")
     if checkpoints and not against:
-        raise TvqError("extra paths given: use --against PRE FT1 FT2 ... to compare")
+        raise UsageError("extra paths given: use --against PRE FT1 FT2 ... to compare")
+    if allow_different_base and not against:
+        raise UsageError("--allow-different-base applies only with --against")
     pair = (checkpoints[0], checkpoints[1:]) if against else None
-    report = inspect_archive(archive, against=pair, per_tensor=tensors, verify=verify)
+    report = inspect_archive(
+        archive,
+        against=pair,
+        per_tensor=tensors,
+        verify=verify,
+        allow_different_base=allow_different_base,
+    )
     if as_json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""`tvq merge`: merge task vectors from archives into a model (or a quantized archive).
+"""`tvq merge`: merge task vectors from archives into a model (dense or packed), or into a
+quantized archive.
 
 The method coefficients (`--lambda`, `--topk`, ...) are not written here: they come from the
 merge-method registry, so a new method is one module under `merge/methods`.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import TvqError
+from ..errors import UsageError
 from ..merge import MergeRequest, list_methods, merge
 from ..merge.base import Option
 from ..merge.methods import all_methods
@@ -30,6 +31,15 @@ def merge_command(
     out: Path = typer.Option(
         None, "--out", "-o", help="NAME.safetensors, a folder, or NAME.tvq (quantized)."
     ),
+    quantize: str = typer.Option(
+        None, "--quantize", help="w4 or w8: a compressed-tensors packed model folder."
+    ),
+    symmetric: bool = typer.Option(
+        None, "--symmetric/--asymmetric", help="--quantize: grid with or without zero-points."
+    ),
+    quantize_ignore: list[str] = typer.Option(
+        None, "--quantize-ignore", help="--quantize: keep layers matching GLOB dense."
+    ),
     weights: str = typer.Option(None, "--weights", help="Per-task weights, e.g. 1,0.5,2."),
     tasks: str = typer.Option(None, "--tasks", help="Merge only these tasks, e.g. a,b."),
     task: str = typer.Option(None, "--task", help="tall / emr: the task whose model to write."),
@@ -38,14 +48,26 @@ def merge_command(
     dtype: str = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (default: as input)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Folder shard size."),
     bits: int = typer.Option(None, "--bits", help=".tvq output: bits per code."),
-    group_size: int = typer.Option(None, "--group-size", help=".tvq output: group size."),
-    rounding: str = typer.Option(None, "--rounding", help=".tvq output: nearest or noise."),
-    samples: int = typer.Option(None, "--samples", help=".tvq output: noise samples (16)."),
+    group_size: int = typer.Option(
+        None, "--group-size", help="Quantized output: group size (0: per tensor / channel)."
+    ),
+    rounding: str = typer.Option(
+        None,
+        "--rounding",
+        help="Quantized output: nearest, floor or noise (default: noise on an FQ average's "
+        "own grid, nearest elsewhere).",
+    ),
+    samples: int = typer.Option(None, "--samples", help="--rounding noise: candidates (16)."),
     tie_tolerance: float = typer.Option(
-        None, "--tie-tolerance", help=".tvq output: distance to a midpoint that is a tie."
+        None, "--tie-tolerance", help="Quantized output: distance to a midpoint that is a tie."
     ),
     force: bool = typer.Option(
-        False, "--force", help="Replace an existing output; merge despite a fingerprint mismatch."
+        False, "--force", help="Replace an existing output (a folder only if tvq wrote it)."
+    ),
+    allow_different_base: bool = typer.Option(
+        False,
+        "--allow-different-base",
+        help="Merge archives packed against a different pretrained model than --pretrained.",
     ),
     list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -55,7 +77,7 @@ def merge_command(
     ),
     **coefficients: object,
 ) -> None:
-    """Merge task vectors from ARCHIVES into a model (or a quantized one-task archive)."""
+    """Merge task vectors from ARCHIVES into a model (dense or packed) or a quantized archive."""
     if list_methods_flag:
         methods = list_methods()
         if as_json:
@@ -65,9 +87,9 @@ def merge_command(
         return
     for value, flag in ((archives, "ARCHIVE"), (pretrained, "--pretrained"), (out, "--out")):
         if not value:
-            raise TvqError(f"{flag} is required (see 'tvq merge --help')")
+            raise UsageError(f"{flag} is required (see 'tvq merge --help')")
     if method is None:
-        raise TvqError("--method is required (see 'tvq merge --list-methods')")
+        raise UsageError("--method is required (see 'tvq merge --list-methods')")
     options = {
         key.removeprefix(PREFIX): value for key, value in coefficients.items() if value is not None
     }
@@ -84,6 +106,7 @@ def merge_command(
         task=task,
         all_tasks=all_tasks,
         force=force,
+        allow_different_base=allow_different_base,
         max_shard_size=max_shard_size,
         bits=bits,
         group_size=group_size,
@@ -91,6 +114,9 @@ def merge_command(
         samples=samples,
         tie_tolerance=tie_tolerance,
         threads=threads,
+        quantize=quantize,
+        symmetric=symmetric,
+        quantize_ignore=quantize_ignore or None,
     )
     report = merge(request, progress=show_progress(quiet))
     if as_json:

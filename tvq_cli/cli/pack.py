@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import TvqError
+from ..errors import UsageError
 from ..pack import PackOptions, PackResult, dry_run, pack
 from ..quant import native
 from ..quant.entropy import DEFAULT_CODEC
@@ -21,7 +21,7 @@ def parse_names(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise TvqError(f"--name expects NAME=PATH, got {pair!r}")
+            raise UsageError(f"--name expects NAME=PATH, got {pair!r}")
         names[path] = name
     return names
 
@@ -112,7 +112,7 @@ def pack_command(
         _print_allocation(result)
         return
     if out is None:
-        raise TvqError("--out is required (or use --dry-run)")
+        raise UsageError("--out is required (or use --dry-run)")
     result = pack(
         pretrained,
         finetuned,

@@ -34,7 +34,7 @@ import torch
 from ..errors import TvqError
 from .checkpoint import Checkpoint, TensorSpec
 from .compat import check_tensor
-from .model_files import TOKENIZER_FILES, ModelFiles, read_model_files
+from .model_files import TOKENIZER_FILES, Companions, read_companions
 from .names import examples, find_renaming
 from .task_source import TaskSource
 
@@ -251,12 +251,12 @@ class LoraTask(TaskSource):
     def fingerprint(self) -> str:
         return self.adapter.fingerprint()
 
-    def model_files(self) -> ModelFiles:
+    def companions(self) -> Companions:
         """The pretrained folder's files, with the adapter folder's tokenizer (and chat
         template) where it has one: an adapter trained with added tokens ships its tokenizer."""
         pre = self.pretrained.path
-        files = read_model_files(pre) if pre.is_dir() else ModelFiles()
-        return files.overlay(read_model_files(self.path), TOKENIZER_FILES)
+        files = read_companions(pre) if pre.is_dir() else Companions()
+        return files.overlay(read_companions(self.path), TOKENIZER_FILES)
 
     def close(self) -> None:
         self.adapter.close()

@@ -2,19 +2,19 @@
 
 Tensors are streamed: every name, dtype and shape is known before the first weight is merged,
 so each safetensors header is written up front and tensors are appended one at a time (never
-the whole model in memory). A folder gets the pretrained folder's non-weight files (config,
-tokenizer, ...) and, when it exceeds the shard size, `model-0000i-of-0000N.safetensors` shards
-with a `model.safetensors.index.json` as `save_pretrained` writes them. Everything is written
-under a hidden temporary name beside the target and renamed into place only when complete
-(`atomic`).
+the whole model in memory). A folder gets the pretrained folder's companion files (config,
+tokenizer, ...: an allow-list, `model_files`) and, when it exceeds the shard size,
+`model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json` as
+`save_pretrained` writes them. Everything is written under a hidden temporary name beside the
+target and renamed into place only when complete (`atomic`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,11 +23,10 @@ from ..dtypes import to_torch
 from ..errors import InternalError, TvqError
 from ..tensors import tensor_bytes
 from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSpec
+from .model_files import copy_companions
 from .safetensors_file import encode_header
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # save_pretrained's historical default, "5GB"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-WEIGHT_INDEXES = re.compile(r".*\.(safetensors|bin)\.index\.json$")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
@@ -75,6 +74,9 @@ class SafetensorsStream:
     def complete(self) -> bool:
         return self._next == len(self._order)
 
+    def discard(self) -> None:
+        self._file.close()
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.flush()
@@ -110,18 +112,21 @@ class ModelWriter:
         folder: bool,
         max_shard_bytes: int = DEFAULT_MAX_SHARD,
         copy_from: Path | None = None,
+        dtype: str | None = None,
     ):
+        """`copy_from`: a folder whose companion files the output folder gets; `dtype`: the
+        floats' dtype, when it differs from that folder's (config.json is updated)."""
         self.path = path
         metadata = {"format": "pt"}
         self._where: dict[str, SafetensorsStream] = {}
-        self.files: list[Path] = []
+        self.files: list[Path] = []  # the weight files and the index
         if not folder:
             shards = [specs]
             names = [path]
         else:
             path.mkdir(parents=True, exist_ok=True)
             if copy_from is not None:
-                copy_non_weight_files(copy_from, path)
+                copy_companions(copy_from, path, dtype)
             shards = shard_plan(specs, max_shard_bytes)
             n = len(shards)
             names = (
@@ -162,18 +167,7 @@ class ModelWriter:
             self.files.append(index)
 
     def abort(self) -> None:
+        """Close every file without flushing to disk (which may be what failed)."""
         for stream in self._streams:
-            stream.close()
-
-
-def copy_non_weight_files(source: Path, target: Path) -> None:
-    """Copy config, tokenizer and other files; weights and weight indexes are not copied."""
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        return {
-            n
-            for n in names
-            if n.endswith(WEIGHT_SUFFIXES) or WEIGHT_INDEXES.match(n) or n.startswith(".")
-        }
-
-    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+            with contextlib.suppress(OSError):
+                stream.discard()

@@ -20,7 +20,7 @@ from ..errors import TvqError
 from ..tensors import require_finite
 from .checkpoint import Checkpoint, TensorSpec, combine_digests, tensor_digest
 from .compat import Match, match_checkpoint
-from .model_files import ModelFiles, read_model_files
+from .model_files import Companions, read_companions
 from .names import Renaming
 
 
@@ -65,7 +65,7 @@ class TaskSource:
         function as the pretrained fingerprint, so `Checkpoint(path).fingerprint()` equals it."""
         raise NotImplementedError
 
-    def model_files(self) -> ModelFiles:
+    def companions(self) -> Companions:
         """Its config, tokenizer and other small files (none for a bare .safetensors file)."""
         raise NotImplementedError
 
@@ -118,8 +118,8 @@ class CheckpointTask(TaskSource):
                 self._read(name)
         return combine_digests(self._digests.result())
 
-    def model_files(self) -> ModelFiles:
-        return read_model_files(self.path) if self.path.is_dir() else ModelFiles()
+    def companions(self) -> Companions:
+        return read_companions(self.path) if self.path.is_dir() else Companions()
 
     def close(self) -> None:
         self._digests.close()

@@ -5,8 +5,10 @@
 
 Methods live one per module in `tvq_cli.merge.methods`, registered by name (`list_methods()`).
 `request` checks a merge, `engine` streams task vectors and merges them tensor by tensor,
-`model_out` / `archive_out` write the result, `run` ties them together. `rebuild` gives one
-task's fine-tune back (`tvq extract`, and a stream of its tensors for serving code).
+`model_out` / `packed_out` / `archive_out` write the result (a dense model, a
+compressed-tensors folder, a `.tvq` archive; `rounding` puts values on a grid), `run` ties
+them together. `rebuild` gives one task's fine-tune back (`tvq extract`, and a stream of its
+tensors for serving code).
 """
 
 from .base import MergeMethod, Option

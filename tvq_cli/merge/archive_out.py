@@ -8,14 +8,13 @@ Two grids:
   (weighted) mean of the input steps and whose zero-point is the rounded mean zero-point.
   A value is ambiguous exactly where the mean of the integer codes is a .5 (an odd code sum
   for two inputs).
-Ambiguous values are resolved by `rounding.noise_round`; 1-D tensors are stored exact and
-non-float tensors are copied, as `tvq pack` does.
+Values are put on the grid by `rounding.round_on_grid` (nearest, floor or noise-sampled); 1-D
+tensors are stored exact and non-float tensors are copied, as `tvq pack` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,45 +24,17 @@ from ..archive.format import ArchiveHeader, Part, TensorEntry, delta_key, shared
 from ..archive.parts import encode_part
 from ..archive.plan import plan_tensors
 from ..archive.writer import ArchiveWriter
-from ..errors import TvqError
+from ..errors import UsageError, usage_errors
 from ..io.checkpoint import Checkpoint
 from ..quant.spec import DEFAULT_GROUP_SIZE, Quantized, QuantSpec
 from ..tensors import tensor_bytes
 from ..version import __version__
 from . import on_grid
 from .base import MergeMethod, derive_generator
-from .request import MergeRequest
-from .rounding import Rounded, RoundingTally
+from .rounding import Rounded, Rounding, RoundingTally
 from .sources import Sources
 
-DEFAULT_SAMPLES = 16
-DEFAULT_TIE_TOLERANCE = 0.05
 Tensors = Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Rounding:
-    """How merged values are put on the grid (checked, defaults filled in)."""
-
-    mode: str
-    samples: int
-    tolerance: float
-    seed: int
-
-    @classmethod
-    def of(cls, request: MergeRequest) -> Rounding:
-        mode = request.rounding or "noise"
-        if mode not in ("nearest", "noise"):
-            raise TvqError(f"--rounding must be nearest or noise, got {request.rounding!r}")
-        samples = DEFAULT_SAMPLES if request.samples is None else request.samples
-        if samples < 0:
-            raise TvqError(f"--samples must be 0 or more, got {samples}")
-        tolerance = (
-            DEFAULT_TIE_TOLERANCE if request.tie_tolerance is None else request.tie_tolerance
-        )
-        if not 0 <= tolerance < 0.5:
-            raise TvqError(f"--tie-tolerance must be in [0, 0.5), got {tolerance}")
-        return cls(mode, samples, tolerance, request.seed)
 
 
 def _common(values: set, what: str, default=None):
@@ -71,7 +42,7 @@ def _common(values: set, what: str, default=None):
         return values.pop()
     if not values and default is not None:
         return default
-    raise TvqError(f"the inputs use different {what}s ({sorted(values)}): give --{what}")
+    raise UsageError(f"the inputs use different {what}s ({sorted(values)}): give --{what}")
 
 
 class ArchiveOutput:
@@ -86,26 +57,24 @@ class ArchiveOutput:
         rounding: Rounding,
         bits: int | None = None,
         group_size: int | None = None,
+        replace: bool = False,
     ):
         self.out, self.method, self.sources, self.pretrained = out, method, sources, pretrained
-        self.rounding = rounding.mode
-        self.samples = rounding.samples
-        self.tolerance = rounding.tolerance
-        self.seed = rounding.seed
+        self.replace = replace  # the archive may replace an existing file
         self.float_names = method.ctx.tensor_names
         parts = [p for row in self._input_parts() for p in row if p is not None]
         self.bits = bits or _common({p.bits for p in parts}, "bits", None if parts else 0)
         if not self.bits:
-            raise TvqError("the inputs hold no quantized tensors: give --bits")
+            raise UsageError("the inputs hold no quantized tensors: give --bits")
         self.group_size = (
             group_size
             if group_size is not None
             else _common({p.group_size for p in parts}, "group-size", DEFAULT_GROUP_SIZE)
         )
-        QuantSpec(self.bits, self.group_size)  # validates
-        if out.is_dir():
-            raise TvqError(f"{out}: is a folder; a .tvq output must be a file")
+        with usage_errors():
+            QuantSpec(self.bits, self.group_size)  # validates --bits and --group-size
         self.same_grid = self._same_grid()
+        self.rounding = rounding.for_grid(exact_ties=self.same_grid)
         targets = method.ctx.targets
         self.task = sources.tasks[targets[0]] if method.per_task else "merged"
         self.header = self._header()
@@ -164,21 +133,20 @@ class ArchiveOutput:
 
     def quantize_tensor(self, entry: TensorEntry, taus: torch.Tensor) -> tuple[Quantized, Rounded]:
         """Codes for one quantized output tensor, and the rounding outcome."""
-        generator = derive_generator(self.seed, entry.name, "rounding")
-        samples = self.samples if self.rounding == "noise" else 0
+        generator = derive_generator(self.rounding.seed, entry.name, "rounding")
         if self.same_grid:
             weights = self.method.ctx.weights
-            return on_grid.inputs_grid_codes(entry, self.sources, weights, generator, samples)
+            return on_grid.inputs_grid_codes(entry, self.sources, weights, self.rounding, generator)
         merge = on_grid.first_output(self.method, entry.name)
         steps = self.sources.steps(entry.name)
-        return on_grid.min_max_codes(entry, taus, merge, steps, self.tolerance, generator, samples)
+        return on_grid.min_max_codes(entry, taus, merge, steps, self.rounding, generator)
 
     # --- the whole archive --------------------------------------------------------------------
     def write(self, stream: Tensors) -> tuple[dict, dict]:
         """Write the archive from `stream`, every float tensor's task vectors in model order;
         returns the output and rounding reports."""
         tally = RoundingTally(len(self.sources.refs))
-        with ArchiveWriter(self.out, self.header) as writer:
+        with ArchiveWriter(self.out, self.header, replace=self.replace) as writer:
             for entry in self.header.tensors:
                 if entry.kind == "shared":
                     raw = self.pretrained.load(entry.name)
@@ -195,11 +163,9 @@ class ArchiveOutput:
                     writer.write(key, data)
                 tally.add(entry.name, rounded)
         rounding = {
-            "mode": self.rounding,
-            "samples": self.samples if self.rounding == "noise" else 0,
+            **tally.report(self.rounding),
             "grid": "inputs" if self.same_grid else "min-max",
-            "tie_tolerance": None if self.same_grid else self.tolerance,
-            **tally.report(),
+            "tie_tolerance": None if self.same_grid else self.rounding.tolerance,
         }
         output = {
             "path": str(self.out),

@@ -8,7 +8,7 @@ holds more than one tensor's task vectors. Methods that build one model per task
 set `per_task` and return one tensor per target task.
 
 Every coefficient is an `Option` with its reference default; unknown options, options the
-method does not take and out-of-range values are errors, never silently ignored.
+method does not take and out-of-range values are usage errors, never silently ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import TvqError
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,16 @@ class Option:
         where = f"{method}: {self.flag}"
         if self.choices:
             if value not in self.choices:
-                raise TvqError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
+                raise UsageError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
             return value
         try:
             number = self.kind(value)
         except (TypeError, ValueError):
-            raise TvqError(f"{where} expects a number, got {value!r}") from None
+            raise UsageError(f"{where} expects a number, got {value!r}") from None
         if self.kind is int and number != float(value):
-            raise TvqError(f"{where} expects a whole number, got {value!r}")
+            raise UsageError(f"{where} expects a whole number, got {value!r}")
         if not math.isfinite(number):
-            raise TvqError(f"{where} must be finite, got {value!r}")
+            raise UsageError(f"{where} must be finite, got {value!r}")
         too_low = self.low is not None and (
             number <= self.low if self.low_open else number < self.low
         )
@@ -71,7 +71,7 @@ class Option:
             lo = "(" if self.low_open else "["
             hi = ")" if self.high_open else "]"
             span = f"{lo}{_num(self.low, '-inf')}, {_num(self.high, 'inf')}{hi}"
-            raise TvqError(f"{where} must be in {span}, got {value}")
+            raise UsageError(f"{where} must be in {span}, got {value}")
         return number
 
 
@@ -111,7 +111,7 @@ class MergeMethod:
         for key in values:
             if key not in known:
                 flags = ", ".join(o.flag for o in self.options) or "no options"
-                raise TvqError(
+                raise UsageError(
                     f"method {self.name} does not take --{key.replace('_', '-')} "
                     f"(it takes: {flags})"
                 )
@@ -193,9 +193,9 @@ def parse_weights(text: str | None, n_tasks: int) -> torch.Tensor | None:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise TvqError(f"--weights expects numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"--weights expects numbers separated by commas, got {text!r}") from None
     if len(values) != n_tasks:
-        raise TvqError(f"--weights has {len(values)} values for {n_tasks} tasks")
+        raise UsageError(f"--weights has {len(values)} values for {n_tasks} tasks")
     if not all(math.isfinite(v) for v in values):
-        raise TvqError("--weights must be finite numbers")
+        raise UsageError("--weights must be finite numbers")
     return torch.tensor(values, dtype=torch.float32)

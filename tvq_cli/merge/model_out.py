@@ -13,6 +13,7 @@ import torch
 
 from ..concurrency import Writer
 from ..dtypes import OUTPUT_DTYPES, itemsize, to_torch
+from ..errors import TvqError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import TensorSpec
 from ..io.model_writer import ModelWriter
@@ -37,8 +38,8 @@ def write_models(merge: Merge, engine: Engine) -> dict:
     out, pre = merge.out, merge.pretrained
     pre_is_folder = pre.path.is_dir()
     per_task = merge.method.per_task and merge.request.all_tasks
-    folder = per_task or out.suffix != ".safetensors"
-    with atomic_output(out, folder=folder) as staged:
+    folder = merge.request.folder_output
+    with atomic_output(out, folder=folder, replace=merge.request.force) as staged:
         if per_task:
             staged.mkdir()
             paths = [
@@ -47,21 +48,27 @@ def write_models(merge: Merge, engine: Engine) -> dict:
             as_folder = pre_is_folder
         else:
             paths, as_folder = [staged], folder
-        writers = [
-            ModelWriter(
-                p,
-                specs,
-                folder=as_folder,
-                max_shard_bytes=merge.max_shard,
-                copy_from=pre.path if pre_is_folder and as_folder else None,
-            )
-            for p in paths
-        ]
+        dtype = OUTPUT_DTYPES[merge.request.dtype] if merge.request.dtype else None
+        writers: list[ModelWriter] = []
         try:
+            for p in paths:
+                copy_from = pre.path if pre_is_folder and as_folder else None
+                writers.append(
+                    ModelWriter(
+                        p,
+                        specs,
+                        folder=as_folder,
+                        max_shard_bytes=merge.max_shard,
+                        copy_from=copy_from,
+                        dtype=dtype,
+                    )
+                )
             _stream(merge, engine, writers, specs)
-        except BaseException:
+        except BaseException as exc:
             for writer in writers:
                 writer.abort()
+            if isinstance(exc, OSError):  # e.g. a full disk: say which output
+                raise TvqError(f"cannot write {out}: {exc.strerror or exc}") from None
             raise
     files = [out / f.relative_to(staged) for w in writers for f in w.files]
     return {

@@ -2,7 +2,7 @@
 
 Two grids (see `archive_out`): the min-max grid of the merged task vector itself, and the
 inputs' own grid for an average of FQ archives (HDRQ's setting), where the weights, not task
-vectors, are rounded. Ambiguous values are resolved by `rounding.noise_round`.
+vectors, are rounded. `rounding.round_on_grid` puts them on it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..quant.groups import expand_groups
 from ..quant.quantizer import quantize
 from ..quant.spec import Quantized
 from .base import MergeMethod
-from .rounding import Grid, Rounded, noise_round
+from .rounding import MergedTensor, Rounded, Rounding, ScaleGrid, round_on_grid
 from .sources import Sources
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
@@ -32,9 +32,11 @@ def first_output(method: MergeMethod, name: str) -> Merge:
     return run
 
 
-def element_grid(scales: torch.Tensor, zeros: torch.Tensor, entry: TensorEntry, part: Part) -> Grid:
+def element_grid(
+    scales: torch.Tensor, zeros: torch.Tensor, entry: TensorEntry, part: Part
+) -> ScaleGrid:
     """A part's per-group scales and zero-points, broadcast to every element."""
-    return Grid(
+    return ScaleGrid(
         expand_groups(scales, entry.shape, part.group_size),
         expand_groups(zeros.to(torch.float32), entry.shape, part.group_size),
         part.spec.levels,
@@ -46,19 +48,18 @@ def min_max_codes(
     taus: torch.Tensor,
     merge: Merge,
     steps: list[torch.Tensor | None],
-    tolerance: float,
+    rounding: Rounding,
     generator: torch.Generator,
-    samples: int,
 ) -> tuple[Quantized, Rounded]:
-    """The merged task vector on its own min-max grid; values within `tolerance` of a
+    """The merged task vector on its own min-max grid; values within the tie tolerance of a
     midpoint between two levels are ambiguous."""
     part = entry.parts[0]
     merged = merge(taus)
     grid_q = quantize(merged, part.spec)
     grid = element_grid(grid_q.scales, grid_q.zeros, entry, part)
-    position = grid.position(merged)
-    ambiguous = ((position - torch.floor(position)) - 0.5).abs() <= tolerance
-    rounded = noise_round(merged, taus, steps, merge, grid, ambiguous, samples, generator)
+    ambiguous = grid.ambiguous(merged, rounding.tolerance)
+    tensor = MergedTensor(merged, taus, steps, merge)
+    rounded = round_on_grid(tensor, grid, ambiguous, rounding, generator)
     codes = rounded.codes.to(torch.uint8).reshape(-1)
     return Quantized(codes, grid_q.scales, grid_q.zeros), rounded
 
@@ -67,8 +68,8 @@ def inputs_grid_codes(
     entry: TensorEntry,
     sources: Sources,
     weights: torch.Tensor,
+    rounding: Rounding,
     generator: torch.Generator,
-    samples: int,
 ) -> tuple[Quantized, Rounded]:
     """Average of FQ inputs on their own grid: weights, not task vectors, are rounded. The
     step per group is the weighted mean of the input steps, the zero-point the rounded mean."""
@@ -99,8 +100,7 @@ def inputs_grid_codes(
 
     mean_code = torch.tensordot(share.double(), torch.stack(codes).double(), dims=1)
     ambiguous = ((mean_code - torch.floor(mean_code)) - 0.5).abs() <= 1e-9
-    rounded = noise_round(
-        merge(stacked), stacked, steps, merge, grid, ambiguous, samples, generator
-    )
+    tensor = MergedTensor(merge(stacked), stacked, steps, merge)
+    rounded = round_on_grid(tensor, grid, ambiguous, rounding, generator)
     codes_out = rounded.codes.to(torch.uint8).reshape(-1)
     return Quantized(codes_out, out_scales.to(torch.float32), out_zeros), rounded

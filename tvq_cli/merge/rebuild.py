@@ -17,16 +17,17 @@ from pathlib import Path
 import torch
 
 from ..archive.format import TaskInfo
+from ..archive.identity import check_task_source, task_fingerprint
 from ..archive.reader import Archive
 from ..concurrency import Writer
 from ..dtypes import to_torch
-from ..errors import TvqError
-from ..io.atomic import atomic_output, check_target
+from ..errors import TvqError, UsageError, usage_errors
+from ..io.atomic import atomic_output
 from ..io.checkpoint import Checkpoint, TensorSpec, combine_digests, tensor_digest
 from ..io.compat import check_pretrained
-from ..io.hf_config import CONFIG_FILE, fit_config
-from ..io.model_files import read_model_files, write_model_files
+from ..io.model_files import CONFIG, fit_config, read_companions, write_companions
 from ..io.model_writer import DEFAULT_MAX_SHARD, ModelWriter, parse_size
+from ..io.target import check_target, claim_output
 from ..io.task_source import TaskSource
 from ..io.tasks import open_task
 from ..stats import ErrorStats
@@ -38,6 +39,10 @@ class Rebuild:
     """One task's tensors from an archive and the pretrained checkpoint, in file order."""
 
     def __init__(self, archive: Archive, task: str, pretrained: Checkpoint):
+        if task not in archive.tasks:
+            raise UsageError(
+                f"{archive.path}: no task named {task!r} (has {', '.join(archive.tasks)})"
+            )
         check_pretrained(pretrained)
         archive.check_model(pretrained)
         self.archive, self.task, self.pre = archive, task, pretrained
@@ -110,24 +115,24 @@ class Rebuild:
         if combine_digests(self._digests) != self.archive.header.pretrained_fingerprint:
             raise self._wrong_pretrained()
 
-    def model_files(self) -> tuple[dict[str, bytes], list[str]]:
+    def companions(self) -> tuple[dict[str, bytes], list[str]]:
         """The task's stored small files (else the pretrained folder's), config.json made true
         to the weights (dtype, vocabulary size); and notes."""
         notes = []
         files = {path: self.archive.task_file(self.task, path) for path in self.info.files}
         if not files and self.pre.path.is_dir():
-            files = read_model_files(self.pre.path).files
+            files = read_companions(self.pre.path).files
             notes.append(
                 f"task {self.task} has no stored config or tokenizer (packed from a file, or by "
                 f"an older tvq): took those of {self.pre.path}"
             )
-        if CONFIG_FILE in files:
+        if CONFIG in files:
             dtype = self.info.dtype or _most_common_float(self.archive)
             vocab = {
                 self.archive.entry(name).shape[0]: self.archive.entry(name).shape[0] + rows
                 for name, rows in self.info.rows.items()
             }
-            files[CONFIG_FILE] = fit_config(files[CONFIG_FILE], dtype, vocab)
+            files[CONFIG] = fit_config(files[CONFIG], dtype, vocab)
         return files, notes
 
 
@@ -181,7 +186,8 @@ def extract(
     start = time.perf_counter()
     out = Path(out)
     folder = out.suffix != ".safetensors"
-    max_shard = parse_size(max_shard_size)
+    with usage_errors():
+        max_shard = parse_size(max_shard_size)
     opened = Archive(archive)
     pre = Checkpoint(pretrained)
     original = None
@@ -189,10 +195,13 @@ def extract(
         rebuild = Rebuild(opened, task, pre)
         original = open_task(against, pre) if against is not None else None
         inputs = [*opened.paths, *pre.files, *(original.files if original else [])]
-        check_target(out, overwrite, inputs)
-        files, notes = rebuild.model_files() if folder else ({}, [])
+        check_target(out, overwrite, inputs, folder)
+        files, notes = rebuild.companions() if folder else ({}, [])
         stats = ErrorStats() if original else None
-        with atomic_output(out, folder=folder) as staged:
+        with (
+            claim_output(out, overwrite, inputs, folder),
+            atomic_output(out, folder=folder, replace=overwrite) as staged,
+        ):
             specs = rebuild.specs()
             writer = ModelWriter(staged, specs, folder=folder, max_shard_bytes=max_shard)
             behind = Writer()  # the previous tensor is written while the next one is rebuilt
@@ -201,7 +210,7 @@ def extract(
                     behind.submit(lambda name=name, tensor=tensor: writer.write(name, tensor))
                 behind.wait()
                 rebuild.check_streamed()
-                fingerprint = _check_original(original, rebuild, against)
+                fingerprint = _check_original(original, rebuild)
                 writer.finish()
             except BaseException:
                 behind.close()
@@ -210,7 +219,7 @@ def extract(
             finally:
                 behind.close()
             written = [out / f.relative_to(staged) for f in writer.files]
-            written += [out / p.relative_to(staged) for p in write_model_files(files, staged)]
+            written += [out / p.relative_to(staged) for p in write_companions(files, staged)]
     finally:
         pre.close()
         opened.close()
@@ -236,17 +245,13 @@ def extract(
     return report
 
 
-def _check_original(original: TaskSource | None, rebuild: Rebuild, against) -> str | None:
-    """Whether `against` is the fine-tune packed as the task: "match", or "not recorded" for
+def _check_original(original: TaskSource | None, rebuild: Rebuild) -> str | None:
+    """Whether `original` is the fine-tune packed as the task: "match", or "not recorded" for
     an archive that records no fingerprint (format version 1); an error when it differs."""
     if original is None:
         return None
-    recorded = rebuild.info.fingerprint
-    if recorded is None:
+    header = rebuild.archive.header
+    if task_fingerprint(header, rebuild.task) is None:
         return "not recorded"
-    if original.fingerprint() != recorded:
-        raise TvqError(
-            f"{against}: is not the fine-tune packed as task {rebuild.task!r} in "
-            f"{rebuild.archive.path} (fingerprints differ): wrong file, or tasks in another order?"
-        )
+    check_task_source(header, rebuild.task, original)
     return "match"

@@ -14,10 +14,10 @@ import torch
 
 from ..concurrency import check_threads
 from ..dtypes import OUTPUT_DTYPES
-from ..errors import TvqError
-from ..io.atomic import check_target
+from ..errors import UsageError, usage_errors
 from ..io.checkpoint import Checkpoint
 from ..io.model_writer import DEFAULT_MAX_SHARD, parse_size
+from ..io.target import check_target
 from .base import MergeContext, MergeMethod, parse_weights
 from .methods import method_class
 from .sources import Sources
@@ -38,7 +38,8 @@ class MergeRequest:
     dtype: str | None = None
     task: str | None = None
     all_tasks: bool = False
-    force: bool = False  # overwrite an existing output; merge despite a fingerprint mismatch
+    force: bool = False  # replace an existing output (a folder only if tvq wrote it)
+    allow_different_base: bool = False  # merge archives packed against another pretrained
     max_shard_size: int | str = DEFAULT_MAX_SHARD
     bits: int | None = None
     group_size: int | None = None
@@ -46,13 +47,30 @@ class MergeRequest:
     samples: int | None = None
     tie_tolerance: float | None = None
     threads: int | None = None  # worker threads; default: every core this process may use
+    quantize: str | None = None  # "w4" / "w8": a compressed-tensors (pack-quantized) folder
+    symmetric: bool | None = None
+    quantize_ignore: list[str] | None = None  # module-name globs kept in full precision
 
     @property
-    def quantized(self) -> bool:
+    def writes_archive(self) -> bool:
+        """A quantized one-task .tvq archive."""
         return Path(self.out).suffix == ".tvq"
 
+    @property
+    def writes_packed(self) -> bool:
+        """A model folder with packed integer weights (`--quantize`)."""
+        return self.quantize is not None
 
-QUANTIZED_ONLY = ("bits", "group_size", "rounding", "samples", "tie_tolerance")
+    @property
+    def folder_output(self) -> bool:
+        """A model folder (or a folder of one model per task), not one file."""
+        suffix = Path(self.out).suffix
+        return not self.writes_archive and (self.all_tasks or suffix != ".safetensors")
+
+
+ON_GRID = ("group_size", "rounding", "samples", "tie_tolerance")  # any quantized output
+ARCHIVE_ONLY = ("bits",)
+PACKED_ONLY = ("symmetric", "quantize_ignore")
 
 
 @dataclass
@@ -69,6 +87,12 @@ class Merge:
     max_shard: int
 
     @property
+    def inputs(self) -> list[Path]:
+        """Every file the merge reads: never an output."""
+        pre = Path(self.request.pretrained)
+        return [pre, *self.pretrained.files, *(a.path for a in self.sources.archives)]
+
+    @property
     def float_names(self) -> list[str]:
         return self.method.ctx.tensor_names
 
@@ -79,14 +103,20 @@ class Merge:
 
 
 def check_request(request: MergeRequest) -> Merge:
-    """Open and check everything a merge needs; raises TvqError on the first problem."""
-    pre = Checkpoint(request.pretrained)
-    sources = Sources(request.archives, pre, request.tasks, request.force)
-    tasks = sources.tasks
+    """Open and check everything a merge needs; raises TvqError on the first problem, and
+    checks what the command line alone decides (`UsageError`s) before reading a file."""
     cls = method_class(request.method)
+    _check_output_options(request)
+    _check_task_flags(request, cls)
+    with usage_errors():
+        max_shard = parse_size(request.max_shard_size)
+    threads = check_threads(request.threads)
+    pre = Checkpoint(request.pretrained)
+    sources = Sources(request.archives, pre, request.tasks, request.allow_different_base)
+    tasks = sources.tasks
     weights = _weights(request.weights, len(tasks))
     if weights is not None and not cls.takes_weights:
-        raise TvqError(f"method {cls.name} does not take --weights")
+        raise UsageError(f"method {cls.name} does not take --weights")
     ctx = MergeContext(
         tasks=tasks,
         weights=weights if weights is not None else torch.ones(len(tasks)),
@@ -94,48 +124,64 @@ def check_request(request: MergeRequest) -> Merge:
         seed=request.seed,
         targets=_targets(request, cls, tasks),
     )
-    method = cls(dict(request.options), ctx)
-    _check_output_options(request)
-    out = Path(request.out)
-    max_shard = parse_size(request.max_shard_size)
-    threads = check_threads(request.threads)
-    inputs = [Path(request.pretrained), *pre.files, *(a.path for a in sources.archives)]
-    check_target(out, request.force, inputs)
-    return Merge(request, out, pre, sources, method, weights is not None, threads, max_shard)
+    with usage_errors():  # the method checks its coefficients
+        method = cls(dict(request.options), ctx)
+    merge = Merge(
+        request, Path(request.out), pre, sources, method, weights is not None, threads, max_shard
+    )
+    check_target(merge.out, request.force, merge.inputs, request.folder_output)
+    return merge
+
+
+def _check_task_flags(request: MergeRequest, cls: type[MergeMethod]) -> None:
+    """--task and --all-tasks: for per-task methods, one of them."""
+    if not cls.per_task:
+        if request.task is not None or request.all_tasks:
+            raise UsageError(f"--task and --all-tasks apply to per-task methods, not {cls.name}")
+    elif request.task is not None and request.all_tasks:
+        raise UsageError("give either --task NAME or --all-tasks, not both")
+    elif request.task is None and not request.all_tasks:
+        raise UsageError(f"{cls.name} builds one model per task: give --task NAME or --all-tasks")
 
 
 def _targets(request: MergeRequest, cls: type[MergeMethod], tasks: list[str]) -> list[int]:
     if not cls.per_task:
-        if request.task is not None or request.all_tasks:
-            raise TvqError(f"--task and --all-tasks apply to per-task methods, not {cls.name}")
         return []
-    if request.task is not None and request.all_tasks:
-        raise TvqError("give either --task NAME or --all-tasks, not both")
     if request.all_tasks:
         return list(range(len(tasks)))
-    if request.task is None:
-        raise TvqError(
-            f"{cls.name} builds one model per task: give --task NAME or --all-tasks "
-            f"(tasks: {', '.join(tasks)})"
-        )
     if request.task not in tasks:
-        raise TvqError(f"--task {request.task!r} is not a merged task ({', '.join(tasks)})")
+        raise UsageError(f"--task {request.task!r} is not a merged task ({', '.join(tasks)})")
     return [tasks.index(request.task)]
 
 
 def _check_output_options(request: MergeRequest) -> None:
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
-        raise TvqError(f"--dtype must be fp32, fp16 or bf16, got {request.dtype!r}")
-    if request.quantized:
+        raise UsageError(f"--dtype must be fp32, fp16 or bf16, got {request.dtype!r}")
+    if request.writes_archive:
+        if request.writes_packed:
+            raise UsageError("--quantize writes a model folder: give --out a folder name, not .tvq")
         if request.dtype is not None:
-            raise TvqError("--dtype applies to model outputs, not to a .tvq archive")
+            raise UsageError("--dtype applies to model outputs, not to a .tvq archive")
         if request.all_tasks:
-            raise TvqError("a .tvq output holds one merged task vector: use --task NAME")
+            raise UsageError("a .tvq output holds one merged task vector: use --task NAME")
+        _refuse(request, PACKED_ONLY, "a --quantize output")
         return
-    given = [o for o in QUANTIZED_ONLY if getattr(request, o) is not None]
+    if request.writes_packed:
+        if Path(request.out).suffix == ".safetensors":
+            raise UsageError("--quantize writes a model folder: give --out a folder name")
+        if request.all_tasks:
+            raise UsageError("--quantize writes one model: use --task NAME")
+        _refuse(request, ARCHIVE_ONLY, "a .tvq output (--quantize w4|w8 sets the bits)")
+        return
+    _refuse(request, ON_GRID + ARCHIVE_ONLY, "a quantized output (--out NAME.tvq or --quantize)")
+    _refuse(request, PACKED_ONLY, "a --quantize output")
+
+
+def _refuse(request: MergeRequest, options: tuple[str, ...], where: str) -> None:
+    given = [o for o in options if getattr(request, o) is not None]
     if given:
         flag = "--" + given[0].replace("_", "-")
-        raise TvqError(f"{flag} applies only to a quantized output (--out NAME.tvq)")
+        raise UsageError(f"{flag} applies only to {where}")
 
 
 def _weights(weights: str | list[float] | None, n: int) -> torch.Tensor | None:

@@ -5,43 +5,61 @@ from __future__ import annotations
 import time
 
 from ..concurrency import fixed_mmap_threshold, torch_threads
-from .archive_out import ArchiveOutput, Rounding
+from ..io.target import claim_output
+from .archive_out import ArchiveOutput
 from .engine import Engine
 from .model_out import write_models
+from .packed_out import PackedOutput
 from .request import Merge, MergeRequest, check_request
+from .rounding import Rounding
 
 
-def run_merge(request: MergeRequest, progress: bool = False) -> dict:
-    """Check, merge and write; returns the report (schema in docs/merge.md)."""
+def run_merge(
+    request: MergeRequest, progress: bool = False, rounding: Rounding | None = None
+) -> dict:
+    """Check, merge and write; returns the report (schema in docs/merge.md). `rounding`
+    replaces the request's rounding options (the selection-rule ablations of
+    benchmarks/hdrq_rounding.py use it)."""
     start = time.perf_counter()
     merge = check_request(request)
-    archive_output = _archive_output(merge) if request.quantized else None  # checks first
+    if rounding is None:
+        rounding = Rounding.of(
+            request.rounding, request.samples, request.tie_tolerance, request.seed
+        )
+    archive_output = _archive_output(merge, rounding) if request.writes_archive else None
+    packed_output = PackedOutput(merge, rounding) if request.writes_packed else None  # checks
     engine = Engine(merge, progress)
     fixed_mmap_threshold()
-    # blocks run on the engine's own threads; whole-tensor methods keep torch's intra-op threads
-    intra_op = 1 if merge.method.elementwise else merge.threads
+    # blocks run on the engine's own threads; whole-tensor merges (quantized outputs, methods
+    # that are not elementwise) keep torch's intra-op threads
+    blocked = merge.method.elementwise and archive_output is None and packed_output is None
+    intra_op = 1 if blocked else merge.threads
+    claim = claim_output(merge.out, request.force, merge.inputs, request.folder_output)
     try:
-        with torch_threads(intra_op):
+        with claim, torch_threads(intra_op):
             engine.run_statistics()
             if archive_output is not None:
-                output, rounding = archive_output.write(engine.tensors("merge"))
+                output, rounded = archive_output.write(engine.tensors("merge"))
+            elif packed_output is not None:
+                output, rounded = packed_output.write(engine)
             else:
-                output, rounding = write_models(merge, engine), None
+                output, rounded = write_models(merge, engine), None
     finally:
         engine.close()
-    return report(merge, output, time.perf_counter() - start, rounding)
+    return report(merge, output, time.perf_counter() - start, rounded)
 
 
-def _archive_output(merge: Merge) -> ArchiveOutput:
+def _archive_output(merge: Merge, rounding: Rounding) -> ArchiveOutput:
     request = merge.request
     return ArchiveOutput(
         merge.out,
         merge.method,
         merge.sources,
         merge.pretrained,
-        Rounding.of(request),
+        rounding,
         request.bits,
         request.group_size,
+        request.force,
     )
 
 

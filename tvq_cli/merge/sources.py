@@ -14,7 +14,7 @@ import torch
 
 from ..archive.format import Part, TensorEntry
 from ..archive.reader import Archive
-from ..errors import TvqError
+from ..errors import TvqError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..io.compat import check_pretrained
 from ..quant.groups import expand_groups
@@ -45,9 +45,9 @@ def parse_task_list(text: str | None) -> list[str] | None:
         return None
     names = [t.strip() for t in text.split(",")]
     if not all(names):
-        raise TvqError(f"--tasks expects names separated by commas, got {text!r}")
+        raise UsageError(f"--tasks expects names separated by commas, got {text!r}")
     if len(set(names)) != len(names):
-        raise TvqError(f"--tasks names a task twice: {text!r}")
+        raise UsageError(f"--tasks names a task twice: {text!r}")
     return names
 
 
@@ -59,10 +59,10 @@ class Sources:
         archives: list[Path | str],
         pretrained: Checkpoint,
         tasks: list[str] | None = None,
-        force: bool = False,
+        allow_different_base: bool = False,
     ):
         if not archives:
-            raise TvqError("give at least one archive to merge")
+            raise UsageError("give at least one archive to merge")
         self.pretrained = pretrained
         check_pretrained(pretrained)
         opened = [Archive(p) for p in archives]
@@ -71,10 +71,11 @@ class Sources:
         for archive in opened:
             archive.check_model(pretrained)
             if archive.header.pretrained_fingerprint != self.fingerprint:
-                if not force:
+                if not allow_different_base:
                     raise TvqError(
                         f"{archive.path}: was packed against a different pretrained model than "
-                        f"{pretrained.path} (fingerprints differ); use --force to merge anyway"
+                        f"{pretrained.path} (fingerprints differ); use --allow-different-base "
+                        "to merge anyway"
                     )
                 self.mismatched.append(str(archive.path))
         available: dict[str, TaskRef] = {}
@@ -90,11 +91,11 @@ class Sources:
             tasks = list(available)
         unknown = [t for t in tasks if t not in available]
         if unknown:
-            raise TvqError(
+            raise UsageError(
                 f"no task named {unknown[0]!r} in the archives (they hold {', '.join(available)})"
             )
         if not tasks:
-            raise TvqError("no tasks selected")
+            raise UsageError("no tasks selected")
         self.refs = [available[t] for t in tasks]
         self.archives = opened
 

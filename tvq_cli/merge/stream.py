@@ -12,10 +12,13 @@ threads set to 1 (as in pack: OpenMP teams on contended cores made block-sized o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..archive.format import TensorEntry
 from ..archive.reader import Archive
+from ..quant.groups import row_group_size
 from ..quant.kernel import dequantize_into
 from .sources import Sources
 
@@ -57,8 +60,11 @@ def task_vector_into(
     sole = archive.scheme.sole_role(task)
     if sole is not None and entry.kind == "quantized" and entry.shape:
         part = next(p for p in entry.parts if p.role == sole)
-        if part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
+        cols = entry.shape[-1]
+        size = row_group_size(part.group_size, cols)
+        if size > 0 and cols % size == 0:
             q = archive.quantized(part, entry)
-            dequantize_into(q.codes.reshape(-1), part.spec, q.scales, q.zeros, row)
+            spec = replace(part.spec, group_size=size)
+            dequantize_into(q.codes.reshape(-1), spec, q.scales, q.zeros, row)
             return
     row.copy_(archive.task_vector(task, name, pre).reshape(-1))

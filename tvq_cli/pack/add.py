@@ -25,11 +25,11 @@ from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter
 from ..concurrency import check_threads, torch_threads
 from ..dtypes import itemsize
-from ..errors import TvqError
+from ..errors import TvqError, UsageError, usage_errors
 from ..io.checkpoint import Checkpoint, combine_digests
 from ..io.compat import check_pretrained
-from ..io.lock import exclusive
 from ..io.model_writer import parse_size
+from ..io.target import claim_output
 from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..tensors import require_finite
@@ -58,41 +58,39 @@ def add_tasks(
     finetuned = [Path(p) for p in finetuned]
     tasks, notes = task_names(finetuned, names)
     opened = Archive(archive)
-    root = opened.root
+    root, sharded = opened.root, opened.sharded
     opened.close()
     start = time.perf_counter()
-    with exclusive(root):
+    inputs = [Path(pretrained), *finetuned]
+    with claim_output(root, True, inputs, sharded), contextlib.ExitStack() as stack:
         opened = Archive(root)  # reopened under the lock: the version no one else changes
+        stack.callback(opened.close)
         pre = Checkpoint(pretrained)
-        sources: list[TaskSource] = []
-        try:
-            max_shard = _shard_size(opened, max_shard_size)
-            check_pretrained(pre)
-            opened.check_model(pre)
-            taken = [t for t in tasks if t in opened.tasks]
-            if taken:
+        stack.callback(pre.close)
+        max_shard = _shard_size(opened, max_shard_size)
+        check_pretrained(pre)
+        opened.check_model(pre)
+        taken = [t for t in tasks if t in opened.tasks]
+        if taken:
+            raise UsageError(
+                f"{root}: already holds a task {taken[0]!r}: give the new one another name "
+                "with --name, or remove the old one first (tvq remove)"
+            )
+        sources = open_tasks(finetuned, pre)
+        for source in sources:
+            stack.callback(source.close)
+        header, files, more = _extended(opened.header, tasks, sources)
+        notes += more
+        with ArchiveWriter(root, header, max_shard, replace=True) as writer:
+            digests = _write(writer, header, opened, pre, tasks, sources, threads)
+            copy_stored(writer, opened, files_layout(header), _frames(files).get)
+            if combine_digests(digests) != header.pretrained_fingerprint:
                 raise TvqError(
-                    f"{root}: already holds a task {taken[0]!r}: give the new one another name "
-                    "with --name, or remove the old one first (tvq remove)"
+                    f"{pre.path}: is not the pretrained checkpoint {root} was packed from "
+                    "(fingerprints differ)"
                 )
-            sources = open_tasks(finetuned, pre)
-            header, files, more = _extended(opened.header, tasks, sources)
-            notes += more
-            with ArchiveWriter(root, header, max_shard) as writer:
-                digests = _write(writer, header, opened, pre, tasks, sources, threads)
-                copy_stored(writer, opened, files_layout(header), _frames(files).get)
-                if combine_digests(digests) != header.pretrained_fingerprint:
-                    raise TvqError(
-                        f"{pre.path}: is not the pretrained checkpoint {root} was packed from "
-                        "(fingerprints differ)"
-                    )
-                for task, source in zip(tasks, sources, strict=True):
-                    header.task_info[task].fingerprint = source.fingerprint()
-        finally:
-            for source in sources:
-                source.close()
-            pre.close()
-            opened.close()
+            for task, source in zip(tasks, sources, strict=True):
+                header.task_info[task].fingerprint = source.fingerprint()
     seconds = time.perf_counter() - start
     return PackResult(root, header, archive_bytes(root), seconds, None, notes)
 
@@ -101,11 +99,12 @@ def _shard_size(archive: Archive, given: int | str | None) -> int | None:
     if given is None:
         return archive.max_shard_bytes
     if not archive.sharded:
-        raise TvqError(
+        raise UsageError(
             f"{archive.path}: is one file; --max-shard-size changes the shards of a sharded "
             "archive (pack again with --max-shard-size to shard it)"
         )
-    return parse_size(given)
+    with usage_errors():
+        return parse_size(given)
 
 
 def _extended(

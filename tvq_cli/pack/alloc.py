@@ -23,7 +23,7 @@ import torch
 from ..archive import schemes
 from ..archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
 from ..archive.writer import archive_size, reserved_header_length
-from ..errors import InternalError, TvqError
+from ..errors import InternalError, TvqError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..quant import entropy
 from ..quant.quantizer import dequantize, quantize
@@ -303,9 +303,9 @@ def allocate(
 ) -> Allocation:
     """Set every quantized tensor's parts in `header` to fit `budget_bpw`; least error."""
     if weighting not in WEIGHTINGS:
-        raise TvqError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        raise UsageError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if not budget_bpw > 0:
-        raise TvqError(f"budget must be a positive number of bits per weight, got {budget_bpw}")
+        raise UsageError(f"budget must be a positive number of bits per weight, got {budget_bpw}")
     budget = header.budget_bytes(budget_bpw)
     items: list[Item] = []
     norm2 = 0.0
@@ -320,7 +320,7 @@ def allocate(
     if not items:
         size = archive_size(header)
         if size > budget:
-            raise TvqError(f"budget {budget_bpw} bpw is below the archive's {_bpw(header, size)}")
+            raise UsageError(f"budget {budget_bpw} bpw is below the archive's {_bpw(header, size)}")
         return Allocation(budget, size, 0.0, None)
     _apply(
         header,
@@ -331,7 +331,7 @@ def allocate(
     available = budget - fixed
     smallest = sum(min(o.nbytes for o in item.options) for item in items)
     if smallest > available:
-        raise TvqError(
+        raise UsageError(
             f"budget {budget_bpw} bits per weight is too small: these settings need at least "
             f"{header.bits_per_weight(smallest + fixed):.3f}"
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ..archive.schemes import Scheme
 from ..concurrency import WorkerPool
 from ..quant import entropy, kernel, range_search
 from ..quant.bitpack import pack_into, packed_nbytes
+from ..quant.groups import row_group_size
 from ..quant.spec import group_count
 from ..tensors import not_finite
 from .prefetch import TensorInputs
@@ -47,11 +49,12 @@ def block_rows(cols: int) -> int:
 
 def blockable(part: Part, cols: int) -> bool:
     """Whether blocks of rows code a part exactly as the whole tensor: groups that tile the
-    rows, or one min-max range per tensor (taken in a first pass). A searched per-tensor
-    range needs the whole tensor's error for every candidate."""
+    rows (a group at least a row long is the row), or one min-max range per tensor (taken in
+    a first pass). A searched per-tensor range needs the whole tensor's error for every
+    candidate."""
     if part.group_size == 0:
         return part.range == "minmax"
-    return cols % part.group_size == 0
+    return cols % row_group_size(part.group_size, cols) == 0
 
 
 def _two_pass(part: Part) -> bool:
@@ -118,7 +121,11 @@ class _Parts:
     def __init__(self, entry: TensorEntry):
         self.entry = entry
         self.cols = entry.shape[-1]
-        parts = entry.parts
+        # as coded: a group longer than a row is the row (the same groups and stored bytes)
+        self.parts = [
+            replace(p, group_size=row_group_size(p.group_size, self.cols)) for p in entry.parts
+        ]
+        parts = self.parts
         self.width = [entropy.SYMBOL_BITS[p.bits] if p.codec == "zstd" else p.bits for p in parts]
         self.packed = [np.empty(packed_nbytes(entry.numel, w), np.uint8) for w in self.width]
         groups = [group_count(entry.shape, p.group_size) for p in parts]
@@ -143,7 +150,7 @@ class _Parts:
 
     def groups(self, index: int, first: int, count: int) -> slice:
         """The groups of part `index` in the block of `count` elements from row `first`."""
-        size = self.entry.parts[index].group_size
+        size = self.parts[index].group_size
         if size == 0:
             return slice(0, 1)
         start = first * (self.cols // size)
@@ -151,7 +158,7 @@ class _Parts:
 
     def ranges(self, index: int, x: torch.Tensor, first: int) -> None:
         """Record the range of every group of block `x` of part `index`."""
-        size = self.entry.parts[index].group_size
+        size = self.parts[index].group_size
         lo, hi = range_search.group_ranges(x.reshape(-1, size) if size else x.reshape(1, -1))
         if size:
             groups = self.groups(index, first, x.numel())
@@ -170,7 +177,7 @@ class _Parts:
 
     def end_pass(self) -> None:
         for i in self.ranged:
-            self.grid[i] = range_search.grid_top(self.lo[i], self.hi[i], self.entry.parts[i].spec)
+            self.grid[i] = range_search.grid_top(self.lo[i], self.hi[i], self.parts[i].spec)
             self.ready[i] = True
         for i in self.coded:
             self.done[i] = True
@@ -300,7 +307,7 @@ def _code(
         groups = parts.groups(index, first, count)
         kernel.dequantize_into(
             parts.kept[index][offset : offset + count],
-            parts.entry.parts[index].spec,
+            parts.parts[index].spec,
             parts.scales[index][groups],
             parts.zeros[index][groups],
             anchor,
@@ -325,7 +332,7 @@ def _emit(
 ) -> None:
     """Quantize block `x` of part `index` into its place; optionally dequantize it to
     `anchor` before the codes are packed (and keep the codes if a later pass needs it)."""
-    part = parts.entry.parts[index]
+    part = parts.parts[index]
     count = x.numel()
     groups = parts.groups(index, first, count)
     scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]

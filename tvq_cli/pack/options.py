@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..archive import schemes
 from ..archive.format import Part
-from ..errors import TvqError
+from ..errors import TvqError, usage_errors
 from ..quant.entropy import CODECS, DEFAULT_CODEC
 from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, QuantSpec
 
@@ -37,6 +37,10 @@ class PackOptions:
     budget_groups: tuple[int, ...] = ()  # group sizes the allocator may pick (default: group_size)
 
     def __post_init__(self) -> None:
+        with usage_errors():  # every setting is an option of `tvq pack`
+            self._check()
+
+    def _check(self) -> None:
         schemes.get(self.scheme)  # validates the scheme name
         for bits in (self.bits, self.base_bits, self.offset_bits):
             QuantSpec(bits, self.group_size, self.range, self.scale_bits)

@@ -17,6 +17,7 @@ from ..archive.schemes import Scheme
 from ..concurrency import torch_threads
 from ..dtypes import to_torch
 from ..errors import TvqError
+from ..quant import native
 from ..tensors import require_finite, tensor_bytes
 from .blocked import BlockedRoute, Output, blockable
 from .prefetch import TensorInputs
@@ -56,9 +57,13 @@ class TensorPacker:
         if entry.kind == "exact":
             return self._exact(inputs)
         cols = entry.shape[-1]
-        if self.device.type == "cpu" and all(blockable(p, cols) for p in entry.parts):
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and all(blockable(p, cols) for p in entry.parts):
             return self.blocked.outputs(inputs)
-        with torch_threads(self.threads):
+        # On the CPU the whole route's work is in the native kernels (one thread); torch's
+        # thread team would only add hand-offs (3-5x slower measured on a loaded 2-core
+        # machine, docs/performance.md). Without them, torch's own ops do the work.
+        with torch_threads(1 if on_cpu and native.built() else self.threads):
             return self._whole(inputs)
 
     def _shared(self, inputs: TensorInputs) -> list[Output]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..archive.format import TASK_NAME_RE, ArchiveHeader, check_task_name
 from ..archive.plan import plan_tensors
-from ..errors import InternalError, TvqError
+from ..errors import InternalError, UsageError, usage_errors
 from ..io.checkpoint import Checkpoint
 from ..io.task_source import TaskSource
 from ..version import __version__
@@ -54,20 +54,21 @@ def task_names(
             raw = default_task_name(path)
             name = sanitized(raw)
             if not TASK_NAME_RE.match(name):
-                raise TvqError(
+                raise UsageError(
                     f"{path}: {raw!r} does not make a task name (letters, digits, '_', '.', "
                     f"'+', '-', at most 128): give one with --name NAME={path}"
                 )
             if name != raw:
                 notes.append(f"{path}: task name {name!r} (from {raw!r}; --name sets another)")
-        names.append(check_task_name(name))
+        with usage_errors():
+            names.append(check_task_name(name))
     unknown = set(resolved) - {str(Path(p).resolve()) for p in finetuned}
     if unknown:
-        raise TvqError(f"--name refers to {sorted(unknown)[0]}, which is not a fine-tuned input")
+        raise UsageError(f"--name refers to {sorted(unknown)[0]}, which is not a fine-tuned input")
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise TvqError(f"duplicate task name {name!r}: give distinct names with --name")
+            raise UsageError(f"duplicate task name {name!r}: give distinct names with --name")
         seen.add(name)
     return names, notes
 
@@ -86,7 +87,7 @@ def plan_archive(
 ) -> PackPlan:
     """Which tensors are quantized, kept exact or shared, and how; what each task records."""
     if not finetuned:
-        raise TvqError("give at least one fine-tuned checkpoint")
+        raise UsageError("give at least one fine-tuned checkpoint")
     if len(tasks) != len(finetuned):
         raise InternalError("one task name per fine-tuned checkpoint")
     files = StoredFiles()

@@ -37,8 +37,8 @@ def task_info(source: TaskSource, files: StoredFiles) -> tuple[TaskInfo, list[st
     for name, dtype in dtypes.items():
         weight[dtype] += source.specs[name].numel
     dtype = max(sorted(weight), key=weight.__getitem__) if weight else None
-    model_files = source.model_files()
-    notes = [f"{source.path}: left out {skipped}" for skipped in model_files.skipped]
+    companions = source.companions()
+    notes = [f"{source.path}: left out {skipped}" for skipped in companions.skipped]
     info = TaskInfo(
         source=source.kind,
         fingerprint=FINGERPRINT_PLACEHOLDER,
@@ -48,6 +48,6 @@ def task_info(source: TaskSource, files: StoredFiles) -> tuple[TaskInfo, list[st
         copies=dict(source.copies),
         absent=list(source.absent),
         renamed=(source.renamed.strip, source.renamed.add) if source.renamed else None,
-        files={path: files.add(data) for path, data in sorted(model_files.files.items())},
+        files={path: files.add(data) for path, data in sorted(companions.files.items())},
     )
     return info, notes

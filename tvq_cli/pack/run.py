@@ -23,11 +23,11 @@ from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter, archive_size
 from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
 from ..dtypes import itemsize
-from ..errors import InternalError, TvqError
-from ..io.atomic import check_target
+from ..errors import InternalError, TvqError, UsageError, usage_errors, warn
 from ..io.checkpoint import Checkpoint, combine_digests
 from ..io.compat import check_pretrained
 from ..io.model_writer import parse_size
+from ..io.target import check_target, claim_output
 from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..quant import entropy
@@ -35,7 +35,7 @@ from .alloc import Allocation, allocate
 from .options import PackOptions
 from .packer import TensorPacker, added_rows
 from .plan import PackPlan, plan_archive, task_names
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, TensorInputs
 from .values import TaskValues
 from .whole import encode_whole
 
@@ -66,7 +66,7 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise TvqError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
         return torch.device(device)
-    raise TvqError(f"--device must be cpu or cuda, got {device!r}")
+    raise UsageError(f"--device must be cpu or cuda, got {device!r}")
 
 
 def open_inputs(pretrained: Path, finetuned: list[Path]) -> tuple[Checkpoint, list[TaskSource]]:
@@ -160,26 +160,30 @@ def pack(
     options = options or PackOptions()
     torch_device = resolve_device(device)
     threads = check_threads(threads)
-    max_shard = None if max_shard_size is None else parse_size(max_shard_size)
+    with usage_errors():
+        max_shard = None if max_shard_size is None else parse_size(max_shard_size)
     out = Path(out)
     finetuned = [Path(p) for p in finetuned]
     tasks, notes = task_names(finetuned, names)
-    if out.is_dir() and max_shard is None:
-        raise TvqError(
-            f"{out}: is a folder; give an archive file name such as tasks.tvq "
-            "(or --max-shard-size for a sharded archive folder)"
-        )
-    if out.is_file() and max_shard is not None:
-        raise TvqError(f"{out}: is a file; a sharded archive is a folder: give another name")
+    folder = max_shard is not None
     pre, fts = open_inputs(Path(pretrained), finetuned)
     try:
-        check_target(out, overwrite, [f for c in [pre, *fts] for f in c.files])
+        inputs = [f for c in [pre, *fts] for f in c.files]
+        check_target(out, overwrite, inputs, folder)
         start = time.perf_counter()
         plan = plan_archive(pre, fts, tasks, options)
         allocation = _allocate(plan.header, pre, fts, options)
-        write_archive(plan, pre, fts, out, options, torch_device, threads, progress, max_shard)
+        with claim_output(out, overwrite, inputs, folder):
+            unchanged = write_archive(
+                plan, pre, fts, out, options, torch_device, threads, progress, max_shard, overwrite
+            )
     finally:
         _close(pre, fts)
+    for index in unchanged:
+        warn(
+            f"task {tasks[index]!r}: {fts[index].path} is identical to the pretrained "
+            "checkpoint, so its task vector is all zero (was the pretrained packed as a task?)"
+        )
     size = archive_bytes(out)
     if allocation is not None and size > allocation.budget_bytes:
         raise InternalError(f"{out} is {size} bytes, over the budget")
@@ -197,16 +201,18 @@ def write_archive(
     threads: int,
     progress: bool,
     max_shard: int | None,
-) -> None:
+    replace: bool,
+) -> list[int]:
     """Read, quantize and write every tensor of a planned archive, then its small files; the
-    pretrained and task fingerprints are taken from the bytes as they are read."""
+    pretrained and task fingerprints are taken from the bytes as they are read. Returns the
+    tasks whose task vector is all zero."""
     header = plan.header
     tasks = header.tasks
     largest = max(t.numel * itemsize(t.dtype) for t in header.tensors)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
     with (
-        ArchiveWriter(out, header, max_shard) as writer,
+        ArchiveWriter(out, header, max_shard, replace) as writer,
         torch_threads(1),
         contextlib.ExitStack() as stack,
     ):
@@ -233,8 +239,10 @@ def write_archive(
             disable=not progress,
             file=sys.stderr,
         )
+        unchanged = UnchangedTasks(len(fts))
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
+            unchanged.see(inputs)
             outputs = packer.outputs(inputs) + added_rows(header, tasks, inputs)
             reader.release(inputs)
             background.submit(lambda outputs=outputs: _write_all(writer, outputs))
@@ -245,6 +253,7 @@ def write_archive(
         header.pretrained_fingerprint = combine_digests(digests)
         for task, source in zip(tasks, fts, strict=True):
             header.task_info[task].fingerprint = source.fingerprint()
+    return unchanged.tasks
 
 
 def archive_bytes(path: Path) -> int:
@@ -252,6 +261,25 @@ def archive_bytes(path: Path) -> int:
     archive = Archive(path)
     archive.close()
     return archive.file_size
+
+
+class UnchangedTasks:
+    """The fine-tunes that have not differed from the pretrained checkpoint in any float
+    tensor so far. A real fine-tune differs in its first tensor or so, so this costs about
+    one comparison of one tensor per task."""
+
+    def __init__(self, count: int):
+        self.tasks = list(range(count))
+
+    def see(self, inputs: TensorInputs) -> None:
+        if inputs.entry.kind == "shared":  # non-float tensors equal the pretrained ones anyway
+            return
+        pre = inputs.pretrained
+        self.tasks = [
+            t
+            for t in self.tasks
+            if inputs.finetuned[t].dtype == pre.dtype and torch.equal(inputs.finetuned[t], pre)
+        ]
 
 
 def _write_all(writer: ArchiveWriter, outputs: list) -> None:

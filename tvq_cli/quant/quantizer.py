@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .groups import grouped, minmax_scale, ungrouped
+from .groups import Grouping, minmax_scale
 from .range_search import quantize_searched
 from .spec import Quantized, QuantSpec
 
@@ -24,15 +24,18 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> Quantized:
     if x.numel() == 0:
         empty = torch.zeros(0, dtype=torch.uint8)
         return Quantized(empty, torch.ones(1), torch.zeros(1, dtype=torch.uint8))
-    groups, padded_cols = grouped(x, spec.group_size)
-    lo = groups.amin(dim=1).clamp(max=0.0)
-    hi = groups.amax(dim=1).clamp(min=0.0)
-    span = hi - lo
-    scale = minmax_scale(span, spec.levels)
-    zero = torch.round(-scale * lo).clamp_(0, spec.levels)
-    q = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, spec.levels)
-    codes = ungrouped(q.to(torch.uint8), tuple(x.shape), padded_cols).reshape(-1)
-    return Quantized(codes.contiguous(), scale, zero.to(torch.uint8))
+    grouping = Grouping.of(tuple(x.shape), spec.group_size)
+    codes, scales, zeros = [], [], []
+    for groups in grouping.split(x):
+        lo = groups.amin(dim=1).clamp(max=0.0)
+        hi = groups.amax(dim=1).clamp(min=0.0)
+        scale = minmax_scale(hi - lo, spec.levels)
+        zero = torch.round(-scale * lo).clamp_(0, spec.levels)
+        q = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, spec.levels)
+        codes.append(q.to(torch.uint8))
+        scales.append(scale)
+        zeros.append(zero.to(torch.uint8))
+    return Quantized(grouping.join(codes).contiguous(), grouping.join(scales), grouping.join(zeros))
 
 
 def dequantize(q: Quantized, spec: QuantSpec, shape: tuple[int, ...]) -> torch.Tensor:
@@ -42,7 +45,11 @@ def dequantize(q: Quantized, spec: QuantSpec, shape: tuple[int, ...]) -> torch.T
         numel *= dim
     if numel == 0:
         return torch.zeros(shape, dtype=torch.float32)
-    codes = q.codes.reshape(shape).to(torch.float32)
-    groups, padded_cols = grouped(codes, spec.group_size)
-    values = (groups - q.zeros.to(torch.float32)[:, None]) / q.scales[:, None]
-    return ungrouped(values, shape, padded_cols)
+    grouping = Grouping.of(shape, spec.group_size)
+    codes = grouping.split(q.codes.reshape(-1).to(torch.float32))
+    scales, zeros = grouping.split_groups(q.scales), grouping.split_groups(q.zeros)
+    values = [
+        (c - z.to(torch.float32)[:, None]) / s[:, None]
+        for c, s, z in zip(codes, scales, zeros, strict=True)
+    ]
+    return grouping.join(values).reshape(shape)

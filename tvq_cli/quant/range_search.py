@@ -14,7 +14,7 @@ nearest to each shrink factor, so the search already accounts for the scale's ro
 
 Two implementations of one arithmetic: the native kernel (`_native.c`, built with the package
 where a C compiler is found) runs a group's whole search in registers; the torch ops here are
-its reference and run where it is missing, on a GPU, and on padded groups. Both sum a group's
+its reference and run where it is missing and on a GPU. Both sum a group's
 squared error in `LANES` interleaved lanes in element order (see `_lane_sum`), so they pick
 the same steps and write the same archive bytes.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, scale_codec
-from .groups import grouped, minmax_scale, ungrouped
+from .groups import Grouping, minmax_scale
 from .spec import MAX_SCALE, Quantized, QuantSpec
 
 SHRINK_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
@@ -37,15 +37,6 @@ COARSE_STRIDE = 2  # first pass: every other candidate; second: the best one's n
 MARGIN = 1e-5  # a shrunk step must beat min-max by this relative margin (float32 sums)
 BLOCK = 1 << 18  # elements x candidates per block (1 MB): the temporaries stay in cache
 LANES = 8  # a group's squared error is summed in this many interleaved lanes
-
-
-def _valid_mask(shape: tuple[int, ...], group_size: int, padded_cols: int) -> torch.Tensor | None:
-    """1.0 on real elements, 0.0 on the padding `_grouped` adds; None when there is none."""
-    if not padded_cols:
-        return None
-    rows = max(1, len(shape) and (torch.Size(shape).numel() // shape[-1]))
-    cols = (torch.arange(padded_cols) < shape[-1]).to(torch.float32)
-    return cols.expand(rows, -1).reshape(-1, group_size)
 
 
 _local = threading.local()
@@ -80,10 +71,9 @@ def _errors(
     scales: torch.Tensor,
     zero: torch.Tensor,
     levels: int,
-    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Squared error [groups, k] of quantizing each group with each of its k candidate scales,
-    measured on ``(q - zero) * (1 / scale)``; masked (padding) elements add zero.
+    measured on ``(q - zero) * (1 / scale)``.
 
     Work goes in blocks of rows (and of columns for long groups) of about `BLOCK` elements
     times candidates, so the elementwise passes per block hit the cache.
@@ -105,8 +95,6 @@ def _errors(
             d = buffer[: (r1 - r0) * k * x.shape[2]].view(r1 - r0, k, x.shape[2])
             torch.mul(x, s, out=d).add_(z).clamp_(0, levels).round_()
             d.sub_(z).mul_(step).sub_(x).square_()
-            if mask is not None:
-                d.mul_(mask[r0:r1, None, c0 : c0 + cols])
             tail = -d.shape[2] % LANES  # a last partial chunk: zeros add nothing
             _lane_sum(F.pad(d, (0, tail)) if tail else d, acc)
         out[r0:r1] = _fold(acc)
@@ -152,7 +140,6 @@ def _best(
     scales: torch.Tensor,
     zero: torch.Tensor,
     levels: int,
-    mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Index [groups] of each group's least-error candidate, searched coarse-to-fine.
 
@@ -164,13 +151,13 @@ def _best(
     if count == 1:
         return torch.zeros(groups.shape[0], dtype=torch.long)
     coarse, fine = _steps(count)
-    err = _errors(groups, scales[:, coarse], zero, levels, mask)
+    err = _errors(groups, scales[:, coarse], zero, levels)
     err[:, 1:] *= 1 + MARGIN
     pick = err.argmin(dim=1)  # first of equal minima: the larger step
     best_err = err.gather(1, pick[:, None])
     best = coarse[pick]
     index = (best[:, None] + fine[None, :]).clamp_(1, count - 1)
-    fine_err = _errors(groups, scales.gather(1, index), zero, levels, mask)
+    fine_err = _errors(groups, scales.gather(1, index), zero, levels)
     fine_err *= 1 + MARGIN
     better = fine_err.min(dim=1)
     take = better.values < best_err[:, 0]
@@ -215,18 +202,17 @@ def quantize_groups(
     spec: QuantSpec,
     fallback: float,
     top: float,
-    mask: torch.Tensor | None = None,
 ) -> Quantized:
     """Search and quantize [groups, G] given their ranges and the tensor's `grid_top`; codes
     come back in the groups' order. Every step is per group, so any block of whole groups
     gives exactly the codes, scales and step codes of the whole tensor."""
-    if native.lib is not None and mask is None and groups.device.type == "cpu":
+    if native.lib is not None and groups.device.type == "cpu":
         return _quantize_native(groups, lo, hi, spec, fallback, top)
     levels = spec.levels
     scale_mm = _minmax_scale(hi - lo, levels, fallback)
     zero = torch.round(-scale_mm * lo).clamp_(0, levels)
     scales, step_codes = _candidates(scale_mm, spec, top)
-    best = _best(groups, scales, zero, levels, mask)[:, None]
+    best = _best(groups, scales, zero, levels)[:, None]
     scale = scales.gather(1, best)[:, 0].contiguous()
     codes = torch.round(groups * scale[:, None] + zero[:, None]).clamp_(0, levels)
     codes = codes.to(torch.uint8)
@@ -292,10 +278,20 @@ def quantize_searched(x: torch.Tensor, spec: QuantSpec) -> Quantized:
         step_code = torch.zeros(1, dtype=torch.uint8) if spec.scale_bits else None
         empty = torch.zeros(0, dtype=torch.uint8)
         return Quantized(empty, torch.ones(1), torch.zeros(1, dtype=torch.uint8), step_code)
-    groups, padded_cols = grouped(x, spec.group_size)
-    mask = _valid_mask(tuple(x.shape), spec.group_size, padded_cols)
-    lo, hi = group_ranges(groups)
+    grouping = Grouping.of(tuple(x.shape), spec.group_size)
+    pieces = grouping.split(x)
+    ranges = [group_ranges(groups) for groups in pieces]
+    lo, hi = (grouping.join([r[i] for r in ranges]) for i in (0, 1))
     fallback, top = grid_top(lo, hi, spec)
-    q = quantize_groups(groups, lo, hi, spec, fallback, top, mask)
-    q.codes = ungrouped(q.codes, tuple(x.shape), padded_cols).reshape(-1).contiguous()
-    return q
+    qs = [
+        quantize_groups(groups, *r, spec, fallback, top)
+        for groups, r in zip(pieces, ranges, strict=True)
+    ]
+    steps = None if qs[0].step_codes is None else grouping.join([q.step_codes for q in qs])
+    return Quantized(
+        grouping.join([q.codes for q in qs]).contiguous(),
+        grouping.join([q.scales for q in qs]),
+        grouping.join([q.zeros for q in qs]),
+        steps,
+        qs[0].super_scale,
+    )

@@ -178,7 +178,7 @@ def render_merge(report: dict, console: Console) -> None:
         console.print(f"  weights: {', '.join(_fmt(w) for w in report['weights'])}")
     if report["fingerprint_mismatch"]:
         console.print(
-            "  [yellow]forced: pretrained fingerprint differs for "
+            "  [yellow]--allow-different-base: packed against another pretrained model: "
             f"{', '.join(report['fingerprint_mismatch'])}[/yellow]"
         )
     for left in report.get("left_out_rows", []):
@@ -189,7 +189,12 @@ def render_merge(report: dict, console: Console) -> None:
             highlight=False,
             soft_wrap=True,
         )
-    what = {"safetensors": "model file", "folder": "model folder", "tvq": "archive"}[out["format"]]
+    what = {
+        "safetensors": "model file",
+        "folder": "model folder",
+        "tvq": "archive",
+        "compressed-tensors": "packed model folder",
+    }[out["format"]]
     if out.get("targets"):
         what += f" for task(s) {', '.join(out['targets'])}"
     detail = f"dtype {out['dtype']}" if out["format"] != "tvq" else out["grid"]
@@ -197,18 +202,36 @@ def render_merge(report: dict, console: Console) -> None:
         f"  wrote {what} {out['path']}: {human_bytes(out['bytes'])} in {len(out['files'])} "
         f"file(s), {detail}, {report['seconds']:.1f} s"
     )
+    if "quantization" in out:
+        console.print(f"  {_packing(out['quantization'])}")
     rounding = report.get("rounding")
     if rounding:
         overall = rounding["overall"]
+        how = rounding["mode"]
+        if rounding["samples"]:
+            how += f" ({rounding['samples']} samples, seed {report['seed']})"
+        share = rounding["ambiguous"] / max(rounding["values"], 1)
         console.print(
-            f"  rounding: {rounding['mode']} ({rounding['samples']} samples, seed "
-            f"{report['seed']}); {rounding['ambiguous']:,} ambiguous values; "
-            f"{rounding['tensors_changed']} of {rounding['tensors']} tensors changed"
+            f"  rounding: {how}; {rounding['ambiguous']:,} of {rounding['values']:,} values "
+            f"ambiguous ({share:.2%}); {rounding['tensors_changed']} of {rounding['tensors']} "
+            "tensors differ from nearest rounding"
         )
         if overall["cosine_nearest"] is not None:
             near = ", ".join(f"{c:.6f}" for c in overall["cosine_nearest"])
             chosen = ", ".join(f"{c:.6f}" for c in overall["cosine_chosen"])
             console.print(f"  cosine per input, nearest: {near}; chosen: {chosen}")
+
+
+def _packing(q: dict) -> str:
+    """One line on a packed output: its scheme and which Linear layers stay dense."""
+    grid = "symmetric" if q["symmetric"] else "asymmetric"
+    group = f"groups of {q['group_size']}" if q["group_size"] else "per channel"
+    kept = ", ".join(q["ignore"][:4]) + (", ..." if len(q["ignore"]) > 4 else "")
+    dense = f"{len(q['ignore'])} kept dense ({kept})" if q["ignore"] else "none kept dense"
+    return (
+        f"{q['scheme']} ({q['bits']}-bit {grid}, {group}): {q['packed']} Linear layers packed, "
+        f"{dense}; layers found by {q['layers_from']}"
+    )
 
 
 def render_zoo(manifest: dict, root: str, console: Console) -> None:

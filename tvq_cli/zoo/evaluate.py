@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TvqError
+from ..errors import TvqError, UsageError
 from .data import DEFAULT_DATA_SEED, heldout_split
 from .layout import Zoo
 from .model import Backbone, BackboneConfig, load_backbone
@@ -31,7 +31,7 @@ def _select(zoo: Zoo, tasks: list[str] | None) -> list[str]:
         return zoo.task_names
     unknown = [t for t in tasks if t not in zoo.tasks]
     if unknown:
-        raise TvqError(f"unknown task(s) {unknown}; the zoo has {zoo.task_names}")
+        raise UsageError(f"unknown task(s) {unknown}; the zoo has {zoo.task_names}")
     return list(tasks)
 
 

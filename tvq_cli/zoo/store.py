@@ -3,7 +3,9 @@
 Loading never unpickles anything. A checkpoint may be given as a ``.safetensors`` file, as a
 folder holding ``model.safetensors``, or as a sharded folder with
 ``model.safetensors.index.json`` (the layout ``save_pretrained`` writes for big models), so
-merged or reconstructed models from any tool can be evaluated against the zoo.
+merged or reconstructed models from any tool can be evaluated against the zoo. A folder whose
+config.json declares compressed-tensors' ``pack-quantized`` format (``tvq merge --quantize``)
+is dequantized on load, as transformers does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 from ..errors import TvqError
 from ..io.checkpoint import SINGLE_FILE as WEIGHTS_NAME
 from ..io.checkpoint import Checkpoint
+from ..quant import packed_int
 
 CONFIG_NAME = "config.json"
 
@@ -51,9 +54,46 @@ def save_checkpoint(
 
 def load_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint given as a file, a folder, or a sharded folder (zoo models are
-    small, so loading them whole is fine here)."""
+    small, so loading them whole is fine here); packed weights come back dequantized."""
     ckpt = Checkpoint(checkpoint)
-    return {name: ckpt.load(name) for name in ckpt.names}
+    state = {name: ckpt.load(name) for name in ckpt.names}
+    config = Path(checkpoint) / CONFIG_NAME
+    if config.is_file():
+        quantization = read_json(config).get("quantization_config")
+        if quantization is not None:
+            return unpacked_state(state, quantization, config)
+    return state
+
+
+def unpacked_state(
+    state: dict[str, torch.Tensor], quantization: dict, where: Path
+) -> dict[str, torch.Tensor]:
+    """A compressed-tensors `pack-quantized` state with every packed weight dequantized."""
+    groups = quantization.get("config_groups") or {}
+    if (
+        quantization.get("quant_method") != "compressed-tensors"
+        or quantization.get("format") != "pack-quantized"
+        or len(groups) != 1
+    ):
+        raise TvqError(f"{where}: only pack-quantized folders with one config group are read")
+    scheme = packed_int.scheme_of(next(iter(groups.values())).get("weights") or {})
+    out = {}
+    for name, tensor in state.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix in ("weight_scale", "weight_shape", "weight_zero_point"):
+            continue
+        if suffix != "weight_packed":
+            out[name] = tensor
+            continue
+        zero = state.get(f"{module}.weight_zero_point")
+        try:
+            shape = tuple(int(v) for v in state[f"{module}.weight_shape"].tolist())
+            step = state[f"{module}.weight_scale"]
+            weight = packed_int.dequantize_packed(tensor, step, zero, shape, scheme)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise TvqError(f"{where}: packed weight {module} does not unpack ({exc})") from None
+        out[f"{module}.weight"] = weight
+    return out
 
 
 def save_head(path: Path, head: torch.nn.Linear) -> None:

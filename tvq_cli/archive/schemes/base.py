@@ -47,6 +47,9 @@ class Scheme:
     shared_roles: ClassVar[tuple[str, ...]] = ()  # roles every task's vector depends on
     subtracts_pretrained: ClassVar[bool] = True  # False: inputs are the fine-tuned weights
     corrects_error: ClassVar[bool] = False  # whether the error-correction setting applies
+    # Every decoded element lies between 0 and its true value (0 is on every grid and codes
+    # are the nearest level), so a task vector is never farther from its fine-tune's than 0.
+    within_task_vector: ClassVar[bool] = False
 
     def roles(self, tasks: list[str]) -> list[str]:
         """The quantized roles of every quantized tensor, in storage order."""

@@ -9,6 +9,7 @@ from .base import Scheme, register
 class TaskVectors(Scheme):
     name = "tvq"
     task_prefix = "task"
+    within_task_vector = True
 
     def sole_role(self, task: str) -> str | None:
         return self.task_role(task)

@@ -4,7 +4,7 @@ A new method is one module here with a `@register`ed `MergeMethod` subclass, imp
 its options reach `tvq merge` and `--list-methods` from the registry.
 """
 
-from ...errors import TvqError
+from ...errors import UsageError
 from ..base import REGISTRY, MergeMethod
 from . import (  # noqa: F401
     average,
@@ -24,7 +24,7 @@ def method_class(name: str) -> type[MergeMethod]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise TvqError(
+        raise UsageError(
             f"unknown merge method {name!r} (choose from {', '.join(sorted(REGISTRY))})"
         ) from None
 
