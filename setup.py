@@ -1,6 +1,7 @@
-"""Builds the optional native kernel (tvq_cli/quant/_native.c); everything else is in
-pyproject.toml. Without a C compiler the build goes on without it and pack runs the torch
-reference of the same arithmetic (same archive bytes, several times slower)."""
+"""Builds the optional native kernels (tvq_cli/quant/_native.c: pack's hot loops;
+tvq_cli/quant/_rans.c: the low-rate codec's entropy coder); everything else is in
+pyproject.toml. Without a C compiler the build goes on without them and tvq runs the torch and
+numpy references of the same arithmetic (same archive bytes, slower)."""
 
 import sys
 
@@ -15,6 +16,12 @@ setup(
             ["tvq_cli/quant/_native.c"],
             extra_compile_args=FLAGS,
             optional=True,
-        )
+        ),
+        Extension(
+            "tvq_cli.quant._rans",
+            ["tvq_cli/quant/_rans.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
     ]
 )

@@ -137,7 +137,7 @@ def test_bits_and_group_size_may_differ_per_tensor_and_role(tmp_path):
         for entry in entries:
             for part in entry.parts:
                 q = quantize(x, part.spec)
-                for key, data in encode_part(part, entry.name, q):
+                for key, data in encode_part(part, entry.name, entry.shape, q):
                     writer.write(key, data)
                 expected[(entry.name, part.role)] = dequantize(q, part.spec, (8, 24))
     archive = open_archive(out)

@@ -130,8 +130,8 @@ def reencode(data: bytes, edit) -> bytes:
 
 
 def test_wrong_format_version(archive: Path) -> None:
-    path = damaged(archive, reencode(archive.read_bytes(), lambda m: m.update(version=3)))
-    with pytest.raises(TvqError, match="unsupported archive format version 3"):
+    path = damaged(archive, reencode(archive.read_bytes(), lambda m: m.update(version=4)))
+    with pytest.raises(TvqError, match="unsupported archive format version 4"):
         read_everything(path)
     code, _, err = run_cli("inspect", path, "--verify")
     assert code == 1 and len(err.strip().splitlines()) == 1

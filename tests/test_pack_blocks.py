@@ -61,7 +61,7 @@ def _expected(pre: Path, fts: list[Path], options: PackOptions, name: str) -> di
         ]
     out = {}
     for part, value in values:
-        for key, data in encode_part(part, name, quantize(value, part.spec)):
+        for key, data in encode_part(part, name, value.shape, quantize(value, part.spec)):
             out[key] = bytes(memoryview(data))
     return out
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import tvq_cli
 from tvq_cli import PackOptions, TvqError
+from tvq_cli.archive.format import FORMAT_VERSION
 from tvq_cli.io.target import claim_output
 from tvq_cli.merge import MergeRequest, merge
 
@@ -212,7 +213,7 @@ def test_version_1_archives_still_work(tmp_path, name):
     assert weights.keys() == pre.keys()
     assert torch.equal(weights["position_ids"], pre["position_ids"])
     tvq_cli.add_tasks(archive, base, fts[2:])
-    assert tvq_cli.open_archive(archive).header.version == 2
+    assert tvq_cli.open_archive(archive).header.version == FORMAT_VERSION
     after = task_vectors(archive)
     assert all(torch.equal(after[key], tau) for key, tau in before.items())
 

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import UsageError
 from ..io.target import claim_output
 from ..version import __version__
+from . import schemes
 from .format import ArchiveHeader, StoredTensor
 from .reader import Archive
 from .writer import ArchiveWriter
@@ -25,7 +26,8 @@ def without_tasks(header: ArchiveHeader, removed: list[str]) -> ArchiveHeader:
     keep = [t for t in header.tasks if t not in removed]
     infos = {t: header.info(t) for t in keep}
     used = {sha for info in infos.values() for sha in info.files.values()}
-    return ArchiveHeader(
+    gone = {schemes.get(header.scheme).task_role(t) for t in removed}
+    edited = ArchiveHeader(
         scheme=header.scheme,
         tasks=keep,
         tool_version=__version__,
@@ -37,7 +39,10 @@ def without_tasks(header: ArchiveHeader, removed: list[str]) -> ArchiveHeader:
         error_correction=header.error_correction,
         task_info=infos,
         files={sha: blob for sha, blob in header.files.items() if sha in used},
+        frames={role: size for role, size in header.frames.items() if role not in gone},
     )
+    edited.validate()
+    return edited
 
 
 def copy_stored(

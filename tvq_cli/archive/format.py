@@ -17,14 +17,16 @@ from pathlib import PurePosixPath
 
 from ..dtypes import DTYPES, INPUT_FLOATS, itemsize
 from ..errors import TvqError
-from ..quant import entropy
+from ..quant import dzans, entropy
 from ..quant.bitpack import packed_nbytes
 from ..quant.spec import RANGE_METHODS, QuantSpec, group_count
 from . import schemes
 
 FORMAT_NAME = "tvq-archive"
-FORMAT_VERSION = 2  # what this tool writes
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # what this tool writes
+READABLE_VERSIONS = (1, 2, 3)
+LOW_RATE = "dzans"  # the low-rate codec: a part stored as one record (docs/format.md)
+FRAMED_BELOW = 1 << 20  # entries with fewer elements keep their low-rate records in frames
 METADATA_KEY = "tvq"
 CHECKSUMS_KEY = "tvq.checksums"
 KINDS = ("quantized", "exact", "shared")
@@ -47,22 +49,40 @@ def check_task_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Part:
-    """One quantized role of a tensor: `task:NAME`, `base`, `offset:NAME` or `ft:NAME`."""
+    """One quantized role of a tensor: `task:NAME`, `base`, `offset:NAME` or `ft:NAME`.
+
+    A dense part holds codes, scales and zero-points (`bits`, `group_size`, ...); a low-rate
+    part (`codec` "dzans") holds one record whose quantizer setting is inside it (`setting`
+    is what pack chose, or None when read from a header)."""
 
     role: str
     bits: int
     group_size: int
     range: str = "minmax"  # how ranges were chosen (needs no storage)
     scale_bits: int = 0  # 0: fp32 scales; 4-8: log-coded steps + one fp32 super-scale
-    codec: str = "raw"  # "raw": dense bit-packed codes; "zstd": entropy-coded (docs/format.md)
-    coded_nbytes: int = 0  # zstd only: size of the stored codes frame
+    codec: str = "raw"  # dense: "raw" bit-packed, "zstd" / "zstd-c" entropy-coded; or "dzans"
+    coded_nbytes: int = 0  # entropy-coded: size of the stored codes (dzans: 0 in a frame)
+    setting: dzans.Setting | None = field(default=None, compare=False)
+
+    @classmethod
+    def low_rate(cls, role: str, setting: dzans.Setting | None = None, nbytes: int = 0) -> Part:
+        return cls(role, 0, 0, codec=LOW_RATE, coded_nbytes=nbytes, setting=setting)
+
+    @property
+    def dense(self) -> bool:
+        return self.codec != LOW_RATE
 
     @property
     def spec(self) -> QuantSpec:
+        if not self.dense:
+            raise TvqError(f"part {self.role} is low-rate: it has no dense quantizer settings")
         return QuantSpec(self.bits, self.group_size, self.range, self.scale_bits)
 
-    def to_json(self) -> list:
-        """`[role, bits, group]`, plus a dict of the fidelity options that differ from v1."""
+    def to_json(self) -> list | int:
+        """`[role, bits, group]`, plus a dict of the fidelity options that differ from v1; a
+        low-rate part is its record's size (0 when it is in its role's frame)."""
+        if not self.dense:
+            return self.coded_nbytes
         extra = {
             key: getattr(self, key)
             for key, default in PART_DEFAULTS.items()
@@ -71,10 +91,18 @@ class Part:
         return [self.role, self.bits, self.group_size, *([extra] if extra else [])]
 
     @classmethod
-    def from_json(cls, item: list) -> Part:
+    def from_json(cls, item: list | int, role: str | None = None) -> Part:
+        """A part of the header; `role` is the one its position in `parts` stands for (what
+        a low-rate part, stored as a number, is)."""
+        if type(item) is int and role is not None:
+            if item < 0:
+                raise TvqError(f"archive header part {role!r} has a bad coded size")
+            return cls.low_rate(role, nbytes=item)
         role, bits, group, *rest = item
         extra = rest[0] if rest else {}
         if len(rest) > 1 or not isinstance(extra, dict) or set(extra) - set(PART_DEFAULTS):
+            raise TvqError(f"archive header part {role!r} is malformed")
+        if not {"setting"}.isdisjoint(extra):
             raise TvqError(f"archive header part {role!r} is malformed")
         part = cls(str(role), int(bits), int(group), **extra)
         if part.range not in RANGE_METHODS or part.codec not in entropy.CODECS:
@@ -83,11 +111,14 @@ class Part:
             raise TvqError(f"archive header part {role!r} has a bad coded size")
         return part
 
-    def coded_bound(self, numel: int) -> Part:
+    def coded_bound(self, entry: TensorEntry) -> Part:
         """This part with the largest coded size it can have (what the writer reserves)."""
-        if self.codec != "zstd":
+        if not self.dense:
+            framed = entry.numel < FRAMED_BELOW
+            return replace(self, coded_nbytes=0 if framed else record_bound(entry))
+        if self.codec not in entropy.CODED:
             return self
-        return replace(self, coded_nbytes=entropy.compress_bound(numel, self.bits))
+        return replace(self, coded_nbytes=entropy.compress_bound(entry.numel, self.bits))
 
     @property
     def task(self) -> str | None:
@@ -110,6 +141,21 @@ class TensorEntry:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the last dimension (a 1-D tensor is one row)."""
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+    @property
+    def framed(self) -> bool:
+        """Whether this entry's low-rate records go in their roles' frames."""
+        return self.numel < FRAMED_BELOW
+
+
+def record_bound(entry: TensorEntry) -> int:
+    """The largest record of a low-rate part of `entry` (docs/format.md)."""
+    return dzans.record_bound(entry.numel, entry.rows)
 
 
 @dataclass(frozen=True)
@@ -202,7 +248,13 @@ class ArchiveHeader:
     error_correction: bool | None = None
     task_info: dict[str, TaskInfo] = field(default_factory=dict)  # empty: a version 1 archive
     files: dict[str, FileBlob] = field(default_factory=dict)  # sha256 hex -> its stored frame
+    frames: dict[str, int] = field(default_factory=dict)  # role -> bytes of its records' frame
     version: int = FORMAT_VERSION  # as read; always written as FORMAT_VERSION
+
+    @property
+    def roles(self) -> list[str]:
+        """The quantized roles of every quantized tensor, in storage order."""
+        return schemes.get(self.scheme).roles(self.tasks)
 
     def info(self, task: str) -> TaskInfo:
         """The task's record (a version 1 archive's tasks get the default one)."""
@@ -233,6 +285,8 @@ class ArchiveHeader:
                 for sha, blob in sorted(self.files.items())
             },
         }
+        if self.frames:
+            doc["frames"] = {role: self.frames[role] for role in self.roles if role in self.frames}
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
@@ -247,18 +301,24 @@ class ArchiveHeader:
                     f"unsupported archive format version {version!r} (this tool reads versions "
                     f"{', '.join(map(str, READABLE_VERSIONS))}; a newer tvq wrote it?)"
                 )
+            roles = schemes.get(str(doc["scheme"])).roles([str(t) for t in doc["tasks"]])
             tensors = [
                 TensorEntry(
                     name=str(t["name"]),
                     shape=tuple(int(d) for d in t["shape"]),
                     dtype=str(t["dtype"]),
                     kind=str(t["kind"]),
-                    parts=[Part.from_json(p) for p in t["parts"]],
+                    parts=[
+                        Part.from_json(p, roles[i] if i < len(roles) else "?")
+                        for i, p in enumerate(t["parts"])
+                    ],
                 )
                 for t in doc["tensors"]
             ]
             if version == 1 and ("task_info" in doc or "files" in doc):
                 raise TypeError("version 1 headers have no task_info or files")
+            if version < 3 and "frames" in doc:
+                raise TypeError(f"version {version} headers have no frames")
             header = cls(
                 scheme=str(doc["scheme"]),
                 tasks=[str(t) for t in doc["tasks"]],
@@ -274,6 +334,7 @@ class ArchiveHeader:
                     str(sha): FileBlob(int(blob["size"]), int(blob["stored"]))
                     for sha, blob in doc.get("files", {}).items()
                 },
+                frames={str(role): int(size) for role, size in doc.get("frames", {}).items()},
                 version=version,
             )
             if version == 2 and set(header.task_info) != set(header.tasks):
@@ -332,21 +393,38 @@ class ArchiveHeader:
             if any(d < 0 for d in entry.shape):
                 raise TvqError(f"archive header entry for {entry.name} has a negative dimension")
             if entry.kind == "quantized":
-                if len(entry.shape) < 2:
-                    raise TvqError(f"archive header entry for {entry.name} is malformed")
-                roles = {p.role for p in entry.parts}
-                if roles != expected_roles or len(entry.parts) != len(expected_roles):
-                    raise TvqError(f"archive header entry for {entry.name} has the wrong roles")
-                for part in entry.parts:
-                    part.spec  # noqa: B018 - validates bits and group size
+                self._validate_parts(entry, expected_roles)
             elif entry.parts:
                 raise TvqError(f"archive header entry for {entry.name} is malformed")
+        framed = {p.role for t in self.tensors for p in t.parts if not p.dense and t.framed}
+        if set(self.frames) != framed or any(size < 1 for size in self.frames.values()):
+            raise TvqError("archive header lists the wrong frames")
         for sha, blob in self.files.items():
             if not SHA256_HEX.match(sha) or blob.size < 0 or blob.stored <= 0:
                 raise TvqError(f"archive header file entry {sha[:16]!r} is malformed")
         entries = {t.name: t for t in self.tensors}
         for task, info in self.task_info.items():
             _validate_task(task, info, entries, self.files)
+
+    def _validate_parts(self, entry: TensorEntry, expected_roles: set[str]) -> None:
+        """A quantized entry has a part for every role; low-rate parts only in version 3 and
+        in storage order (their role is their place), dense parts only on 2-D or more."""
+        bad = TvqError(f"archive header entry for {entry.name} has the wrong roles")
+        roles = [p.role for p in entry.parts]
+        if set(roles) != expected_roles or len(roles) != len(expected_roles):
+            raise bad
+        low_rate = [p for p in entry.parts if not p.dense]
+        if low_rate and (self.version < 3 or roles != self.roles):
+            raise bad
+        if not entry.shape or (len(entry.shape) < 2 and len(low_rate) < len(roles)):
+            raise TvqError(f"archive header entry for {entry.name} is malformed")
+        for part in entry.parts:
+            if part.dense:
+                part.spec  # noqa: B018 - validates bits and group size
+                if part.codec == "zstd-c" and self.version < 3:
+                    raise TvqError(f"archive header part {part.role!r} names an unknown method")
+            elif (part.coded_nbytes == 0) != entry.framed:
+                raise TvqError(f"archive header entry for {entry.name} has a bad coded size")
 
 
 def _validate_task(
@@ -391,11 +469,25 @@ def superscale_key(part: Part, name: str) -> str:
     return f"{part.role}:{name}:superscale"
 
 
+def record_key(part: Part, name: str) -> str:
+    """Key of a low-rate part's record stored on its own (an entry too large for a frame)."""
+    return f"{part.role}:{name}:dzans"
+
+
+def frame_key(role: str) -> str:
+    return f"frame:{role}"
+
+
 def part_layout(part: Part, entry: TensorEntry) -> list[StoredTensor]:
-    """The stored tensors of one quantized part: codes, scales, zero-points (+ super-scale)."""
+    """The stored tensors of one quantized part: codes, scales, zero-points (+ super-scale);
+    a low-rate part's record, unless it is in its role's frame."""
+    if not part.dense:
+        if entry.framed:
+            return []
+        return [StoredTensor(record_key(part, entry.name), "U8", (part.coded_nbytes,))]
     codes, scales, zeros = part_keys(part, entry.name)
     groups = group_count(entry.shape, part.group_size)
-    if part.codec == "zstd":
+    if part.codec in entropy.CODED:
         stored = [StoredTensor(codes, "U8", (part.coded_nbytes,))]
     else:
         stored = [StoredTensor(codes, "U8", (packed_nbytes(entry.numel, part.bits),))]
@@ -451,18 +543,39 @@ def files_layout(header: ArchiveHeader) -> list[StoredTensor]:
     ]
 
 
+def frames_layout(header: ArchiveHeader) -> list[StoredTensor]:
+    """The frames of low-rate records, one per role that has any, in storage order of roles."""
+    return [
+        StoredTensor(frame_key(role), "U8", (header.frames[role],))
+        for role in header.roles
+        if role in header.frames
+    ]
+
+
+def framed_entries(header: ArchiveHeader, role: str) -> list[TensorEntry]:
+    """The entries whose record of `role` is in its frame, in frame order."""
+    return [
+        t
+        for t in header.tensors
+        if t.framed and any(p.role == role and not p.dense for p in t.parts)
+    ]
+
+
 def layout(header: ArchiveHeader) -> list[StoredTensor]:
     """Every stored tensor, in file order, derived from the header alone."""
     stored: list[StoredTensor] = []
     for entry in header.tensors:
         stored.extend(entry_layout(header, entry))
-    return stored + files_layout(header)
+    return stored + frames_layout(header) + files_layout(header)
 
 
 def bound_header(header: ArchiveHeader) -> ArchiveHeader:
     """The header with every coded size at its upper bound: the writer reserves its length."""
-    tensors = [replace(t, parts=[p.coded_bound(t.numel) for p in t.parts]) for t in header.tensors]
-    return replace(header, tensors=tensors)
+    tensors = [replace(t, parts=[p.coded_bound(t) for p in t.parts]) for t in header.tensors]
+    frames = {
+        role: sum(record_bound(t) for t in framed_entries(header, role)) for role in header.frames
+    }
+    return replace(header, tensors=tensors, frames=frames)
 
 
 def storage_class(key: str) -> str:
@@ -471,4 +584,4 @@ def storage_class(key: str) -> str:
         return "files"
     if key.startswith(("delta:", "shared:", "rows:")):
         return "exact"
-    return "codes" if key.endswith(":codes") else "scales"
+    return "codes" if key.startswith("frame:") or key.endswith((":codes", ":dzans")) else "scales"

@@ -18,17 +18,31 @@ from ..quant.spec import Quantized, group_count
 from .format import Part, TensorEntry, part_keys, superscale_key
 
 
-def encode_part(part: Part, name: str, q: Quantized) -> list[tuple[str, np.ndarray | bytes]]:
-    """The stored tensors of `q`, as (key, bytes) in layout order."""
-    codes = q.codes.numpy()
-    if part.codec == "zstd":
-        stored_codes: np.ndarray | bytes = entropy.encode(codes, part.bits)
-    else:
-        stored_codes = pack_bits(codes, part.bits)
+def encode_part(
+    part: Part, name: str, shape: tuple[int, ...], q: Quantized
+) -> list[tuple[str, np.ndarray | bytes]]:
+    """The stored tensors of `q` (a tensor of `shape`), as (key, bytes) in layout order."""
     steps = None if q.step_codes is None else q.step_codes.numpy()
     return store_part(
-        part, name, stored_codes, q.scales.numpy(), q.zeros.numpy(), steps, q.super_scale
+        part,
+        name,
+        stored_codes(part, shape, q),
+        q.scales.numpy(),
+        q.zeros.numpy(),
+        steps,
+        q.super_scale,
     )
+
+
+def stored_codes(part: Part, shape: tuple[int, ...], q: Quantized) -> np.ndarray | bytes:
+    """What a dense part stores of its codes: bit-packed, or one zstd frame (`zstd-c`: each
+    code centered on its group's zero-point first)."""
+    codes = q.codes.numpy()
+    if part.codec == "zstd-c":
+        codes = entropy.center(codes, q.zeros.numpy(), shape, part.group_size, part.bits)
+    if part.codec in entropy.CODED:
+        return entropy.encode(codes, part.bits, part.codec)
+    return pack_bits(codes, part.bits)
 
 
 def store_part(
@@ -59,14 +73,16 @@ def decode_part(
     """Rebuild a part's `Quantized` from its stored bytes (`raw(key)` checks checksums)."""
     codes_key, scales_key, zeros_key = part_keys(part, entry.name)
     groups = group_count(entry.shape, part.group_size)
-    if part.codec == "zstd":
+    zeros = unpack_bits(raw(zeros_key), part.bits, groups)
+    if part.codec in entropy.CODED:
         try:
             codes = entropy.decode(raw(codes_key), part.bits, entry.numel)
         except TvqError as exc:
             raise TvqError(f"{where}: {codes_key}: {exc}") from None
+        if part.codec == "zstd-c":
+            codes = entropy.center(codes, zeros, entry.shape, part.group_size, part.bits, True)
     else:
         codes = unpack_bits(raw(codes_key), part.bits, entry.numel)
-    zeros = unpack_bits(raw(zeros_key), part.bits, groups)
     step_codes = None
     top = 1.0
     if part.scale_bits:

@@ -9,18 +9,26 @@ from .format import Part, TensorEntry
 
 
 def plan_tensors(
-    specs: dict[str, TensorSpec], parts: list[Part], keep: tuple[str, ...] = ()
+    specs: dict[str, TensorSpec],
+    parts: list[Part],
+    keep: tuple[str, ...] = (),
+    vectors: list[Part] | None = None,
 ) -> list[TensorEntry]:
-    """How each tensor is stored: non-float shared, 1-D or `keep` exact, the rest quantized."""
+    """How each tensor is stored: non-float shared, `keep` exact, 2-D or more quantized with
+    `parts`; 1-D quantized with `vectors` when given (low-rate parts, under a budget), else
+    exact."""
     entries = []
     for name, spec in specs.items():
+        own = parts
         if not spec.is_float:
             kind = "shared"
-        elif len(spec.shape) < 2 or any(fnmatch.fnmatchcase(name, g) for g in keep):
+        elif any(fnmatch.fnmatchcase(name, g) for g in keep) or not spec.shape:
             kind = "exact"
+        elif len(spec.shape) < 2:
+            kind, own = ("exact", []) if vectors is None else ("quantized", vectors)
         else:
             kind = "quantized"
         entries.append(
-            TensorEntry(name, spec.shape, spec.dtype, kind, parts if kind == "quantized" else [])
+            TensorEntry(name, spec.shape, spec.dtype, kind, own if kind == "quantized" else [])
         )
     return entries

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 
 from ..dtypes import DTYPES, to_torch
-from ..errors import TvqError
+from ..errors import InternalError, TvqError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
-from ..quant import entropy
+from ..quant import dzans, entropy
 from ..quant.quantizer import dequantize
 from ..quant.spec import Quantized
 from . import schemes
@@ -35,7 +36,10 @@ from .format import (
     TensorEntry,
     delta_key,
     file_key,
+    frame_key,
+    framed_entries,
     layout,
+    record_key,
     rows_key,
 )
 from .format import shared_key as _shared_key
@@ -93,6 +97,8 @@ class Archive:
         self._check_entries()
         self.entries: dict[str, TensorEntry] = {t.name: t for t in self.header.tensors}
         self.scheme: schemes.Scheme = schemes.get(self.header.scheme)
+        self._frames: dict[str, dict[str, dzans.RecordInfo]] = {}  # role -> parsed records
+        self._frames_lock = threading.Lock()
 
     @property
     def sharded(self) -> bool:
@@ -234,7 +240,10 @@ class Archive:
         for entry in self.header.tensors:
             if entry.kind == "quantized":
                 for part in entry.parts:
-                    self.quantized(part, entry)  # decodes codes, checks scales
+                    if part.dense:
+                        self.quantized(part, entry)  # decodes codes, checks scales
+                    else:
+                        self.dequantized(part, entry)  # decodes and checks the record
             elif entry.kind == "exact":
                 for task in self.tasks:
                     self._delta(task, entry)
@@ -311,7 +320,51 @@ class Archive:
             raise TvqError(f"{self.path}: archive has no tensor {name}") from None
 
     def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
+        """A dense part's codes, scales and zero-points."""
+        if not part.dense:
+            raise InternalError(f"{part.role} of {entry.name} is low-rate: it has no dense codes")
         return decode_part(part, entry, self.raw, str(self.path))
+
+    def record(self, part: Part, entry: TensorEntry) -> dzans.RecordInfo:
+        """A low-rate part's parsed record (side information and streams, checked on decode)."""
+        if entry.framed:
+            return self._frame(part.role)[entry.name]
+        key = record_key(part, entry.name)
+        data = self.raw(key)
+        info = self._parsed(key, lambda: dzans.parse(data, 0, entry.rows))
+        if info.end != data.size:
+            raise TvqError(f"{self.path}: {key} has bytes past its record (damaged archive)")
+        return info
+
+    def _frame(self, role: str) -> dict[str, dzans.RecordInfo]:
+        """The records of a role's frame by tensor name, read and parsed once."""
+        with self._frames_lock:
+            if role not in self._frames:
+                key = frame_key(role)
+                data = self.raw(key)
+                records, pos = {}, 0
+                for entry in framed_entries(self.header, role):
+                    info = self._parsed(key, lambda e=entry, at=pos: dzans.parse(data, at, e.rows))
+                    records[entry.name], pos = info, info.end
+                if pos != data.size:
+                    raise TvqError(
+                        f"{self.path}: {key} has bytes past its records (damaged archive)"
+                    )
+                self._frames[role] = records
+            return self._frames[role]
+
+    def _parsed(self, key: str, parse):
+        try:
+            return parse()
+        except TvqError as exc:
+            raise TvqError(f"{self.path}: {key}: {exc}") from None
+
+    def _low_rate(self, part: Part, entry: TensorEntry) -> torch.Tensor:
+        info = self.record(part, entry)
+        cols = entry.shape[-1] if entry.shape else 1
+        where = frame_key(part.role) if entry.framed else record_key(part, entry.name)
+        values = self._parsed(where, lambda: dzans.decode(info, entry.rows, cols))
+        return torch.from_numpy(values).reshape(entry.shape)
 
     def _delta(self, task: str, entry: TensorEntry) -> np.ndarray:
         key = delta_key(task, entry.name)
@@ -321,6 +374,9 @@ class Archive:
         return delta
 
     def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
+        """A part's fp32 values, in the entry's shape."""
+        if not part.dense:
+            return self._low_rate(part, entry)
         return dequantize(self.quantized(part, entry), part.spec, entry.shape)
 
     def shared(self, name: str) -> torch.Tensor:

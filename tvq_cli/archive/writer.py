@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InternalError, TvqError
 from ..io.atomic import AtomicFile, atomic_output
+from ..quant import entropy
 from .container import (
     INDEX_SUFFIX,
     crc32,
@@ -26,7 +27,15 @@ from .container import (
     encode_index,
     encode_shard_header,
 )
-from .format import ArchiveHeader, StoredTensor, bound_header, layout, part_keys
+from .format import (
+    ArchiveHeader,
+    StoredTensor,
+    bound_header,
+    frame_key,
+    layout,
+    part_keys,
+    record_key,
+)
 
 SHARD_SUFFIX = ".tvq"
 
@@ -93,12 +102,15 @@ class ArchiveWriter:
         self.header = header
         self.max_shard_bytes = max_shard_bytes
         self.stored = layout(bound_header(header))
-        self._coded = {
-            part_keys(p, t.name)[0]: (i, j)
+        # stored tensors whose size is known only once written: entropy-coded codes, low-rate
+        # records stored on their own (part j of entry i), and frames of records (role)
+        self._coded: dict[str, tuple[int, int] | str] = {
+            (part_keys(p, t.name)[0] if p.dense else record_key(p, t.name)): (i, j)
             for i, t in enumerate(header.tensors)
             for j, p in enumerate(t.parts)
-            if p.codec == "zstd"
+            if p.codec in entropy.CODED or not (p.dense or t.framed)
         }
+        self._coded.update({frame_key(role): role for role in header.frames})
         self._sizes: dict[str, int] = {}
         self._next = 0
         self._checksums: dict[str, int] = {}
@@ -174,10 +186,13 @@ class ArchiveWriter:
         if self._next != len(self.stored):
             missing = self.stored[self._next].key
             raise InternalError(f"archive incomplete, {missing} was never written")
-        for key, (i, j) in self._coded.items():
-            entry = self.header.tensors[i]
+        for key, place in self._coded.items():
+            if isinstance(place, str):
+                self.header.frames[place] = self._sizes[key]
+                continue
+            entry = self.header.tensors[place[0]]
             parts = list(entry.parts)  # entries may share one parts list
-            parts[j] = replace(parts[j], coded_nbytes=self._sizes[key])
+            parts[place[1]] = replace(parts[place[1]], coded_nbytes=self._sizes[key])
             entry.parts = parts
         self.stored = layout(self.header)
         try:

@@ -55,12 +55,15 @@ def pack_command(
         help="Bits per group step (4-8, log-coded under one fp32 scale per tensor); 0 = fp32.",
     ),
     codec: str = typer.Option(
-        DEFAULT_CODEC, help="zstd: entropy-code the codes (lossless); raw: bit-packed only."
+        DEFAULT_CODEC,
+        help="zstd-c: entropy-code the codes (lossless; zstd: format 2's layout); raw: "
+        "bit-packed only.",
     ),
     budget: float = typer.Option(
         None,
-        help="Bits per weight for the whole archive (all bytes counted): choose bits per "
-        "tensor and role for the least error; overrides --bits/--base-bits/--offset-bits.",
+        help="Bits per weight for the whole archive (all bytes counted), down to a fraction of "
+        "a bit: choose per tensor and role among dense bit widths and low-rate settings for the "
+        "least error; overrides --bits/--base-bits/--offset-bits.",
     ),
     weighting: str = typer.Option(
         "params",
@@ -154,7 +157,5 @@ def _print_allocation(result: PackResult) -> None:
         f"predicted rel-L2 {alloc.rel_error:.4f}{uniform}"
     )
     for row in quantization_settings(result.header):
-        stdout.print(
-            f"  {row['role']}: {row['bits']} bits, group {row['group_size']}: "
-            f"{row['parameters']:,} parameters"
-        )
+        setting = f"{row['bits']} bits, group {row['group_size']}" if "bits" in row else "low-rate"
+        stdout.print(f"  {row['role']}: {setting}: {row['parameters']:,} parameters")

@@ -62,10 +62,10 @@ class ArchiveOutput:
         self.out, self.method, self.sources, self.pretrained = out, method, sources, pretrained
         self.replace = replace  # the archive may replace an existing file
         self.float_names = method.ctx.tensor_names
-        parts = [p for row in self._input_parts() for p in row if p is not None]
+        parts = [p for row in self._input_parts() for p in row if p is not None and p.dense]
         self.bits = bits or _common({p.bits for p in parts}, "bits", None if parts else 0)
         if not self.bits:
-            raise UsageError("the inputs hold no quantized tensors: give --bits")
+            raise UsageError("the inputs hold no tensors quantized at a bit width: give --bits")
         self.group_size = (
             group_size
             if group_size is not None
@@ -95,13 +95,13 @@ class ArchiveOutput:
         for name in self.float_names:
             entries = {ref.archive.entry(name).kind for ref in self.sources.refs}
             parts = {
-                (p.bits, p.group_size) if p else None
+                (p.bits, p.group_size, p.dense) if p else None
                 for p in (ref.own_part(ref.archive.entry(name)) for ref in self.sources.refs)
             }
             if len(entries) != 1 or len(parts) != 1:
                 return False
             part = parts.pop()
-            if part is not None and part != (self.bits, self.group_size):
+            if part is not None and part != (self.bits, self.group_size, True):
                 return False
         return True
 
@@ -159,7 +159,7 @@ class ArchiveOutput:
                     writer.write(delta_key(self.task, entry.name), tensor_bytes(merged))
                     continue
                 q, rounded = self.quantize_tensor(entry, taus)
-                for key, data in encode_part(entry.parts[0], entry.name, q):
+                for key, data in encode_part(entry.parts[0], entry.name, entry.shape, q):
                     writer.write(key, data)
                 tally.add(entry.name, rounded)
         rounding = {

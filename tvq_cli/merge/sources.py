@@ -128,6 +128,10 @@ class Sources:
             if part is None:
                 steps.append(None)
                 continue
+            if not part.dense:  # one step per tensor, the record's gain included
+                step = ref.archive.record(part, entry).step
+                steps.append(torch.full(entry.shape, step, dtype=torch.float32))
+                continue
             q = ref.archive.quantized(part, entry)
             steps.append(expand_groups(1.0 / q.scales, entry.shape, part.group_size))
         return steps

@@ -52,14 +52,16 @@ def task_vector_into(
 ) -> None:
     """One task's fp32 task vector of tensor `name` into `row` (flat, numel elements).
 
-    A part that is the task vector itself (TVQ), made of whole groups, is dequantized in place
-    (`dequantize_into`: the same ops as `dequantize`, so the same values); everything else goes
-    through `Archive.task_vector`.
+    A dense part that is the task vector itself (TVQ), made of whole groups, is dequantized in
+    place (`dequantize_into`: the same ops as `dequantize`, so the same values); everything else
+    (low-rate records included) goes through `Archive.task_vector`.
     """
     entry: TensorEntry = archive.entry(name)
     sole = archive.scheme.sole_role(task)
+    part = None
     if sole is not None and entry.kind == "quantized" and entry.shape:
         part = next(p for p in entry.parts if p.role == sole)
+    if part is not None and part.dense:
         cols = entry.shape[-1]
         size = row_group_size(part.group_size, cols)
         if size > 0 and cols % size == 0:

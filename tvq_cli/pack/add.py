@@ -20,7 +20,16 @@ import torch
 
 from ..archive import schemes
 from ..archive.edit import copy_stored
-from ..archive.format import ArchiveHeader, TensorEntry, entry_layout, file_key, files_layout
+from ..archive.format import (
+    ArchiveHeader,
+    Part,
+    TensorEntry,
+    entry_layout,
+    file_key,
+    files_layout,
+    frames_layout,
+    record_bound,
+)
 from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter
 from ..concurrency import check_threads, torch_threads
@@ -34,6 +43,7 @@ from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..tensors import require_finite
 from ..version import __version__
+from .frames import Frames
 from .packer import TensorPacker, added_rows
 from .plan import task_names
 from .prefetch import Prefetcher, TensorInputs
@@ -79,10 +89,12 @@ def add_tasks(
         sources = open_tasks(finetuned, pre)
         for source in sources:
             stack.callback(source.close)
-        header, files, more = _extended(opened.header, tasks, sources)
+        header, files, more = _extended(opened, tasks, sources)
         notes += more
         with ArchiveWriter(root, header, max_shard, replace=True) as writer:
-            digests = _write(writer, header, opened, pre, tasks, sources, threads)
+            frames = Frames(header, [opened.scheme.task_role(t) for t in tasks])
+            digests = _write(writer, header, opened, pre, tasks, sources, threads, frames)
+            copy_stored(writer, opened, frames_layout(header), dict(frames.stored()).get)
             copy_stored(writer, opened, files_layout(header), _frames(files).get)
             if combine_digests(digests) != header.pretrained_fingerprint:
                 raise TvqError(
@@ -108,9 +120,10 @@ def _shard_size(archive: Archive, given: int | str | None) -> int | None:
 
 
 def _extended(
-    header: ArchiveHeader, tasks: list[str], sources: list[TaskSource]
+    archive: Archive, tasks: list[str], sources: list[TaskSource]
 ) -> tuple[ArchiveHeader, StoredFiles, list[str]]:
     """The header with the new tasks appended, their new small files, and notes."""
+    header = archive.header
     files = StoredFiles()
     infos, notes = {t: header.info(t) for t in header.tasks}, []
     for task, source in zip(tasks, sources, strict=True):
@@ -121,21 +134,30 @@ def _extended(
         tasks=header.tasks + tasks,
         tool_version=__version__,
         pretrained_fingerprint=header.pretrained_fingerprint,
-        tensors=[replace(e, parts=e.parts + _new_parts(e, header, tasks)) for e in header.tensors],
+        tensors=[replace(e, parts=e.parts + _new_parts(e, archive, tasks)) for e in header.tensors],
         error_correction=header.error_correction,
         task_info=infos,
         files={**header.files, **files.blobs},
     )
+    framed = {p.role for t in extended.tensors if t.framed for p in t.parts if not p.dense}
+    # a new role's frame: its size is known once written (the writer reserves its bound)
+    extended.frames = {r: header.frames.get(r, 1) for r in extended.roles if r in framed}
     extended.validate()
     return extended, files, notes
 
 
-def _new_parts(entry: TensorEntry, header: ArchiveHeader, tasks: list[str]) -> list:
-    """A part for each new task, set as the first task's own part of this tensor."""
+def _new_parts(entry: TensorEntry, archive: Archive, tasks: list[str]) -> list:
+    """A part for each new task, set as the first task's own part of this tensor (a low-rate
+    part: the step and dead zone of the first task's record)."""
     if entry.kind != "quantized":
         return []
+    header = archive.header
     scheme = schemes.get(header.scheme)
     model = next(p for p in entry.parts if p.role == scheme.task_role(header.tasks[0]))
+    if not model.dense:
+        setting = archive.record(model, entry).setting
+        size = 0 if entry.framed else record_bound(entry)  # the real size is set when written
+        return [Part.low_rate(scheme.task_role(t), setting, size) for t in tasks]
     return [replace(model, role=scheme.task_role(t), coded_nbytes=0) for t in tasks]
 
 
@@ -151,9 +173,11 @@ def _write(
     tasks: list[str],
     sources: list[TaskSource],
     threads: int,
+    frames: Frames,
 ) -> dict[str, bytes]:
     """Every tensor's stored tensors in layout order: the archive's as stored, the new tasks'
-    coded by pack's pipeline. Returns the pretrained tensors' digests."""
+    coded by pack's pipeline (their framed records into `frames`). Returns the pretrained
+    tensors' digests."""
     scheme = archive.scheme
     new_parts = len(tasks)
     entries = [replace(e, parts=e.parts[len(e.parts) - new_parts :]) for e in header.tensors]
@@ -176,7 +200,7 @@ def _write(
         for entry, inputs in zip(header.tensors, reader, strict=True):
             digests[entry.name] = inputs.digest
             _anchor(archive, inputs, pre.path)
-            new = dict(packer.outputs(inputs) + added_rows(header, tasks, inputs))
+            new = dict(frames.split(packer.outputs(inputs)) + added_rows(header, tasks, inputs))
             reader.release(inputs)
             copy_stored(writer, archive, entry_layout(header, entry), new.get)
     return digests

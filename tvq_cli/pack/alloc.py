@@ -1,20 +1,27 @@
-"""Bit allocation under a budget: bits (and group size) per tensor and role, least error.
+"""Allocation under a budget: a setting per tensor and role, for the least error.
 
 `tvq pack --budget R` asks for an archive of at most R bits per weight, every byte counted.
-First pass: for every quantized tensor, each candidate setting is applied to the tensor's real
-task vectors, and its exact stored size (from `format.part_layout`, entropy-coded sizes
-measured) and squared reconstruction error are recorded. Then a greedy walk along each
-tensor's lower convex hull of (bytes, error) takes the steps with the most error removed per
-byte until the budget is spent, fills what is left with any step that still fits, and is never
-worse than the best uniform setting that fits. Items: one per (tensor, role) for schemes whose
-roles are independent (TVQ, FQ); one per tensor for coupled schemes (RTVQ), whose options are
-(shared-role bits, task-role bits) pairs, so the split between base and offsets is measured
-rather than guessed. Candidates are coded through the scheme's own `encode` and `decode`.
+First pass: for every quantized tensor (and, under a budget, every 1-D float tensor), each
+candidate setting is applied to the tensor's real task vectors, and its stored size and squared
+reconstruction error are recorded: dense widths (1-8 bits, each group size asked for; sizes
+exact, entropy-coded ones measured) and low-rate `dzans` settings (`lowrate.py`; sizes are
+upper bounds of their records, exact within a few bytes). Each option's size includes the header
+entries it adds, so a small tensor's dense part (four stored tensors) is weighed against a
+framed record fairly. Then a greedy walk along each item's lower convex hull of (bytes, error)
+takes the steps with the most error removed per byte until the budget is spent, fills what is
+left with any step that still fits, and is never worse than the best uniform dense setting that
+fits. Items: one per (tensor, role) for schemes whose roles are independent (TVQ, FQ); one per
+tensor for coupled schemes (RTVQ), whose options are (shared-role bits, task-role bits) pairs
+and low-rate base settings with the offsets' hulls, so the split between base and offsets is
+measured rather than guessed. Candidates are coded through the scheme's own `encode` and
+`decode`. Since sizes are exact or upper bounds, the archive written never exceeds the budget.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from itertools import product
 
@@ -22,12 +29,16 @@ import torch
 
 from ..archive import schemes
 from ..archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
-from ..archive.writer import archive_size, reserved_header_length
+from ..archive.parts import stored_codes
+from ..archive.writer import archive_size
 from ..errors import InternalError, TvqError, UsageError
 from ..io.checkpoint import Checkpoint
 from ..quant import entropy
+from ..quant.entropy import DEFAULT_CODEC
 from ..quant.quantizer import dequantize, quantize
-from ..quant.spec import Quantized
+from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, Quantized
+from . import lowrate
+from .lowrate import Option
 from .options import WEIGHTINGS
 
 BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # independent roles
@@ -35,17 +46,11 @@ COUPLED_BITS = (1, 2, 3, 4, 5, 6)  # each role of a coupled scheme (RTVQ base an
 
 
 @dataclass
-class Option:
-    parts: list[Part]  # with exact coded sizes
-    nbytes: int
-    error: float  # weighted squared error of the reconstructed task vectors
-
-
-@dataclass
 class Item:
     entry: int  # index into header.tensors
     slots: list[int]  # which of the entry's parts this item decides
     options: list[Option]
+    dense: int = 0  # its first options are the dense settings, in the same order in every item
 
 
 @dataclass
@@ -71,10 +76,17 @@ class Allocation:
 
 
 def _sized(part: Part, entry: TensorEntry, q: Quantized) -> tuple[Part, int]:
-    """The part with its coded size filled in, and its stored bytes."""
-    if part.codec == "zstd":
-        part = replace(part, coded_nbytes=len(entropy.encode(q.codes.numpy(), part.bits)))
-    return part, sum(s.nbytes for s in part_layout(part, entry))
+    """The part with its coded size filled in, and the bytes it adds to the archive."""
+    if part.codec in entropy.CODED:
+        part = replace(part, coded_nbytes=len(stored_codes(part, entry.shape, q)))
+    return part, sum(s.nbytes for s in part_layout(part, entry)) + header_cost(part, entry)
+
+
+def header_cost(part: Part, entry: TensorEntry) -> int:
+    """About what a dense part adds to the header: its JSON, and per stored tensor a
+    safetensors entry (key, dtype, shape, offsets) and a checksum entry."""
+    own = len(json.dumps(part.to_json(), separators=(",", ":"))) + 1
+    return own + sum(2 * len(s.key) + 70 for s in part_layout(part, entry))
 
 
 def _sq_error(x_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -99,18 +111,23 @@ def _independent_items(
     pre: torch.Tensor,
     groups: tuple[int, ...],
     weight: float,
+    model: Part,
 ) -> list[Item]:
-    """One item per role: its bits and group size chosen on their own."""
+    """One item per role: its setting chosen on its own. `model`: a dense part with the
+    options the dense settings share (range, scale bits, codec)."""
     items = []
     for slot, x in enumerate(_role_values(scheme, taus, pre)):
+        role = entry.parts[slot].role
         options = []
-        for bits, group in product(BITS, groups):
-            part = replace(entry.parts[slot], bits=bits, group_size=group)
+        for bits, group in product(BITS, groups) if len(entry.shape) > 1 else ():
+            part = replace(model, role=role, bits=bits, group_size=group)
             q = quantize(x, part.spec)
             part, nbytes = _sized(part, entry, q)
             err = _sq_error(dequantize(q, part.spec, entry.shape), x)
             options.append(Option([part], nbytes, weight * err))
-        items.append(Item(index, [slot], options))
+        dense = len(options)
+        options += lowrate.role_options(entry, role, x, weight)
+        items.append(Item(index, [slot], options, dense))
     return items
 
 
@@ -123,15 +140,18 @@ def _coupled_item(
     error_correction: bool,
     groups: tuple[int, ...],
     weight: float,
+    model: Part,
 ) -> Item:
     """One item for the whole tensor: every (shared bits, group, task bits) setting, each
-    coded and decoded through the scheme, its error summed over the tasks."""
+    coded and decoded through the scheme, its error summed over the tasks; with error
+    correction, also the low-rate settings (`lowrate.coupled_options`)."""
     options = []
-    for shared_bits, group in product(COUPLED_BITS, groups):
+    dense_grid = product(COUPLED_BITS, groups) if len(entry.shape) > 1 else ()
+    for shared_bits, group in dense_grid:
         kept: dict[int, Coded] = {}  # shared roles: the same for every task-role setting
         for task_bits in COUPLED_BITS:
             setting = (shared_bits, task_bits, group)
-            coded = _code_coupled(entry, scheme, taus, error_correction, setting, kept)
+            coded = _code_coupled(entry, scheme, taus, error_correction, setting, kept, model)
             by_role = dict(zip(scheme.roles(tasks), coded, strict=True))
 
             def dequantized(role: str, by_role=by_role) -> torch.Tensor:
@@ -143,7 +163,11 @@ def _coupled_item(
             )
             parts = [c.part for c in coded]
             options.append(Option(parts, sum(c.nbytes for c in coded), weight * err))
-    return Item(index, list(range(len(entry.parts))), options)
+    dense = len(options)
+    if error_correction:
+        roles = [p.role for p in entry.parts]
+        options += lowrate.coupled_options(entry, scheme, roles, taus, weight)
+    return Item(index, list(range(len(entry.parts))), options, dense)
 
 
 def _code_coupled(
@@ -153,6 +177,7 @@ def _code_coupled(
     error_correction: bool,
     setting: tuple[int, int, int],
     kept: dict[int, Coded],
+    model: Part,
 ) -> list[Coded]:
     """Every role coded with (shared bits, task bits, group); shared roles come from `kept`
     when coded before, and are added to it otherwise."""
@@ -165,7 +190,7 @@ def _code_coupled(
             coded[slot] = kept[slot]
         else:
             bits = shared_bits if slot < shared else task_bits
-            part = replace(entry.parts[slot], bits=bits, group_size=group)
+            part = replace(model, role=entry.parts[slot].role, bits=bits, group_size=group)
             q = quantize(values, part.spec)
             coded[slot] = Coded(*_sized(part, entry, q), q)
             if slot < shared:
@@ -184,6 +209,7 @@ def _measure_entry(
     header: ArchiveHeader,
     groups: tuple[int, ...],
     weighting: str,
+    model: Part,
 ) -> tuple[list[Item], float]:
     """The items of one quantized tensor and its task vectors' total squared norm."""
     # not in place: a loaded tensor may share memory with the checkpoint's open handle
@@ -192,35 +218,16 @@ def _measure_entry(
     weight = 1.0 if weighting == "params" else 1.0 / max(norm2, 1e-30)
     scheme = schemes.get(header.scheme)
     if not scheme.coupled:
-        return _independent_items(entry, index, scheme, taus, pre, groups, weight), norm2
+        items = _independent_items(entry, index, scheme, taus, pre, groups, weight, model)
+        return items, norm2
     ec = bool(header.error_correction)
-    return [_coupled_item(entry, index, scheme, header.tasks, taus, ec, groups, weight)], norm2
-
-
-def _hull(options: list[Option]) -> list[int]:
-    """Indices of the lower convex hull of (bytes, error), from the smallest option up."""
-    order = sorted(range(len(options)), key=lambda i: (options[i].nbytes, options[i].error))
-    hull: list[int] = []
-    for i in order:
-        if hull and options[i].error >= options[hull[-1]].error:
-            continue
-        while len(hull) >= 2:
-            a, b = options[hull[-2]], options[hull[-1]]
-            c = options[i]
-            # drop b if it lies on or above the segment a-c
-            if (b.error - a.error) * (c.nbytes - a.nbytes) >= (c.error - a.error) * (
-                b.nbytes - a.nbytes
-            ):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return hull
+    args = (entry, index, scheme, header.tasks, taus, ec, groups, weight, model)
+    return [_coupled_item(*args)], norm2
 
 
 def choose(items: list[Item], available: int) -> list[int]:
     """Option index per item: least total error with total bytes <= `available`."""
-    hulls = [_hull(item.options) for item in items]
+    hulls = [lowrate.hull(item.options) for item in items]
     pos = [0] * len(items)
     pick = [h[0] for h in hulls]
     total = sum(items[k].options[p].nbytes for k, p in enumerate(pick))
@@ -270,27 +277,42 @@ def _fill(items: list[Item], pick: list[int], left: int) -> list[int]:
         left -= extra
 
 
-def _uniform(items: list[Item], available: int) -> tuple[list[int] | None, float | None]:
-    """The best setting shared by every item (same option index everywhere) that fits."""
-    count = min(len(item.options) for item in items)
-    best: tuple[float, int] | None = None
-    for j in range(count):
-        if sum(item.options[j].nbytes for item in items) <= available:
-            err = sum(item.options[j].error for item in items)
+def _uniform(
+    items: list[Item], available: int, pick: list[int]
+) -> tuple[list[int] | None, float | None]:
+    """The best dense setting shared by every item that has dense options (same option index
+    everywhere; the others, 1-D tensors, as in `pick`) that fits."""
+    dense = [item.dense for item in items if item.dense]
+    best: tuple[float, list[int]] | None = None
+    for j in range(min(dense, default=0)):
+        candidate = [j if item.dense else p for item, p in zip(items, pick, strict=True)]
+        if _size(items, candidate) <= available:
+            err = _total(items, candidate)
             if best is None or err < best[0]:
-                best = (err, j)
+                best = (err, candidate)
     if best is None:
         return None, None
-    return [best[1]] * len(items), best[0]
+    return best[1], best[0]
+
+
+def _size(items: list[Item], pick: list[int]) -> int:
+    return sum(item.options[j].nbytes for item, j in zip(items, pick, strict=True))
 
 
 def _apply(header: ArchiveHeader, items: list[Item], pick: list[int]) -> None:
+    """Set the picked options' parts, and each role's frame to its records' bound."""
+    frames: dict[str, int] = defaultdict(int)
     for item, j in zip(items, pick, strict=True):
         entry = header.tensors[item.entry]
+        option = item.options[j]
         parts = list(entry.parts)
-        for slot, part in zip(item.slots, item.options[j].parts, strict=True):
+        records = option.records or [0] * len(option.parts)
+        for slot, part, record in zip(item.slots, option.parts, records, strict=True):
             parts[slot] = part
+            if not part.dense and entry.framed:
+                frames[part.role] += record
         entry.parts = parts
+    header.frames = dict(frames)
 
 
 def allocate(
@@ -309,12 +331,17 @@ def allocate(
     budget = header.budget_bytes(budget_bpw)
     items: list[Item] = []
     norm2 = 0.0
+    model = next((p for t in header.tensors for p in t.parts if p.dense), None)
+    model = model or Part(
+        "", 4, DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, DEFAULT_CODEC
+    )
     for index, entry in enumerate(header.tensors):
         if entry.kind != "quantized":
             continue
         pre = pretrained.load_float(entry.name)
-        grid = groups or (entry.parts[0].group_size,)
-        new, n2 = _measure_entry(entry, index, pre, finetuned, header, grid, weighting)
+        grid = groups or (model.group_size,)
+        args = (entry, index, pre, finetuned, header, grid, weighting, model)
+        new, n2 = _measure_entry(*args)
         items.extend(new)
         norm2 += n2
     if not items:
@@ -322,21 +349,20 @@ def allocate(
         if size > budget:
             raise UsageError(f"budget {budget_bpw} bpw is below the archive's {_bpw(header, size)}")
         return Allocation(budget, size, 0.0, None)
-    _apply(
-        header,
-        items,
-        [max(range(len(i.options)), key=lambda j, i=i: i.options[j].nbytes) for i in items],
-    )
-    fixed = reserved_header_length(header) + _unquantized_bytes(header)
+    smallest_pick = [
+        min(range(len(i.options)), key=lambda j, i=i: i.options[j].nbytes) for i in items
+    ]
+    _apply(header, items, smallest_pick)
+    fixed = archive_size(header) - _size(items, smallest_pick)  # what no option counts
     available = budget - fixed
-    smallest = sum(min(o.nbytes for o in item.options) for item in items)
+    smallest = _size(items, smallest_pick)
     if smallest > available:
         raise UsageError(
             f"budget {budget_bpw} bits per weight is too small: these settings need at least "
             f"{header.bits_per_weight(smallest + fixed):.3f}"
         )
     pick, size, uniform_err = _fit(header, items, available, budget)
-    err = sum(item.options[j].error for item, j in zip(items, pick, strict=True))
+    err = sum(item.options[j].reported for item, j in zip(items, pick, strict=True))
     rel = (err / norm2) ** 0.5 if weighting == "params" and norm2 > 0 else float("nan")
     uni_rel = (
         (uniform_err / norm2) ** 0.5
@@ -359,7 +385,7 @@ def _fit(
     best: tuple[float, list[int], int, float | None] | None = None
     for _ in range(6):
         pick = choose(items, available)
-        uniform_pick, uniform_err = _uniform(items, available)
+        uniform_pick, uniform_err = _uniform(items, available, pick)
         chosen_err = _total(items, pick)
         if uniform_err is not None and uniform_err < chosen_err:
             pick, chosen_err = uniform_pick, uniform_err

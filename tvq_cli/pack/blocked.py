@@ -126,7 +126,9 @@ class _Parts:
             replace(p, group_size=row_group_size(p.group_size, self.cols)) for p in entry.parts
         ]
         parts = self.parts
-        self.width = [entropy.SYMBOL_BITS[p.bits] if p.codec == "zstd" else p.bits for p in parts]
+        self.width = [
+            entropy.SYMBOL_BITS[p.bits] if p.codec in entropy.CODED else p.bits for p in parts
+        ]
         self.packed = [np.empty(packed_nbytes(entry.numel, w), np.uint8) for w in self.width]
         groups = [group_count(entry.shape, p.group_size) for p in parts]
         self.scales = [torch.empty(g) for g in groups]
@@ -249,9 +251,10 @@ class BlockedRoute:
         codes: list[np.ndarray | bytes] = list(parts.packed)
 
         def compress(i: int) -> None:
-            codes[i] = entropy.compress(parts.packed[i])
+            codes[i] = entropy.compress(parts.packed[i], entry.parts[i].codec)
 
-        self._pool.map(compress, [i for i, p in enumerate(entry.parts) if p.codec == "zstd"])
+        coded = [i for i, p in enumerate(entry.parts) if p.codec in entropy.CODED]
+        self._pool.map(compress, coded)
         out: list[Output] = []
         for i in range(len(entry.parts)):
             out += parts.stored(i, codes[i])
@@ -356,6 +359,11 @@ def _emit(
             offset = first * parts.cols
             parts.kept_codes(index)[offset : offset + count] = codes
     parts.mark_coded(index)
+    if part.codec == "zstd-c":  # stored centered on the zero-points (quant/entropy.py)
+        shape = (count // parts.cols, parts.cols)
+        codes.copy_(
+            torch.from_numpy(entropy.center(codes.numpy(), zeros.numpy(), shape, size, part.bits))
+        )
     padded = -(-count // 8) * 8
     ws.codes[count:padded] = 0
     width = parts.width[index]

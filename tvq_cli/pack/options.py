@@ -59,6 +59,14 @@ class PackOptions:
     def rules(self) -> schemes.Scheme:
         return schemes.get(self.scheme)
 
+    def vector_parts(self, tasks: list[str]) -> list[Part] | None:
+        """The parts of 1-D float tensors: low-rate, settings left to the allocator, under a
+        budget (at a fraction of a bit per weight, exact 1-D tensors alone can cost more than
+        the budget); None (kept exact) otherwise."""
+        if self.budget is None or (self.rules.coupled and not self.error_correction):
+            return None  # (low-rate coupled roles need error correction: pack/lowrate.py)
+        return [Part.low_rate(role) for role in self.rules.roles(tasks)]
+
     def parts(self, tasks: list[str]) -> list[Part]:
         """Every quantized tensor's parts under uniform settings, in storage order."""
         rules = self.rules

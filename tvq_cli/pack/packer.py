@@ -2,7 +2,8 @@
 
 Non-float tensors are stored once (identical in every input), exact tensors as fp32 deltas,
 quantized tensors through the blocked route where it gives the same bytes as the whole tensor
-(`blocked.blockable`), else through the whole-tensor route.
+(`blocked.blockable`), else through the whole-tensor route. A low-rate record that belongs in
+its role's frame comes out under the frame's key, for the caller to append to that frame.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..archive.format import ArchiveHeader, delta_key, rows_key, shared_key
+from ..archive.format import (
+    ArchiveHeader,
+    Part,
+    TensorEntry,
+    delta_key,
+    frame_key,
+    record_key,
+    rows_key,
+    shared_key,
+)
 from ..archive.parts import encode_part
 from ..archive.schemes import Scheme
 from ..concurrency import torch_threads
@@ -22,7 +32,7 @@ from ..tensors import require_finite, tensor_bytes
 from .blocked import BlockedRoute, Output, blockable
 from .prefetch import TensorInputs
 from .values import TaskValues, widen
-from .whole import encode_whole
+from .whole import Coded, encode_whole
 
 
 class TensorPacker:
@@ -58,7 +68,7 @@ class TensorPacker:
             return self._exact(inputs)
         cols = entry.shape[-1]
         on_cpu = self.device.type == "cpu"
-        if on_cpu and all(blockable(p, cols) for p in entry.parts):
+        if on_cpu and all(p.dense and blockable(p, cols) for p in entry.parts):
             return self.blocked.outputs(inputs)
         # On the CPU the whole route's work is in the native kernels (one thread); torch's
         # thread team would only add hand-offs (3-5x slower measured on a loaded 2-core
@@ -86,8 +96,8 @@ class TensorPacker:
         pre = widen(inputs.pretrained, self.device, self.pretrained, entry.name)
         values = self._values(inputs, pre if self.scheme.subtracts_pretrained else None)
         out: list[Output] = []
-        for part, q in encode_whole(entry, self.scheme, values, self.error_correction):
-            out += encode_part(part, entry.name, q.cpu())
+        for part, coded in encode_whole(entry, self.scheme, values, self.error_correction):
+            out += coded_outputs(part, entry, coded)
         return out
 
     def _values(self, inputs: TensorInputs, pre: torch.Tensor | None) -> TaskValues:
@@ -96,6 +106,14 @@ class TensorPacker:
             for path, raw in zip(self.finetuned, inputs.finetuned, strict=True)
         ]
         return TaskValues(inputs.entry.name, sources, pre, self.device)
+
+
+def coded_outputs(part: Part, entry: TensorEntry, coded: Coded) -> list[Output]:
+    """A part's stored tensors; a low-rate record in a frame comes out under the frame's key."""
+    if part.dense:
+        return encode_part(part, entry.name, entry.shape, coded.cpu())
+    key = frame_key(part.role) if entry.framed else record_key(part, entry.name)
+    return [(key, coded.record)]
 
 
 def added_rows(header: ArchiveHeader, tasks: list[str], inputs: TensorInputs) -> list[Output]:

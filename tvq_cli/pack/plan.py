@@ -100,7 +100,9 @@ def plan_archive(
         tasks=list(tasks),
         tool_version=__version__,
         pretrained_fingerprint=FINGERPRINT_PLACEHOLDER,
-        tensors=plan_tensors(pretrained.specs, options.parts(tasks), options.keep),
+        tensors=plan_tensors(
+            pretrained.specs, options.parts(tasks), options.keep, options.vector_parts(tasks)
+        ),
         error_correction=options.error_correction if options.rules.corrects_error else None,
         task_info=infos,
         files=files.blobs,

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..archive.format import ArchiveHeader, file_key
+from ..archive.parts import stored_codes
 from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter, archive_size
 from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
@@ -32,6 +33,7 @@ from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..quant import entropy
 from .alloc import Allocation, allocate
+from .frames import Frames
 from .options import PackOptions
 from .packer import TensorPacker, added_rows
 from .plan import PackPlan, plan_archive, task_names
@@ -101,8 +103,7 @@ def dry_run(
         plan = plan_archive(pre, fts, tasks, options)
         header = plan.header
         allocation = _allocate(header, pre, fts, options)
-        if allocation is None:
-            _measure_coded(header, pre, fts, options)
+        _measure_coded(header, pre, fts, options, low_rate_only=allocation is not None)
     finally:
         _close(pre, fts)
     size = archive_size(header)
@@ -118,23 +119,38 @@ def _allocate(
 
 
 def _measure_coded(
-    header: ArchiveHeader, pre: Checkpoint, fts: list[TaskSource], options: PackOptions
+    header: ArchiveHeader,
+    pre: Checkpoint,
+    fts: list[TaskSource],
+    options: PackOptions,
+    low_rate_only: bool = False,
 ) -> None:
-    """Fill in the coded size of every entropy-coded part by quantizing and coding it."""
+    """Fill in the coded size of every entropy-coded part (only of the low-rate ones: the
+    allocator measured the others exactly) and of every frame, by coding them."""
     rules = options.rules
     cpu = torch.device("cpu")
+    frames = dict.fromkeys(header.frames, 0)
+
+    def measured(part) -> bool:
+        return not part.dense or (part.codec in entropy.CODED and not low_rate_only)
+
     for entry in header.tensors:
-        if entry.kind != "quantized" or all(p.codec != "zstd" for p in entry.parts):
+        if entry.kind != "quantized" or not any(measured(p) for p in entry.parts):
             continue
         pre_t = pre.load_float(entry.name) if rules.subtracts_pretrained else None
         sources = [(c.path, lambda c=c, n=entry.name: c.load(n)) for c in fts]
         values = TaskValues(entry.name, sources, pre_t, cpu)
         sized = []
-        for part, q in encode_whole(entry, rules, values, options.error_correction):
-            if part.codec == "zstd":
-                part = replace(part, coded_nbytes=len(entropy.encode(q.codes.numpy(), part.bits)))
+        for part, coded in encode_whole(entry, rules, values, options.error_correction):
+            if not part.dense and entry.framed:
+                frames[part.role] += len(coded.record)
+            elif not part.dense:
+                part = replace(part, coded_nbytes=len(coded.record))
+            elif measured(part):
+                part = replace(part, coded_nbytes=len(stored_codes(part, entry.shape, coded)))
             sized.append(part)
         entry.parts = sized
+    header.frames = frames
 
 
 def pack(
@@ -240,13 +256,15 @@ def write_archive(
             file=sys.stderr,
         )
         unchanged = UnchangedTasks(len(fts))
+        frames = Frames(header)
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
             unchanged.see(inputs)
-            outputs = packer.outputs(inputs) + added_rows(header, tasks, inputs)
+            outputs = frames.split(packer.outputs(inputs)) + added_rows(header, tasks, inputs)
             reader.release(inputs)
             background.submit(lambda outputs=outputs: _write_all(writer, outputs))
         background.wait()
+        _write_all(writer, frames.stored())
         _write_all(
             writer, [(file_key(sha), plan.files.frames[sha]) for sha in sorted(header.files)]
         )

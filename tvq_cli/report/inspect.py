@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..archive.format import ArchiveHeader, storage_class
+from ..archive.format import LOW_RATE, ArchiveHeader, Part, storage_class
 from ..archive.identity import check_task_source
 from ..archive.reader import Archive
 from ..dtypes import itemsize
@@ -23,24 +23,27 @@ from .identity import CrossMatch, check_distance, check_order
 
 
 def quantization_settings(header: ArchiveHeader) -> list[dict]:
-    """Parameters per (role, bits, group size, range, scale bits, codec): the allocation."""
+    """Parameters per (role, bits, group size, range, scale bits, codec): the allocation. A
+    low-rate part's setting is in its record: its row has only role, codec and parameters."""
     settings: dict[tuple, int] = defaultdict(int)
     for entry in header.tensors:
         for p in entry.parts:
             key = (p.role.split(":")[0], p.bits, p.group_size, p.range, p.scale_bits, p.codec)
             settings[key] += entry.numel
-    return [
-        {
-            "role": role,
-            "bits": bits,
-            "group_size": group,
-            "range": rng,
-            "scale_bits": scale_bits,
-            "codec": codec,
-            "parameters": count,
-        }
-        for (role, bits, group, rng, scale_bits, codec), count in sorted(settings.items())
-    ]
+    rows = []
+    for (role, bits, group, rng, scale_bits, codec), count in sorted(settings.items()):
+        row = {"role": role, "codec": codec, "parameters": count}
+        if codec != LOW_RATE:
+            row |= {"bits": bits, "group_size": group, "range": rng, "scale_bits": scale_bits}
+        rows.append(row)
+    return rows
+
+
+def _part_row(p: Part) -> dict:
+    if not p.dense:
+        return {"role": p.role, "codec": p.codec}
+    keys = ("role", "bits", "group_size", "range", "scale_bits", "codec")
+    return {key: getattr(p, key) for key in keys}
 
 
 def storage_summary(archive: Archive) -> dict:
@@ -236,17 +239,7 @@ def inspect_archive(
                 "kind": t.kind,
                 "shape": list(t.shape),
                 "dtype": t.dtype,
-                "parts": [
-                    {
-                        "role": p.role,
-                        "bits": p.bits,
-                        "group_size": p.group_size,
-                        "range": p.range,
-                        "scale_bits": p.scale_bits,
-                        "codec": p.codec,
-                    }
-                    for p in t.parts
-                ],
+                "parts": [_part_row(p) for p in t.parts],
             }
             for t in archive.header.tensors
         ]

@@ -22,6 +22,15 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def setting_text(q: dict) -> str:
+    """One quantization setting of a report, in words."""
+    if "bits" not in q:
+        return f"low-rate ({q['codec']}: dead-zone quantizer, rANS-coded)"
+    group = "per tensor" if q["group_size"] == 0 else f"groups of {q['group_size']}"
+    scales = f"{q['scale_bits']}-bit scales" if q["scale_bits"] else "fp32 scales"
+    return f"{q['bits']} bits, {group}, {q['range']} range, {scales}, {q['codec']} codes"
+
+
 def render_inspect(report: dict, console: Console) -> None:
     summary = Table(title=f"tvq archive {report['archive']}", show_header=False)
     summary.add_column("field", style="bold")
@@ -34,12 +43,8 @@ def render_inspect(report: dict, console: Console) -> None:
     summary.add_row("scheme", scheme)
     summary.add_row("tasks", ", ".join(t["name"] for t in report["tasks"]))
     for q in report["quantization"]:
-        group = "per tensor" if q["group_size"] == 0 else f"groups of {q['group_size']}"
-        scales = f"{q['scale_bits']}-bit scales" if q["scale_bits"] else "fp32 scales"
         summary.add_row(
-            f"{q['role']} quantization",
-            f"{q['bits']} bits, {group}, {q['range']} range, {scales}, {q['codec']} codes: "
-            f"{q['parameters']:,} parameters",
+            f"{q['role']} quantization", f"{setting_text(q)}: {q['parameters']:,} parameters"
         )
     p = report["parameters"]
     summary.add_row(
@@ -104,7 +109,12 @@ def render_inspect(report: dict, console: Console) -> None:
         for col in ("tensor", "kind", "shape", "dtype", "quantization"):
             table.add_column(col)
         for row in report["tensors"]:
-            quant = ", ".join(f"{p['role']} {p['bits']}b/g{p['group_size']}" for p in row["parts"])
+            quant = ", ".join(
+                f"{p['role']} {p['bits']}b/g{p['group_size']}"
+                if "bits" in p
+                else f"{p['role']} low-rate"
+                for p in row["parts"]
+            )
             table.add_row(
                 row["tensor"],
                 row["kind"],
