@@ -64,8 +64,8 @@ def main() -> int:
     if opts.paper:
         spec, codec = QuantSpec(4, 0), "raw"
     else:
-        spec, codec = QuantSpec(4, 128, "search", 6), "zstd"
-    width = entropy.SYMBOL_BITS[4] if codec == "zstd" else 4
+        spec, codec = QuantSpec(4, 128, "search", 6), entropy.DEFAULT_CODEC
+    width = entropy.SYMBOL_BITS[4] if codec in entropy.CODED else 4
     clock = Clock()
     elements = 0
     x, pre32 = torch.empty(BLOCK_ELEMENTS), torch.empty(BLOCK_ELEMENTS)
@@ -110,14 +110,21 @@ def main() -> int:
                             g = slice(first * cols // 128, (first * cols + n) // 128)
                         grouped = x[:n].view(-1, spec.group_size or n)
                         q = range_search.quantize_groups(grouped, lo[g], hi[g], spec, fallback, top)
+                    if codec == "zstd-c":
+                        with clock("center codes on zero-points"):
+                            zeros = q.zeros.numpy()
+                            centered = entropy.center(
+                                q.codes.numpy(), zeros, (n // cols, cols), spec.group_size, 4
+                            )
+                            q.codes.view(-1).copy_(torch.from_numpy(centered))
                     with clock("bit-pack"):
                         codes[:n] = q.codes.view(-1).numpy()
                         start = first * cols * width // 8
                         size = packed_nbytes(n, width)
                         pack_into(codes[:n], width, out[start : start + size], scratch)
-                if codec == "zstd":
-                    with clock("zstd (level 3)"):
-                        data = entropy.compress(out)
+                if codec in entropy.CODED:
+                    with clock(f"zstd ({codec})"):
+                        data = entropy.compress(out, codec)
                 else:
                     data = out
                 with clock("crc32 + write"):

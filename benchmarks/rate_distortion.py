@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tvq_cli import PackOptions, TvqError, inspect_archive, pack  # noqa: E402
+from tvq_cli.archive.format import Part  # noqa: E402
+from tvq_cli.archive.parts import stored_codes  # noqa: E402
 from tvq_cli.quant import entropy, native  # noqa: E402
 from tvq_cli.quant.quantizer import dequantize, quantize  # noqa: E402
 from tvq_cli.quant.range_search import quantize_searched  # noqa: E402
@@ -121,6 +123,12 @@ def record(curves: dict, infeasible: dict, label: str, where: tuple, **options) 
         infeasible[f"{label} @ {options.get('budget')}"] = str(exc)
 
 
+def coded_bytes(q, spec: QuantSpec, shape: tuple[int, ...]) -> int:
+    """Bytes of a part's codes with the default codec (zstd-c)."""
+    part = Part("task:t", spec.bits, spec.group_size, codec=entropy.DEFAULT_CODEC)
+    return len(stored_codes(part, shape, q))
+
+
 def group_sweep(x: torch.Tensor) -> list[tuple]:
     """error x 2^R per (group size, scale bits) on one tensor, codes entropy-coded or not."""
     rows = []
@@ -133,7 +141,7 @@ def group_sweep(x: torch.Tensor) -> list[tuple]:
                 err = float((dequantize(q, spec, tuple(x.shape)) - x).norm() / x.norm())
                 groups = q.zeros.numel()
                 meta = groups * ((scale_bits or 32) + bits) + (32 if scale_bits else 0)
-                coded = 8 * len(entropy.encode(q.codes.numpy(), bits))
+                coded = 8 * coded_bytes(q, spec, tuple(x.shape))
                 rows.append(
                     (bits, group, scale_bits, err, (n * bits + meta) / n, (coded + meta) / n)
                 )
@@ -176,10 +184,19 @@ def timings(x: torch.Tensor) -> list[tuple[str, float, float]]:
         sec = _best_seconds(lambda fn=fn, q=q: fn(x, q)) * per_m
         out.append((f"quantize, {label}", sec, sec / minmax))
     for bits in (2, 3, 4):
-        codes = quantize(x, QuantSpec(bits, 128, "search", 6)).codes.numpy()
-        frame = entropy.encode(codes, bits)
-        enc = _best_seconds(lambda c=codes, b=bits: entropy.encode(c, b)) * per_m
-        dec = _best_seconds(lambda f=frame, b=bits, n=codes.size: entropy.decode(f, b, n)) * per_m
+        spec = QuantSpec(bits, 128, "search", 6)
+        q = quantize(x, spec)
+        part = Part("task:t", bits, 128, codec=entropy.DEFAULT_CODEC)
+        shape = tuple(x.shape)
+        frame = stored_codes(part, shape, q)
+        enc = _best_seconds(lambda q=q, part=part, s=shape: stored_codes(part, s, q)) * per_m
+        zeros = q.zeros.numpy()
+
+        def decode(frame=frame, bits=bits, zeros=zeros, shape=shape) -> None:
+            codes = entropy.decode(frame, bits, x.numel())
+            entropy.center(codes, zeros, shape, 128, bits, undo=True)
+
+        dec = _best_seconds(decode) * per_m
         out.append((f"zstd encode, {bits}-bit codes", enc, enc / minmax))
         out.append((f"zstd decode, {bits}-bit codes", dec, dec / minmax))
     return out
@@ -191,8 +208,9 @@ def entropy_gain(x: torch.Tensor) -> list[tuple[int, float, float]]:
     for bits in range(1, 9):
         coded = []
         for rng in ("minmax", "search"):
-            q = quantize(x, QuantSpec(bits, 64, rng, 6))
-            coded.append(8 * len(entropy.encode(q.codes.numpy(), bits)) / x.numel())
+            spec = QuantSpec(bits, 64, rng, 6)
+            q = quantize(x, spec)
+            coded.append(8 * coded_bytes(q, spec, tuple(x.shape)) / x.numel())
         rows.append((bits, *coded))
     return rows
 

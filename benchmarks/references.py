@@ -2,10 +2,9 @@
 
 Each per-tensor compressor takes one tensor's task vector `tau` (numpy float32, any shape) and
 returns `(tau_hat, nbytes)`: the reconstruction and the exact payload bytes of the storage layout
-stated below. `archive_bytes` puts every task's payload into one real safetensors container (one
-frame per task, the tensor list in the header) and measures it, so "bits per weight" counts every
-byte as it does for tvq; the container is lighter than a tvq archive's (no task records, no
-small files), which favours the references slightly.
+stated below. A benchmark adds the bytes of the container they are stored in (benchmarks/
+lowrate.py: a tvq archive's, with one frame per task; tests: `archive_bytes`, a bare safetensors
+file with the tensor list), so "bits per weight" counts every byte as it does for tvq.
 
 A tensor of shape (..., C) is viewed as prod(...) rows of C; a 1-D tensor is one row. Positions,
 where stored, are Golomb-Rice coded gaps between kept entries (best parameter per tensor, 5 bits
@@ -155,7 +154,11 @@ class UltraDelta:
                     rng.permutation(np.flatnonzero(flat == v)) for v in nonzero
                 ]
 
-    def run(self, s: float, step: float = 0.01) -> tuple[Tasks, dict[str, int]]:
+    def run(
+        self, s: float, step: float = 0.01, hats_too: bool = True
+    ) -> tuple[Tasks, dict[str, int]]:
+        """At sparsity `s`: (reconstructions, payload bytes per task); `hats_too=False` only
+        counts bytes (no reconstructions, no nuclear norms: for searching s)."""
         hats: Tasks = {}
         payload: dict[str, int] = {}
         for task, tensors in self.taus.items():
@@ -170,10 +173,10 @@ class UltraDelta:
                     keep[members[: int(round(members.size * rate))]] = False
                 kept = int(keep.sum())
                 payload[task] += 4 + positions_bytes(keep) + (kept * self.bits + 7) // 8 + 8
-                hats[task][name] = (
-                    (np.where(keep, flat, 0.0) / (1 - s)).astype(np.float32).reshape(x.shape)
-                )
-        if len(hats) > 1:  # trace-norm-guided rescaling across tasks
+                if hats_too:
+                    hat = np.where(keep, flat, 0.0) / (1 - s)
+                    hats[task][name] = hat.astype(np.float32).reshape(x.shape)
+        if hats_too and len(hats) > 1:  # trace-norm-guided rescaling across tasks
             norms = {
                 t: sum(
                     float(np.linalg.svd(h, compute_uv=False).sum())

@@ -17,12 +17,16 @@ from tvq_cli.errors import TvqError
 from tvq_cli.pack import PackOptions
 
 
-@pytest.fixture(scope="module", params=["tvq", "rtvq"])
+@pytest.fixture(scope="module", params=["tvq", "rtvq", "tvq-budget", "rtvq-budget"])
 def archive(request, tmp_path_factory) -> Path:
+    """Dense parts; or, under a budget, low-rate records in frames (1-D tensors included)."""
+    scheme, _, budget = request.param.partition("-")
     root = tmp_path_factory.mktemp(request.param)
     pre, fts = make_checkpoints(root, n_tasks=2)
     out = root / "a.tvq"
-    tvq_cli.pack(pre, fts, out, PackOptions(scheme=request.param, group_size=16), threads=2)
+    options = PackOptions(scheme=scheme, group_size=16, budget=3.0 if budget else None)
+    tvq_cli.pack(pre, fts, out, options, threads=2)
+    assert bool(tvq_cli.open_archive(out).header.frames) == bool(budget)
     return out
 
 
@@ -140,9 +144,40 @@ def test_wrong_format_version(archive: Path) -> None:
 def test_header_with_wrong_bits_is_rejected(archive: Path) -> None:
     def edit(meta):
         quantized = next(t for t in meta["tensors"] if t["kind"] == "quantized")
-        quantized["parts"][0][1] += 1
+        if isinstance(quantized["parts"][0], int):  # a framed record given a size of its own
+            quantized["parts"][0] += 1
+        else:
+            quantized["parts"][0][1] += 1
 
     assert_damaged(damaged(archive, reencode(archive.read_bytes(), edit)))
+
+
+def _low_rate(meta) -> dict:
+    return next(t for t in meta["tensors"] if t["parts"] and isinstance(t["parts"][0], int))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["frames"].popitem(), "wrong frames"),
+        (lambda m: m["frames"].update({"task:nobody": 5}), "wrong frames"),
+        (lambda m: m["frames"].update(dict.fromkeys(m["frames"], 0)), "wrong frames"),
+        (lambda m: m.update(version=2), "no frames"),
+        (lambda m: _low_rate(m)["parts"].__setitem__(0, ["offset:task0", 4, 16]), "wrong roles"),
+        (lambda m: _low_rate(m)["parts"].pop(), "wrong roles"),
+        (lambda m: _low_rate(m)["parts"].__setitem__(0, -1), "bad coded size"),
+        (lambda m: _low_rate(m)["parts"].__setitem__(0, 2.5), "malformed"),
+        (lambda m: _low_rate(m).update(shape=[]), "malformed"),
+    ],
+)
+def test_low_rate_headers_are_checked(tmp_path: Path, edit, message) -> None:
+    """Frames for exactly the roles that have framed records, low-rate parts in role order
+    (their role is their place) with a size only when not framed, only in version 3."""
+    pre, fts = make_checkpoints(tmp_path, n_tasks=2)
+    out = tmp_path / "a.tvq"
+    tvq_cli.pack(pre, fts, out, PackOptions(scheme="rtvq", budget=3.0), threads=1)
+    with pytest.raises(TvqError, match=message):
+        read_everything(damaged(out, reencode(out.read_bytes(), edit)))
 
 
 def test_edited_header_without_new_checksum(archive: Path) -> None:

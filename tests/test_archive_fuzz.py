@@ -26,12 +26,13 @@ FUZZ = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def intact(tmp_path_factory) -> tuple[bytes, dict[str, np.ndarray], Path]:
+@pytest.fixture(scope="module", params=["dense", "low-rate"])
+def intact(request, tmp_path_factory) -> tuple[bytes, dict[str, np.ndarray], Path]:
     root = tmp_path_factory.mktemp("fuzz")
     pre, fts = make_checkpoints(root, n_tasks=2)
     out = root / "a.tvq"
-    tvq_cli.pack(pre, fts, out, PackOptions(scheme="rtvq", group_size=16), threads=1)
+    budget = 3.0 if request.param == "low-rate" else None  # records in frames
+    tvq_cli.pack(pre, fts, out, PackOptions(scheme="rtvq", group_size=16, budget=budget), threads=1)
     return out.read_bytes(), read_everything(out), root
 
 

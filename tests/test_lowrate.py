@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tvq_cli import open_archive
+from tvq_cli.archive.format import ArchiveHeader, Part, TensorEntry
+from tvq_cli.archive.writer import ArchiveWriter
 from tvq_cli.errors import TvqError
+from tvq_cli.pack.frames import Frames
+from tvq_cli.pack.packer import coded_outputs
 from tvq_cli.quant import dzans, rans
+from tvq_cli.quant.quantizer import dequantize, quantize
 
 needs_c = pytest.mark.skipif(not rans.built(), reason="the C coder was not built")
 
@@ -177,3 +184,55 @@ def test_record_of_an_empty_tensor_is_one_byte():
     empty = np.zeros((0, 7), np.float32)
     assert dzans.encode(empty, 0, dzans.Setting(-10)).record == b"\0"
     assert [m.setting for m in dzans.measure(empty, 0)] == [dzans.ZERO]
+
+
+# --- the archive format -------------------------------------------------------------------------
+def test_mixed_parts_read_back_framed_and_on_their_own(tmp_path):
+    """One archive mixing dense and low-rate parts: records of small entries in their roles'
+    frames (a 1-D entry's too), a record of a 2^20-element entry on its own, next to dense
+    `zstd-c` codes; every value reads back as encoded, and damage in a record of its own is
+    caught by its checksum."""
+    rng = np.random.default_rng(0)
+    shapes = {"small.weight": (16, 24), "vec": (24,), "big.weight": (1024, 1024)}
+    x = {n: (rng.laplace(size=s) * 1e-3).astype(np.float32) for n, s in shapes.items()}
+    low = dzans.Setting(-40)
+    parts = {
+        "small.weight": [Part("task:a", 4, 8), Part.low_rate("task:b", low)],
+        "vec": [Part.low_rate("task:a", low), Part.low_rate("task:b", dzans.Setting(-44, 8))],
+        "big.weight": [Part.low_rate("task:a", low), Part("task:b", 3, 128, codec="zstd-c")],
+    }
+    entries = [TensorEntry(n, s, "F32", "quantized", parts[n]) for n, s in shapes.items()]
+    header = ArchiveHeader("tvq", ["a", "b"], "test", "sha256:" + "0" * 64, entries)
+    header.frames = {"task:a": 1, "task:b": 1}
+    out, expected = tmp_path / "mixed.tvq", {}
+    frames = Frames(header)
+    with ArchiveWriter(out, header) as writer:
+        for entry in entries:
+            value = torch.from_numpy(x[entry.name])
+            for part in entry.parts:
+                if part.dense:
+                    q = quantize(value, part.spec)
+                    coded, expected[part.role, entry.name] = (
+                        q,
+                        dequantize(q, part.spec, entry.shape),
+                    )
+                else:
+                    coded = dzans.encode(x[entry.name], entry.rows, part.setting, want_values=True)
+                    expected[part.role, entry.name] = torch.from_numpy(coded.values)
+                for key, data in frames.split(coded_outputs(part, entry, coded)):
+                    writer.write(key, data)
+        for key, data in frames.stored():
+            writer.write(key, data)
+    archive = open_archive(out)
+    stored = {s.key for s in archive.stored}
+    assert {"frame:task:a", "frame:task:b", "task:a:big.weight:dzans"} <= stored
+    assert archive.verify() == sum(s.nbytes for s in archive.stored)
+    for (role, name), value in expected.items():
+        got = archive.task_vector(role.split(":")[1], name)
+        assert torch.equal(got.reshape(-1), value.reshape(-1)), (role, name)
+    _, start, end = archive._offsets["task:a:big.weight:dzans"]
+    data = bytearray(out.read_bytes())
+    data[(start + end) // 2] ^= 0x04
+    (tmp_path / "bad.tvq").write_bytes(bytes(data))
+    with pytest.raises(TvqError, match="checksum mismatch in task:a:big.weight:dzans"):
+        open_archive(tmp_path / "bad.tvq").task_vector("a", "big.weight")

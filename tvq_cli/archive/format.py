@@ -337,7 +337,7 @@ class ArchiveHeader:
                 frames={str(role): int(size) for role, size in doc.get("frames", {}).items()},
                 version=version,
             )
-            if version == 2 and set(header.task_info) != set(header.tasks):
+            if version >= 2 and set(header.task_info) != set(header.tasks):
                 raise TypeError("task_info must describe every task")
         except TvqError:
             raise

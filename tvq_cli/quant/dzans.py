@@ -27,9 +27,10 @@ STEP_ROOTS = np.array([1.0, 2**0.25, 2**0.5, 2**0.75], np.float32)  # 2^(m/4) as
 MAX_ALPHABET = 127
 ESCAPE_ALPHABETS = (8, 16, 32, 64, 127)
 MAX_MAGNITUDE = (1 << 31) - 1  # largest code magnitude a record holds
-MEASURED_MAGNITUDE = 1 << 16  # settings whose codes go beyond are too fine to be worth measuring
+MEASURED_MAGNITUDE = 1 << 12  # settings whose codes go beyond are too fine to be worth measuring
 DEADZONES = (0, 8)  # dead-zone codes the allocator tries: z = 0.5 (plain rounding) and 0.75
 J_SPAN = (-28, 14)  # step exponents tried around the tensor's RMS, in quarter octaves
+GAIN_BELOW = 0.9  # energy share kept below which a record restores the norm (docs/fidelity.md)
 _LOG2_SLACK = math.log2(1 + 2.0**-15)  # rANS's worst loss per symbol (docs/format.md)
 
 
@@ -85,14 +86,41 @@ def levels(k: np.ndarray, setting: Setting, c1: int, c2: int, cg: int) -> np.nda
     return (((setting.deadzone + (k - 1) + g) * setting.step) * gain_of(cg)).astype(np.float32)
 
 
+def table_bytes(counts: np.ndarray) -> bytes:
+    """A magnitude model as stored: one byte per symbol, a 4.4 minifloat (`table_values`) of
+    the symbol's count scaled so that the largest is about 2^19 (relative precision 1/32; the
+    code length it costs is under 0.001 bit per symbol). Plain Python: tables are short, and
+    the allocator builds one per candidate setting."""
+    counts = counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
+    scale = 2.0**19 / max(counts)
+    out = bytearray()
+    for count in counts:
+        value = count * scale
+        exponent = min(15, max(0, math.floor(math.log2(max(value, 16.0))) - 4))
+        mantissa = round(value / 2.0**exponent) - 16
+        if mantissa > 15:  # rounded up to the next power of two
+            exponent, mantissa = (exponent + 1, 0) if exponent < 15 else (15, 15)
+        out.append(exponent << 4 | max(0, mantissa))
+    return bytes(out)
+
+
+def table_values(stored: bytes | memoryview) -> list[int]:
+    """The integers a stored table stands for: byte (e << 4 | m) is (16 + m) << e."""
+    return [(16 + (b & 15)) << (b >> 4) for b in bytes(stored)]
+
+
+def frequencies(values: list[int]) -> np.ndarray:
+    """The rANS table of stored values: shares of 2^16 rounded down, at least 1 each, the
+    difference given to (or taken from) the first largest."""
+    total = sum(values)
+    freqs = [max(1, v * rans.PROB_TOTAL // total) for v in values]
+    freqs[freqs.index(max(freqs))] += rans.PROB_TOTAL - sum(freqs)
+    return np.array(freqs, np.int64)
+
+
 def normalized(counts: np.ndarray) -> np.ndarray:
-    """A frequency table summing to 2^16 with every entry >= 1: rounded shares, the difference
-    given to (or taken from) the most frequent symbol."""
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    freqs = np.maximum(1, (2 * counts * rans.PROB_TOTAL + total) // (2 * total))
-    freqs[int(np.argmax(freqs))] += rans.PROB_TOTAL - int(freqs.sum())
-    return freqs
+    """The frequency table a record stores for these symbol counts (and a decoder reads)."""
+    return frequencies(table_values(table_bytes(counts)))
 
 
 def row_frequency(nonzero_rows: int, rows: int) -> int:
@@ -103,8 +131,12 @@ def row_frequency(nonzero_rows: int, rows: int) -> int:
 
 
 def _code_bits(counts: np.ndarray, freqs: np.ndarray) -> float:
-    used = counts > 0
-    return float((counts[used] * np.log2(rans.PROB_TOTAL / freqs[used])).sum())
+    """Code length of symbols with these counts under these frequencies (a short table)."""
+    return sum(
+        c * math.log2(rans.PROB_TOTAL / f)
+        for c, f in zip(counts.tolist(), freqs.tolist(), strict=True)
+        if c
+    )
 
 
 def _escape_bits(values: np.ndarray, counts: np.ndarray | None = None) -> int:
@@ -115,8 +147,9 @@ def _escape_bits(values: np.ndarray, counts: np.ndarray | None = None) -> int:
 
 def alphabet(histogram: np.ndarray) -> tuple[int, bool]:
     """The magnitude alphabet for a histogram of magnitudes (index = magnitude): every
-    magnitude its own symbol when the largest is at most 126, else the A of ESCAPE_ALPHABETS
-    with the fewest table, code and escape bits (symbol A - 1 then means "A - 1 or more")."""
+    magnitude its own symbol when the largest is at most 126; else the A of ESCAPE_ALPHABETS
+    with the fewest table, code and escape bits, whose symbol A - 1 means "A - 1 or more" (the
+    rest Exp-Golomb coded: only heavy tails need it)."""
     top = histogram.size - 1
     if top + 1 <= MAX_ALPHABET:
         return top + 1, False
@@ -124,7 +157,7 @@ def alphabet(histogram: np.ndarray) -> tuple[int, bool]:
     for size in ESCAPE_ALPHABETS:
         counts = _folded(histogram, size)
         tail = histogram[size - 1 :]
-        cost = 16 * size + _code_bits(counts, normalized(counts))
+        cost = 8 * size + _code_bits(counts, normalized(counts))
         cost += _escape_bits(np.arange(tail.size), tail)
         if best is None or cost < best[0]:
             best = (cost, size)
@@ -151,7 +184,7 @@ def varint_len(value: int) -> int:
 def record_bound(numel: int, rows: int) -> int:
     """The most bytes a record of a tensor of `numel` elements in `rows` rows can take (side
     information, every rANS word and lane state, a sign and the longest escape per element)."""
-    side = 8 + 2 * MAX_ALPHABET + (2 if rows > 1 else 0)
+    side = 8 + MAX_ALPHABET + (2 if rows > 1 else 0)
     streams = 8 * rans.lane_count(rows) + 4 * rows + 8 * rans.lane_count(numel) + 4 * numel
     return side + 30 + streams + 8 * numel
 
@@ -168,7 +201,7 @@ def encode(x: np.ndarray, rows: int, setting: Setting, want_values: bool = False
     """The record of `x` (float32, flat, `rows` rows) under `setting`."""
     x = np.ascontiguousarray(x, np.float32).reshape(-1)
     absx = np.abs(x).astype(np.float64)
-    total = float(np.dot(absx, absx))
+    total = _energy(absx)
     k = (
         None
         if setting.j is None or total == 0
@@ -184,10 +217,10 @@ def encode(x: np.ndarray, rows: int, setting: Setting, want_values: bool = False
     ones = k[nonzero] == 1
     c1, c2 = _offset_code(frac[ones]), _offset_code(frac[~ones])
     plain = levels(k[nonzero], setting, c1, c2, 0).astype(np.float64)
-    cg = _gain_code(total, float(np.dot(plain, plain)))
+    cg = _gain_code(total, _energy(plain))
     value = levels(k[nonzero], setting, c1, c2, cg)
     error = float(np.square(absx[nonzero] - value, dtype=np.float64).sum())
-    error += total - float(np.dot(absx[nonzero], absx[nonzero]))
+    error += total - _energy(absx[nonzero])
     cols = x.size // rows
     rows_nz = k.reshape(rows, cols).any(axis=1)
     mags = k.reshape(rows, cols)[rows_nz].reshape(-1)
@@ -201,9 +234,9 @@ def encode(x: np.ndarray, rows: int, setting: Setting, want_values: bool = False
             streams += _with_length(rans.encode(rows_nz.astype(np.uint8), table))
     histogram = np.bincount(mags)
     size, escaping = alphabet(histogram)
-    freqs = normalized(_folded(histogram, size))
+    freqs = normalized(_folded(histogram, size))  # what the stored table stands for
     side.append(size | (0x80 if escaping else 0))
-    side += freqs.astype("<u2").tobytes()
+    side += table_bytes(_folded(histogram, size))
     symbols = np.minimum(mags, size - 1).astype(np.uint8)
     streams += _with_length(rans.encode(symbols, freqs))
     signs = x.reshape(rows, cols)[rows_nz].reshape(-1)[mags > 0] < 0
@@ -217,6 +250,11 @@ def encode(x: np.ndarray, rows: int, setting: Setting, want_values: bool = False
     return Encoded(record, error, values)
 
 
+def _energy(x: np.ndarray) -> float:
+    """Sum of squares (not `np.dot`: BLAS threads spin on a loaded machine, 100x slower)."""
+    return float(np.square(x, dtype=np.float64).sum())
+
+
 def _offset_code(frac: np.ndarray) -> int:
     """The least-squares offset of a bin class as a byte: floor(256 * mean position)."""
     if frac.size == 0:
@@ -225,8 +263,10 @@ def _offset_code(frac: np.ndarray) -> int:
 
 
 def _gain_code(target: float, plain: float) -> int:
-    """The gain byte that brings the reconstruction's norm closest to the task vector's."""
-    if plain <= 0:
+    """The gain byte that brings the reconstruction's norm closest to the task vector's, where
+    the reconstruction keeps less than `GAIN_BELOW` of its energy (the low-rate end, where the
+    gain buys accuracy; above, it would only add error)."""
+    if plain <= 0 or plain >= GAIN_BELOW * target:
         return 0
     return min(255, max(0, round(128 * (math.sqrt(target / plain) - 1))))
 
@@ -327,7 +367,7 @@ def parse(data: memoryview | bytes, pos: int, rows: int) -> RecordInfo:
     info.size, info.escaping = code & 0x7F, bool(code & 0x80)
     if not 2 <= info.size <= MAX_ALPHABET:
         raise TvqError("low-rate record has a bad alphabet (damaged)")
-    info.freqs = np.frombuffer(reader.take(2 * info.size), "<u2")
+    info.freqs = frequencies(table_values(reader.take(info.size)))
     if rows > 1 and info.row_p:
         info.row_stream = reader.take(reader.varint())
     info.stream = reader.take(reader.varint())
@@ -433,9 +473,14 @@ def measure(x: np.ndarray, rows: int, settings: list[Setting] | None = None) -> 
     row_max = np.sort(np.abs(x).reshape(rows, cols).max(axis=1).astype(np.float64))
     if settings is None:
         settings = candidates(math.sqrt(total / x.size) if x.size else 0.0)
-    out = []
+    out, empty = [], set()  # dead zones whose steps are already coarse enough to zero all
     for setting in settings:
+        if setting.cz in empty and setting.j is not None:
+            continue
         m = _measure_one(setting, absx, s1, s2, total, row_max, rows, cols)
+        if m is not None and m.setting.j is None and setting.j is not None:
+            empty.add(setting.cz)  # (settings come from fine to coarse: the rest are zero too)
+            continue
         if m is not None:
             out.append(m)
     return out
@@ -480,7 +525,7 @@ def _measure_one(
     histogram = np.concatenate([[symbols - nonzero], counts])
     size, escaping = alphabet(histogram)
     folded = _folded(histogram, size)
-    nbytes = 6 + 2 * size + (2 if rows > 1 else 0)
+    nbytes = 6 + size + (2 if rows > 1 else 0)
     stream = stream_bound(_code_bits(folded, normalized(folded)), symbols)
     nbytes += varint_len(stream) + stream
     p = row_frequency(rows_nz, rows) if rows > 1 else 0

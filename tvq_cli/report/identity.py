@@ -16,7 +16,9 @@ a bad archive. Where the archive records which fine-tune a task came from, that 
 - the distance: a decoded task vector farther from the given fine-tune's than zero is (rel-L2
   above 1). Where the scheme rules it out (TVQ: every element lies between 0 and its true
   value) it is an error; for RTVQ a warning; FQ, whose error is the weights' and may well
-  exceed the task vector at few bits, is not judged by it.
+  exceed the task vector at few bits, is not judged by it, nor are archives with low-rate
+  parts (their norm-restoring gain may land a little farther than zero at a fraction of a
+  bit per weight).
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ def check_order(tasks: list[str], paths: list[Path], cross: CrossMatch) -> None:
         )
 
 
-def check_distance(task: str, path: Path, err2: float, ref2: float, scheme: Scheme) -> None:
+def check_distance(
+    task: str, path: Path, err2: float, ref2: float, scheme: Scheme, low_rate: bool = False
+) -> None:
     """A decoded task vector farther from the fine-tune's than zero is: an error where the
     scheme rules it out, a warning where it is unlikely (module docstring)."""
-    if not scheme.subtracts_pretrained or err2 <= ref2 * (1 + TOLERANCE):
+    if not scheme.subtracts_pretrained or low_rate or err2 <= ref2 * (1 + TOLERANCE):
         return
     how_far = f"rel-L2 {(err2 / ref2) ** 0.5:.2f}" if ref2 > 0 else "its task vector is all zero"
     message = (

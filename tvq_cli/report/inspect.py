@@ -195,8 +195,9 @@ def _measure(
     check_order(tasks, paths, cross)  # first: a swap gets the order to give them in
     for task, source in zip(tasks, fts, strict=True):
         check_task_source(archive.header, task, source)
+    low_rate = any(not p.dense for t in archive.header.tensors for p in t.parts)
     for task, path in zip(tasks, paths, strict=True):
-        check_distance(task, path, totals[task].err2, totals[task].ref2, archive.scheme)
+        check_distance(task, path, totals[task].err2, totals[task].ref2, archive.scheme, low_rate)
     return totals, rows
 
 
