@@ -1,16 +1,25 @@
-/* Range search fused into one pass per group: the pack pipeline's hot loop, in C.
+/* The hot loops of pack and merge, in C: each has a bit-exact torch or numpy reference.
  *
- * `range_search.py` holds the reference in torch ops; this is the same arithmetic, op for op
- * and in the same float32 order, so archives are byte-identical whichever one runs (the tests
- * compare them). What the C gains is locality: a group's 128 values stay in registers and L1
- * while every candidate step is tried, where the torch reference makes nine full passes over
- * a block per candidate. Rules that keep the two identical:
+ * Pack: a block of raw inputs (bf16, fp16 or fp32 fine-tuned weights, minus the pretrained
+ * ones) is widened one chunk of groups at a time into an L1-sized buffer, range-searched and
+ * quantized there, and its codes bit-packed into the part's stored bytes: one call per block,
+ * no full-size intermediate. `range_search.py` holds the reference in torch ops; this is the
+ * same arithmetic, op for op and in the same float32 order, so archives are byte-identical
+ * whichever one runs (the tests compare them). Rules that keep the two identical:
  *   - no FMA contraction (-ffp-contract=off): every product and sum is rounded on its own;
  *   - rounding is half-to-even via the 1.5 * 2^23 trick, after clamping to [0, levels]
  *     (clamp then round equals round then clamp for integer bounds);
  *   - a group's squared error is summed in LANES interleaved lanes, in element order, folded
  *     as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): a fixed order that vectorizes.
- * The GIL is released, so the pack pipeline's threads run it in parallel.
+ *     With AVX-512 two candidates are tried at once, one per half of a 16-wide register: each
+ *     half does exactly the 8-lane arithmetic, so the sums are the same to the bit.
+ *
+ * Merge: codes are dequantized through a per-group table of its 2^bits values (the same
+ * `(code - zero) / scale` division, done once per value instead of once per element), summed
+ * across tasks in task order (task arithmetic) or trimmed, elected and averaged (TIES), and
+ * counted into top-k histograms, without a full-size fp32 copy of any task vector.
+ *
+ * The GIL is released in every kernel, so the pipelines' threads run them in parallel.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +29,8 @@
 
 #define LANES 8
 #define MAX_CANDIDATES 64
+#define MAX_TABLE 256 /* step codes of 8-bit compact scales */
+#define CHUNK 4096          /* elements widened at a time: 16 KiB of fp32, stays in L1 */
 #define ROUNDER 12582912.0f /* 1.5 * 2^23: adding it rounds [0, 2^22] to integers */
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
@@ -29,11 +40,207 @@
 #define MULTIVERSION
 #endif
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+#else
+#define HAVE_AVX512 0
+#endif
+
 #if defined(__GNUC__)
 #define INLINE static inline __attribute__((always_inline))
 #else
 #define INLINE static inline
 #endif
+
+static int use_avx512 = 0; /* set at import where the CPU has it; tests can turn it off */
+
+/* ---------------------------------------------------------------------------------------- */
+/* Reading raw inputs                                                                        */
+
+/* Input value kinds: how the raw bytes of a block are read as float32. */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_NONE = 3 };
+static const Py_ssize_t KIND_SIZE[] = {4, 2, 2, 0};
+
+/* IEEE half to float32, exact: the bits moved into float32's place and rebiased by a
+ * multiplication (exact for normal and subnormal halves); inf and NaN keep an all-ones
+ * exponent. Branch-free, so the loops around it vectorize. */
+INLINE float half_to_float(uint16_t h) {
+    uint32_t em = h & 0x7fffu;
+    uint32_t bits = em << 13;
+    float f;
+    memcpy(&f, &bits, 4);
+    f *= 0x1.0p112f;
+    memcpy(&bits, &f, 4);
+    bits = em >= 0x7c00u ? 0x7f800000u | (em & 0x3ffu) << 13 : bits;
+    bits |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float load_value(const void *src, int kind, Py_ssize_t at) {
+    if (kind == KIND_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)src)[at] << 16;
+        float v;
+        memcpy(&v, &bits, 4);
+        return v;
+    }
+    if (kind == KIND_F16)
+        return half_to_float(((const uint16_t *)src)[at]);
+    return ((const float *)src)[at];
+}
+
+INLINE uint32_t not_finite(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    return (bits & 0x7f800000u) == 0x7f800000u; /* all-ones exponent: NaN or inf */
+}
+
+/* out = float32(src) [- float32(minus)]; returns nonzero if any value of out is NaN or
+ * infinite. Called with constant kinds, so each combination compiles to its own loop. */
+INLINE uint32_t widen_values(const void *src, int kind, const void *minus, int mkind, float *out,
+                             Py_ssize_t n) {
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v = load_value(src, kind, i);
+        if (mkind != KIND_NONE)
+            v = v - load_value(minus, mkind, i);
+        out[i] = v;
+        bad |= not_finite(v);
+    }
+    return bad;
+}
+
+#define WIDEN_CASE(K, M)                                                                       \
+    case (K) * 4 + (M):                                                                        \
+        return widen_values(src, K, minus, M, out, n);
+
+MULTIVERSION
+static uint32_t widen_block(const void *src, int kind, const void *minus, int mkind, float *out,
+                            Py_ssize_t n) {
+    switch (kind * 4 + mkind) {
+        WIDEN_CASE(KIND_F32, KIND_F32)
+        WIDEN_CASE(KIND_F32, KIND_BF16)
+        WIDEN_CASE(KIND_F32, KIND_F16)
+        WIDEN_CASE(KIND_F32, KIND_NONE)
+        WIDEN_CASE(KIND_BF16, KIND_F32)
+        WIDEN_CASE(KIND_BF16, KIND_BF16)
+        WIDEN_CASE(KIND_BF16, KIND_F16)
+        WIDEN_CASE(KIND_BF16, KIND_NONE)
+        WIDEN_CASE(KIND_F16, KIND_F32)
+        WIDEN_CASE(KIND_F16, KIND_BF16)
+        WIDEN_CASE(KIND_F16, KIND_F16)
+        WIDEN_CASE(KIND_F16, KIND_NONE)
+    }
+    return 1;
+}
+
+MULTIVERSION
+static uint32_t any_not_finite(const float *x, Py_ssize_t n) {
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        bad |= not_finite(x[i]);
+    return bad;
+}
+
+/* A block of raw inputs: values src[i] (minus minus[i] when mkind is not KIND_NONE). */
+typedef struct {
+    const char *src;
+    int kind;
+    const char *minus;
+    int mkind;
+} Source;
+
+/* Widen elements [start, start + n) of `in` into out (no copy for plain fp32: `*x` points
+ * into the source); returns nonzero if a value is not finite. */
+static uint32_t widen_chunk(const Source *in, Py_ssize_t start, Py_ssize_t n, float *out,
+                            const float **x) {
+    if (in->kind == KIND_F32 && in->mkind == KIND_NONE) {
+        *x = (const float *)in->src + start;
+        return any_not_finite(*x, n);
+    }
+    *x = out;
+    const char *minus = in->mkind == KIND_NONE ? NULL : in->minus + start * KIND_SIZE[in->mkind];
+    return widen_block(in->src + start * KIND_SIZE[in->kind], in->kind, minus, in->mkind, out, n);
+}
+
+/* Groups of `width` per chunk: the chunk is widened once into an L1-sized buffer. */
+static Py_ssize_t chunk_groups(Py_ssize_t width, Py_ssize_t groups) {
+    Py_ssize_t per = width >= CHUNK ? 1 : CHUNK / width;
+    return per < groups ? per : groups;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Ranges and the range search                                                               */
+
+#if defined(__GNUC__)
+/* Eight float lanes as a GCC vector: min and max by compare and select (the scalar loop's
+ * `v < m ? v : m`, which the compiler does not vectorize on its own). */
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+INLINE f8 load8(const float *x) {
+    f8 v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+INLINE f8 select8(i8 take, f8 a, f8 b) { return (f8)(((i8)a & take) | ((i8)b & ~take)); }
+#endif
+
+/* Each group's min and max, widened to include 0 (range_search.group_ranges). */
+MULTIVERSION
+static void group_ranges(const float *x, Py_ssize_t groups, Py_ssize_t width, float *lo,
+                         float *hi) {
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const float *xg = x + g * width;
+        float mn[LANES] = {0.0f}, mx[LANES] = {0.0f};
+        Py_ssize_t i = 0;
+#if defined(__GNUC__)
+        f8 vmn = {0.0f}, vmx = {0.0f};
+        for (; i + LANES <= width; i += LANES) {
+            f8 v = load8(xg + i);
+            vmn = select8(v < vmn, v, vmn);
+            vmx = select8(v > vmx, v, vmx);
+        }
+        memcpy(mn, &vmn, sizeof mn);
+        memcpy(mx, &vmx, sizeof mx);
+#else
+        for (; i + LANES <= width; i += LANES) {
+            for (int j = 0; j < LANES; j++) {
+                float v = xg[i + j];
+                mn[j] = v < mn[j] ? v : mn[j];
+                mx[j] = v > mx[j] ? v : mx[j];
+            }
+        }
+#endif
+        for (int j = 0; i < width; i++, j++) {
+            mn[j] = xg[i] < mn[j] ? xg[i] : mn[j];
+            mx[j] = xg[i] > mx[j] ? xg[i] : mx[j];
+        }
+        float a = mn[0], b = mx[0];
+        for (int j = 1; j < LANES; j++) {
+            a = mn[j] < a ? mn[j] : a;
+            b = mx[j] > b ? mx[j] : b;
+        }
+        lo[g] = a;
+        hi[g] = b;
+    }
+}
+
+static uint32_t source_ranges(const Source *in, Py_ssize_t groups, Py_ssize_t width,
+                              float *scratch, float *lo, float *hi) {
+    uint32_t bad = 0;
+    Py_ssize_t per = chunk_groups(width, groups);
+    for (Py_ssize_t g = 0; g < groups; g += per) {
+        Py_ssize_t count = per < groups - g ? per : groups - g;
+        const float *x;
+        bad |= widen_chunk(in, g * width, count * width, scratch, &x);
+        group_ranges(x, count, width, lo + g, hi + g);
+    }
+    return bad;
+}
 
 typedef struct {
     float levels;
@@ -42,6 +249,8 @@ typedef struct {
     const int32_t *shifts;  /* compact scales: step-code shifts [count] */
     const float *table;     /* compact scales: every step code's step, decreasing */
     Py_ssize_t table_size;  /* 0 for fp32 scales */
+    float *scale_of;        /* compact scales: 1 / table[k], and 1 / that (filled per call) */
+    float *step_of;
     const int32_t *coarse;  /* candidates of the first pass, 0 first */
     Py_ssize_t n_coarse;
     const int32_t *fine;    /* offsets around the coarse best */
@@ -57,8 +266,13 @@ INLINE float clamp_round(float t, float levels) {
     return (t + ROUNDER) - ROUNDER;
 }
 
-INLINE float group_error(const float *x, Py_ssize_t width, float scale, float zero, float levels) {
-    const float step = 1.0f / scale;
+INLINE float fold(const float *acc) {
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* `step` is 1.0f / scale, computed by the caller. */
+INLINE float group_error(const float *x, Py_ssize_t width, float scale, float step, float zero,
+                         float levels) {
     float acc[LANES] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     Py_ssize_t i = 0;
     for (; i + LANES <= width; i += LANES) {
@@ -73,29 +287,113 @@ INLINE float group_error(const float *x, Py_ssize_t width, float scale, float ze
         float d = (clamp_round(v * scale + zero, levels) - zero) * step - v;
         acc[j] += d * d;
     }
-    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    return fold(acc);
 }
 
-/* The largest step code whose step still covers `step` (table[k] >= step), 0 if none. */
-INLINE int32_t covering_code(const float *table, Py_ssize_t size, float step) {
-    Py_ssize_t lo = 0, hi = size;
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (table[mid] >= step)
-            lo = mid + 1;
-        else
-            hi = mid;
+#if HAVE_AVX512
+#define MAX_PAIRS 4
+
+/* group_error of up to 2 * MAX_PAIRS candidates in one sweep over a group (width a multiple
+ * of LANES): the group's next 8 values go into both halves of a register; pair p holds
+ * candidate a[p]'s scale in the low half and b[p]'s in the high half, so each half runs
+ * group_error's ops in its order, and the pairs' sums are independent chains. */
+static inline __attribute__((always_inline, target("avx512f,avx512dq"))) void
+pairs_body(const float *x, Py_ssize_t width, const float *sa, const float *sb, const float *ta,
+           const float *tb, float zero, float levels, float *ea, float *eb, const int pairs) {
+    __m512 scale[MAX_PAIRS], step[MAX_PAIRS], acc[MAX_PAIRS];
+    for (int p = 0; p < pairs; p++) {
+        scale[p] = _mm512_insertf32x8(_mm512_set1_ps(sa[p]), _mm256_set1_ps(sb[p]), 1);
+        step[p] = _mm512_insertf32x8(_mm512_set1_ps(ta[p]), _mm256_set1_ps(tb[p]), 1);
+        acc[p] = _mm512_setzero_ps();
     }
-    return lo > 0 ? (int32_t)(lo - 1) : 0;
+    const __m512 z = _mm512_set1_ps(zero), top = _mm512_set1_ps(levels);
+    const __m512 r = _mm512_set1_ps(ROUNDER), nil = _mm512_setzero_ps();
+    for (Py_ssize_t i = 0; i < width; i += LANES) {
+        const __m512 v = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + i));
+        for (int p = 0; p < pairs; p++) {
+            __m512 t = _mm512_add_ps(_mm512_mul_ps(v, scale[p]), z);
+            t = _mm512_min_ps(_mm512_max_ps(t, nil), top); /* = clamp_round's two selects */
+            t = _mm512_sub_ps(_mm512_add_ps(t, r), r);
+            __m512 d = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(t, z), step[p]), v);
+            acc[p] = _mm512_add_ps(acc[p], _mm512_mul_ps(d, d));
+        }
+    }
+    for (int p = 0; p < pairs; p++) {
+        float lanes[2 * LANES];
+        _mm512_storeu_ps(lanes, acc[p]);
+        ea[p] = fold(lanes);
+        eb[p] = fold(lanes + LANES);
+    }
 }
 
-MULTIVERSION
-static void search_groups(const float *x, Py_ssize_t groups, Py_ssize_t width, const float *lo,
-                          const float *hi, const Search *s, uint8_t *codes, float *scales,
-                          uint8_t *zeros, uint8_t *step_codes) {
+AVX512 static void pairs_error(const float *x, Py_ssize_t width, const float *sa,
+                               const float *sb, const float *ta, const float *tb, float zero,
+                               float levels, float *ea, float *eb, int pairs) {
+    switch (pairs) { /* constant counts, so the pairs stay in registers */
+    case 1:
+        pairs_body(x, width, sa, sb, ta, tb, zero, levels, ea, eb, 1);
+        return;
+    case 2:
+        pairs_body(x, width, sa, sb, ta, tb, zero, levels, ea, eb, 2);
+        return;
+    case 3:
+        pairs_body(x, width, sa, sb, ta, tb, zero, levels, ea, eb, 3);
+        return;
+    default:
+        pairs_body(x, width, sa, sb, ta, tb, zero, levels, ea, eb, 4);
+    }
+}
+#endif
+
+/* The errors of the listed candidates not evaluated yet (err < 0); where wide, up to
+ * 2 * MAX_PAIRS of them in one sweep. */
+INLINE void evaluate(const float *xg, Py_ssize_t width, const float *cand, const float *inv,
+                     float zero, float levels, const int *list, Py_ssize_t n, float *err,
+                     int wide) {
+    int pending[MAX_CANDIDATES];
+    int count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int c = list[i];
+        if (err[c] < 0.0f) {
+            err[c] = 0.0f; /* claimed: evaluated below */
+            pending[count++] = c;
+        }
+    }
+#if HAVE_AVX512
+    if (wide) {
+        for (int first = 0; first < count; first += 2 * MAX_PAIRS) {
+            float sa[MAX_PAIRS], sb[MAX_PAIRS], ta[MAX_PAIRS], tb[MAX_PAIRS];
+            float ea[MAX_PAIRS], eb[MAX_PAIRS];
+            int a[MAX_PAIRS], b[MAX_PAIRS], pairs = 0;
+            for (int i = first; i < count && i < first + 2 * MAX_PAIRS; i += 2, pairs++) {
+                a[pairs] = pending[i];
+                b[pairs] = pending[i + 1 < count ? i + 1 : i];
+                sa[pairs] = cand[a[pairs]];
+                sb[pairs] = cand[b[pairs]];
+                ta[pairs] = inv[a[pairs]];
+                tb[pairs] = inv[b[pairs]];
+            }
+            pairs_error(xg, width, sa, sb, ta, tb, zero, levels, ea, eb, pairs);
+            for (int p = 0; p < pairs; p++) {
+                err[a[p]] = ea[p];
+                err[b[p]] = eb[p];
+            }
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < count; i++)
+        err[pending[i]] = group_error(xg, width, cand[pending[i]], inv[pending[i]], zero, levels);
+}
+
+/* Search and quantize whole groups of float32 `x`; see range_search.quantize_groups. */
+INLINE void search_body(const float *x, Py_ssize_t groups, Py_ssize_t width, const float *lo,
+                        const float *hi, const Search *s, uint8_t *codes, float *scales,
+                        uint8_t *zeros, uint8_t *step_codes, int wide) {
     const float levels = s->levels;
-    float cand[MAX_CANDIDATES], err[MAX_CANDIDATES];
+    float cand[MAX_CANDIDATES], inv[MAX_CANDIDATES], err[MAX_CANDIDATES];
     int32_t code[MAX_CANDIDATES];
+    int coarse[MAX_CANDIDATES], fine[MAX_CANDIDATES];
     for (Py_ssize_t g = 0; g < groups; g++) {
         const float *xg = x + g * width;
         float span = hi[g] - lo[g];
@@ -105,42 +403,59 @@ static void search_groups(const float *x, Py_ssize_t groups, Py_ssize_t width, c
             minmax = s->flat_scale;
         float zero = clamp_round(-minmax * lo[g], levels);
         if (s->table_size) {
-            int32_t base = covering_code(s->table, s->table_size, 1.0f / minmax);
+            /* The largest step code whose step still covers 1 / minmax, 0 if none: the count
+             * of table entries >= it (a prefix: the table decreases) less one. */
+            const float want = 1.0f / minmax;
+            Py_ssize_t a = 0, b = s->table_size;
+            while (a < b) {
+                Py_ssize_t mid = (a + b) / 2;
+                if (s->table[mid] >= want)
+                    a = mid + 1;
+                else
+                    b = mid;
+            }
+            int32_t base = a > 0 ? (int32_t)(a - 1) : 0;
             int32_t limit = (int32_t)s->table_size - 1;
             for (int c = 0; c < s->count; c++) {
                 int32_t k = base + s->shifts[c];
                 code[c] = k < 0 ? 0 : (k > limit ? limit : k);
-                cand[c] = 1.0f / s->table[code[c]];
+                cand[c] = s->scale_of[code[c]];
+                inv[c] = s->step_of[code[c]];
             }
         } else {
-            for (int c = 0; c < s->count; c++)
+            for (int c = 0; c < s->count; c++) {
                 cand[c] = minmax / s->factors[c];
+                inv[c] = 1.0f / cand[c];
+            }
         }
         int best = 0;
         if (s->count > 1) {
             for (int c = 0; c < s->count; c++)
                 err[c] = -1.0f; /* not evaluated yet */
+            for (Py_ssize_t i = 0; i < s->n_coarse; i++)
+                coarse[i] = s->coarse[i];
+            evaluate(xg, width, cand, inv, zero, levels, coarse, s->n_coarse, err, wide);
             float best_err = 0.0f;
             for (Py_ssize_t i = 0; i < s->n_coarse; i++) {
-                int c = s->coarse[i];
-                err[c] = group_error(xg, width, cand[c], zero, levels);
+                int c = coarse[i];
                 float e = i ? err[c] * s->margin : err[c];
                 if (i == 0 || e < best_err) {
                     best_err = e;
                     best = c;
                 }
             }
+            for (Py_ssize_t i = 0; i < s->n_fine; i++) {
+                int c = best + s->fine[i];
+                fine[i] = c < 1 ? 1 : (c > s->count - 1 ? s->count - 1 : c);
+            }
+            evaluate(xg, width, cand, inv, zero, levels, fine, s->n_fine, err, wide);
             float fine_err = 0.0f;
             int fine_best = best;
             for (Py_ssize_t i = 0; i < s->n_fine; i++) {
-                int c = best + s->fine[i];
-                c = c < 1 ? 1 : (c > s->count - 1 ? s->count - 1 : c);
-                if (err[c] < 0.0f)
-                    err[c] = group_error(xg, width, cand[c], zero, levels);
-                float e = err[c] * s->margin;
+                float e = err[fine[i]] * s->margin;
                 if (i == 0 || e < fine_err) {
                     fine_err = e;
-                    fine_best = c;
+                    fine_best = fine[i];
                 }
             }
             if (s->n_fine && fine_err < best_err)
@@ -157,71 +472,23 @@ static void search_groups(const float *x, Py_ssize_t groups, Py_ssize_t width, c
     }
 }
 
-INLINE float widened(const void *src, int bf16, const float *minus, Py_ssize_t at) {
-    float v;
-    if (bf16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)src)[at] << 16;
-        memcpy(&v, &bits, 4);
-    } else {
-        v = ((const float *)src)[at];
-    }
-    return minus ? v - minus[at] : v;
-}
-
-INLINE uint32_t not_finite(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    return (bits & 0x7f800000u) == 0x7f800000u; /* all-ones exponent: NaN or inf */
-}
-
-/* out = float32(src) [- minus]; returns nonzero if any value of out is NaN or infinite. */
-INLINE uint32_t widen_values(const void *src, int bf16, const float *minus, float *out,
-                             Py_ssize_t n) {
-    uint32_t bad = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        out[i] = widened(src, bf16, minus, i);
-        bad |= not_finite(out[i]);
-    }
-    return bad;
-}
-
 MULTIVERSION
-static uint32_t widen_block(const void *src, int bf16, const float *minus, float *out,
-                            Py_ssize_t n) {
-    /* Constant arguments per call, so each branch compiles to its own vectorized loop. */
-    if (bf16)
-        return minus ? widen_values(src, 1, minus, out, n) : widen_values(src, 1, NULL, out, n);
-    return minus ? widen_values(src, 0, minus, out, n) : widen_values(src, 0, NULL, out, n);
+static void search_generic(const float *x, Py_ssize_t groups, Py_ssize_t width, const float *lo,
+                           const float *hi, const Search *s, uint8_t *codes, float *scales,
+                           uint8_t *zeros, uint8_t *step_codes) {
+    search_body(x, groups, width, lo, hi, s, codes, scales, zeros, step_codes, 0);
 }
 
-/* Each group's min and max, widened to include 0 (range_search.group_ranges). */
-MULTIVERSION
-static void group_ranges(const float *x, Py_ssize_t groups, Py_ssize_t width, float *lo,
-                         float *hi) {
-    for (Py_ssize_t g = 0; g < groups; g++) {
-        const float *xg = x + g * width;
-        float mn[LANES] = {0.0f}, mx[LANES] = {0.0f};
-        Py_ssize_t i = 0;
-        for (; i + LANES <= width; i += LANES) {
-            for (int j = 0; j < LANES; j++) {
-                float v = xg[i + j];
-                mn[j] = v < mn[j] ? v : mn[j];
-                mx[j] = v > mx[j] ? v : mx[j];
-            }
-        }
-        for (int j = 0; i < width; i++, j++) {
-            mn[j] = xg[i] < mn[j] ? xg[i] : mn[j];
-            mx[j] = xg[i] > mx[j] ? xg[i] : mx[j];
-        }
-        float a = mn[0], b = mx[0];
-        for (int j = 1; j < LANES; j++) {
-            a = mn[j] < a ? mn[j] : a;
-            b = mx[j] > b ? mx[j] : b;
-        }
-        lo[g] = a;
-        hi[g] = b;
-    }
+#if HAVE_AVX512
+AVX512 static void search_wide(const float *x, Py_ssize_t groups, Py_ssize_t width,
+                               const float *lo, const float *hi, const Search *s, uint8_t *codes,
+                               float *scales, uint8_t *zeros, uint8_t *step_codes) {
+    search_body(x, groups, width, lo, hi, s, codes, scales, zeros, step_codes, 1);
 }
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+/* Bit-packing                                                                               */
 
 /* bitpack.py's layout: code i in bits [i*b, i*b + b) of a little-endian stream; eight codes
  * fill exactly b bytes. `n` is a multiple of 8. */
@@ -261,10 +528,111 @@ static void pack_codes(const uint8_t *codes, Py_ssize_t n, int bits, uint8_t *ou
     }
 }
 
+/* Pack any count of codes into exactly ceil(n * bits / 8) bytes (the last block padded with
+ * zero codes, as bitpack.pack_bits does). */
+static void pack_tail(const uint8_t *codes, Py_ssize_t n, int bits, uint8_t *out) {
+    Py_ssize_t whole = n / 8 * 8;
+    pack_codes(codes, whole, bits, out);
+    if (whole < n) {
+        uint8_t last[8] = {0}, packed[8];
+        memcpy(last, codes + whole, (size_t)(n - whole));
+        pack_codes(last, 8, bits, packed);
+        memcpy(out + whole / 8 * bits, packed, (size_t)((n - whole) * bits + 7) / 8);
+    }
+}
+
+INLINE void unpack_whole_bytes(const uint8_t *in, Py_ssize_t n, int bits, uint8_t *codes) {
+    const int per = 8 / bits;
+    const uint8_t mask = (uint8_t)((1u << bits) - 1);
+    for (Py_ssize_t k = 0; k < n / per; k++)
+        for (int j = 0; j < per; j++)
+            codes[k * per + j] = (uint8_t)(in[k] >> (j * bits)) & mask;
+}
+
+/* Inverse of pack_codes: n (a multiple of 8) codes from n * bits / 8 bytes. */
+MULTIVERSION
+static void unpack_codes(const uint8_t *in, Py_ssize_t n, int bits, uint8_t *codes) {
+    switch (bits) {
+    case 1:
+        unpack_whole_bytes(in, n, 1, codes);
+        return;
+    case 2:
+        unpack_whole_bytes(in, n, 2, codes);
+        return;
+    case 4:
+        unpack_whole_bytes(in, n, 4, codes);
+        return;
+    case 8:
+        memcpy(codes, in, (size_t)n);
+        return;
+    }
+    const uint64_t mask = (1u << bits) - 1;
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        uint64_t word = 0;
+        for (int k = 0; k < bits; k++)
+            word |= (uint64_t)in[(i / 8) * bits + k] << (8 * k);
+        for (int j = 0; j < 8; j++)
+            codes[i + j] = (uint8_t)((word >> (j * bits)) & mask);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Pack: one block of raw inputs to packed codes                                             */
+
+/* Range-search and quantize a block of raw inputs, writing bit-packed codes. `lo`/`hi` are
+ * every group's range when `ranged`, else filled here. Returns nonzero if a value is not
+ * finite. */
+static uint32_t encode_block(const Source *in, Py_ssize_t n, Py_ssize_t width, float *lo,
+                             float *hi, int ranged, Search *s, float *scratch,
+                             uint8_t *codes, int bits, uint8_t *out, float *scales,
+                             uint8_t *zeros, uint8_t *step_codes) {
+    Py_ssize_t groups = n / width;
+    Py_ssize_t per = chunk_groups(width, groups);
+    uint8_t *dest = bits == 8 ? out : codes;
+    for (Py_ssize_t k = 0; k < s->table_size; k++) {
+        s->scale_of[k] = 1.0f / s->table[k];
+        s->step_of[k] = 1.0f / s->scale_of[k];
+    }
+    uint32_t bad = 0;
+    for (Py_ssize_t g = 0; g < groups; g += per) {
+        Py_ssize_t count = per < groups - g ? per : groups - g;
+        const float *x;
+        bad |= widen_chunk(in, g * width, count * width, scratch, &x);
+        if (!ranged)
+            group_ranges(x, count, width, lo + g, hi + g);
+        uint8_t *steps = s->table_size ? step_codes + g : NULL;
+#if HAVE_AVX512
+        if (use_avx512 && width % LANES == 0) {
+            search_wide(x, count, width, lo + g, hi + g, s, dest + g * width, scales + g,
+                        zeros + g, steps);
+            continue;
+        }
+#endif
+        search_generic(x, count, width, lo + g, hi + g, s, dest + g * width, scales + g,
+                       zeros + g, steps);
+    }
+    if (bits < 8)
+        pack_tail(codes, n, bits, out);
+    return bad;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Python bindings                                                                           */
+
 static int check_size(const Py_buffer *buf, Py_ssize_t items, Py_ssize_t itemsize,
                       const char *name) {
     if (buf->len != items * itemsize) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, buf->len,
+                     items * itemsize);
+        return 0;
+    }
+    return 1;
+}
+
+static int check_at_least(const Py_buffer *buf, Py_ssize_t items, Py_ssize_t itemsize,
+                          const char *name) {
+    if (buf->len < items * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need at least %zd", name, buf->len,
                      items * itemsize);
         return 0;
     }
@@ -282,90 +650,49 @@ static int check_indices(const int32_t *values, Py_ssize_t n, int lo, int hi, co
     return 1;
 }
 
-PyDoc_STRVAR(search_doc,
-             "search(x, width, lo, hi, levels, factors, shifts, table, coarse, fine, margin, "
-             "flat_scale, max_scale, codes, scales, zeros, step_codes)\n\n"
-             "Range-search and quantize whole groups of float32 `x`; see range_search.py.");
-
-static PyObject *py_search(PyObject *self, PyObject *args) {
-    Py_buffer x, lo, hi, factors, shifts, table, coarse, fine, codes, scales, zeros, steps;
-    Py_ssize_t width;
-    int levels;
-    float margin, flat_scale, max_scale;
-    if (!PyArg_ParseTuple(args, "y*ny*y*iy*y*y*y*y*fffw*w*w*w*:search", &x, &width, &lo, &hi,
-                          &levels, &factors, &shifts, &table, &coarse, &fine, &margin,
-                          &flat_scale, &max_scale, &codes, &scales, &zeros, &steps))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t groups = width > 0 ? x.len / ((Py_ssize_t)sizeof(float) * width) : 0;
-    Py_ssize_t count = table.len ? shifts.len / 4 : factors.len / 4;
-    Search s = {
-        .levels = (float)levels,
-        .count = (int)count,
-        .factors = factors.buf,
-        .shifts = shifts.buf,
-        .table = table.buf,
-        .table_size = table.len / 4,
-        .coarse = coarse.buf,
-        .n_coarse = coarse.len / 4,
-        .fine = fine.buf,
-        .n_fine = fine.len / 4,
-        .margin = margin,
-        .flat_scale = flat_scale,
-        .max_scale = max_scale,
-    };
-    if (width <= 0 || levels < 1 || levels > 255 || count < 1 || count > MAX_CANDIDATES ||
-        s.n_coarse < 1) {
-        PyErr_SetString(PyExc_ValueError, "search: bad width, levels or candidate count");
-        goto done;
+/* A source's element count, after checking its kinds and sizes. */
+static Py_ssize_t source_of(const Py_buffer *src, int kind, const Py_buffer *minus, int mkind,
+                            Source *in) {
+    if (kind < KIND_F32 || kind > KIND_F16 || mkind < KIND_F32 || mkind > KIND_NONE) {
+        PyErr_SetString(PyExc_ValueError, "bad value kind");
+        return -1;
     }
-    if (!check_size(&x, groups * width, 4, "x") || !check_size(&lo, groups, 4, "lo") ||
-        !check_size(&hi, groups, 4, "hi") || !check_size(&codes, groups * width, 1, "codes") ||
-        !check_size(&scales, groups, 4, "scales") || !check_size(&zeros, groups, 1, "zeros") ||
-        !check_size(&steps, table.len ? groups : 0, 1, "step_codes") ||
-        !check_indices(coarse.buf, s.n_coarse, 0, s.count - 1, "coarse") ||
-        !check_indices(fine.buf, s.n_fine, -s.count, s.count, "fine") ||
-        (s.table_size &&
-         !check_indices(shifts.buf, s.count, -(int)s.table_size, (int)s.table_size, "shifts")))
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    search_groups(x.buf, groups, width, lo.buf, hi.buf, &s, codes.buf, scales.buf, zeros.buf,
-                  steps.buf);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&lo);
-    PyBuffer_Release(&hi);
-    PyBuffer_Release(&factors);
-    PyBuffer_Release(&shifts);
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&coarse);
-    PyBuffer_Release(&fine);
-    PyBuffer_Release(&codes);
-    PyBuffer_Release(&scales);
-    PyBuffer_Release(&zeros);
-    PyBuffer_Release(&steps);
-    return result;
+    if (src->len % KIND_SIZE[kind]) {
+        PyErr_SetString(PyExc_ValueError, "src: not a whole number of values");
+        return -1;
+    }
+    Py_ssize_t n = src->len / KIND_SIZE[kind];
+    if (mkind != KIND_NONE && !check_size(minus, n, KIND_SIZE[mkind], "minus"))
+        return -1;
+    in->src = src->buf;
+    in->kind = kind;
+    in->minus = minus->buf;
+    in->mkind = mkind;
+    return n;
 }
 
-PyDoc_STRVAR(widen_doc, "widen(src, bf16, minus, out) -> bool\n\n"
-                        "out = float32(src) - minus (no subtraction if minus is empty); src is "
-                        "bfloat16 (bf16 true) or float32. True when every value is finite.");
+static int needs_scratch(const Source *in) {
+    return !(in->kind == KIND_F32 && in->mkind == KIND_NONE);
+}
+
+PyDoc_STRVAR(widen_doc,
+             "widen(src, kind, minus, mkind, out) -> bool\n\n"
+             "out = float32(src) - float32(minus) (no subtraction when mkind is 3); kinds: 0 "
+             "float32, 1 bfloat16, 2 float16. True when every value is finite.");
 
 static PyObject *py_widen(PyObject *self, PyObject *args) {
     Py_buffer src, minus, out;
-    int bf16;
-    if (!PyArg_ParseTuple(args, "y*py*w*:widen", &src, &bf16, &minus, &out))
+    int kind, mkind;
+    if (!PyArg_ParseTuple(args, "y*iy*iw*:widen", &src, &kind, &minus, &mkind, &out))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n = out.len / 4;
-    if (!check_size(&src, n, bf16 ? 2 : 4, "src") ||
-        (minus.len && !check_size(&minus, n, 4, "minus")))
+    Source in;
+    Py_ssize_t n = source_of(&src, kind, &minus, mkind, &in);
+    if (n < 0 || !check_size(&out, n, 4, "out"))
         goto done;
     uint32_t bad;
     Py_BEGIN_ALLOW_THREADS
-    bad = widen_block(src.buf, bf16, minus.len ? minus.buf : NULL, out.buf, n);
+    bad = widen_block(in.src, kind, in.minus, mkind, out.buf, n);
     Py_END_ALLOW_THREADS
     result = PyBool_FromLong(!bad);
 done:
@@ -375,31 +702,130 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(ranges_doc, "ranges(x, width, lo, hi)\n\n"
-                         "Each group of `width` float32 values' min and max, widened to 0.");
+PyDoc_STRVAR(ranges_doc,
+             "ranges(src, kind, minus, mkind, width, lo, hi, scratch) -> bool\n\n"
+             "Each group of `width` values' min and max, widened to 0; values as in widen(). "
+             "`scratch`: float32 work space (empty for plain float32). True when finite.");
 
 static PyObject *py_ranges(PyObject *self, PyObject *args) {
-    Py_buffer x, lo, hi;
+    Py_buffer src, minus, lo, hi, scratch;
+    int kind, mkind;
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "y*nw*w*:ranges", &x, &width, &lo, &hi))
+    if (!PyArg_ParseTuple(args, "y*iy*inw*w*w*:ranges", &src, &kind, &minus, &mkind, &width,
+                          &lo, &hi, &scratch))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t groups = width > 0 ? x.len / (4 * width) : 0;
-    if (width <= 0) {
-        PyErr_SetString(PyExc_ValueError, "ranges: width must be positive");
+    Source in;
+    Py_ssize_t n = source_of(&src, kind, &minus, mkind, &in);
+    if (n < 0)
+        goto done;
+    if (width <= 0 || n % width) {
+        PyErr_SetString(PyExc_ValueError, "ranges: width must divide the values");
         goto done;
     }
-    if (!check_size(&x, groups * width, 4, "x") || !check_size(&lo, groups, 4, "lo") ||
-        !check_size(&hi, groups, 4, "hi"))
+    Py_ssize_t groups = n / width;
+    if (!check_size(&lo, groups, 4, "lo") || !check_size(&hi, groups, 4, "hi") ||
+        (needs_scratch(&in) &&
+         !check_at_least(&scratch, chunk_groups(width, groups) * width, 4, "scratch")))
         goto done;
+    uint32_t bad;
     Py_BEGIN_ALLOW_THREADS
-    group_ranges(x.buf, groups, width, lo.buf, hi.buf);
+    bad = source_ranges(&in, groups, width, scratch.buf, lo.buf, hi.buf);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    result = PyBool_FromLong(!bad);
 done:
-    PyBuffer_Release(&x);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&minus);
     PyBuffer_Release(&lo);
     PyBuffer_Release(&hi);
+    PyBuffer_Release(&scratch);
+    return result;
+}
+
+PyDoc_STRVAR(encode_doc,
+             "encode(src, kind, minus, mkind, width, lo, hi, ranged, plan, scratch, codes, bits, "
+             "out, scales, zeros, step_codes) -> bool\n\n"
+             "Range-search and quantize whole groups of values (as in widen()) and bit-pack "
+             "their codes into `out` (bits 8: `out` holds the codes, `codes` is empty). `plan` "
+             "is (levels, factors, shifts, table, coarse, fine, margin, flat_scale, max_scale); "
+             "see range_search.py. True when every value is finite.");
+
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    Py_buffer src, minus, lo, hi, factors, shifts, table, coarse, fine, scratch, codes, out,
+        scales, zeros, steps;
+    int kind, mkind, ranged, levels, bits;
+    Py_ssize_t width;
+    float margin, flat_scale, max_scale;
+    if (!PyArg_ParseTuple(args, "y*iy*inw*w*p(iy*y*y*y*y*fff)w*w*iw*w*w*w*:encode", &src, &kind,
+                          &minus, &mkind, &width, &lo, &hi, &ranged, &levels, &factors, &shifts,
+                          &table, &coarse, &fine, &margin, &flat_scale, &max_scale, &scratch,
+                          &codes, &bits, &out, &scales, &zeros, &steps))
+        return NULL;
+    PyObject *result = NULL;
+    Source in;
+    Py_ssize_t n = source_of(&src, kind, &minus, mkind, &in);
+    Py_ssize_t count = table.len ? shifts.len / 4 : factors.len / 4;
+    float scale_of[MAX_TABLE], step_of[MAX_TABLE];
+    Search s = {
+        .levels = (float)levels,
+        .count = (int)count,
+        .factors = factors.buf,
+        .shifts = shifts.buf,
+        .table = table.buf,
+        .table_size = table.len / 4,
+        .scale_of = scale_of,
+        .step_of = step_of,
+        .coarse = coarse.buf,
+        .n_coarse = coarse.len / 4,
+        .fine = fine.buf,
+        .n_fine = fine.len / 4,
+        .margin = margin,
+        .flat_scale = flat_scale,
+        .max_scale = max_scale,
+    };
+    if (n < 0)
+        goto done;
+    if (width <= 0 || n % width || levels < 1 || levels > 255 || count < 1 ||
+        count > MAX_CANDIDATES || s.table_size > MAX_TABLE || s.n_coarse < 1 || s.n_coarse > MAX_CANDIDATES ||
+        s.n_fine > MAX_CANDIDATES || bits < 1 || bits > 8 || levels >= (1 << bits)) {
+        PyErr_SetString(PyExc_ValueError, "encode: bad width, levels, bits or candidate count");
+        goto done;
+    }
+    Py_ssize_t groups = n / width;
+    if (!check_size(&lo, groups, 4, "lo") || !check_size(&hi, groups, 4, "hi") ||
+        !check_size(&scales, groups, 4, "scales") || !check_size(&zeros, groups, 1, "zeros") ||
+        !check_size(&steps, table.len ? groups : 0, 1, "step_codes") ||
+        !check_size(&out, (n * bits + 7) / 8, 1, "out") ||
+        !check_size(&codes, bits == 8 ? 0 : n, 1, "codes") ||
+        (needs_scratch(&in) &&
+         !check_at_least(&scratch, chunk_groups(width, groups) * width, 4, "scratch")) ||
+        !check_indices(coarse.buf, s.n_coarse, 0, s.count - 1, "coarse") ||
+        !check_indices(fine.buf, s.n_fine, -s.count, s.count, "fine") ||
+        (s.table_size &&
+         !check_indices(shifts.buf, s.count, -(int)s.table_size, (int)s.table_size, "shifts")))
+        goto done;
+    uint32_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = encode_block(&in, n, width, lo.buf, hi.buf, ranged, &s, scratch.buf, codes.buf, bits,
+                       out.buf, scales.buf, zeros.buf, steps.buf);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!bad);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&minus);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&factors);
+    PyBuffer_Release(&shifts);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&coarse);
+    PyBuffer_Release(&fine);
+    PyBuffer_Release(&scratch);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&zeros);
+    PyBuffer_Release(&steps);
     return result;
 }
 
@@ -428,16 +854,74 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(unpack_doc, "unpack(stream, bits, codes)\n\n"
+                         "Inverse of pack: len(codes) (a multiple of 8) codes from `stream`.");
+
+static PyObject *py_unpack(PyObject *self, PyObject *args) {
+    Py_buffer stream, codes;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*iw*:unpack", &stream, &bits, &codes))
+        return NULL;
+    PyObject *result = NULL;
+    if (bits < 1 || bits > 8 || codes.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "unpack: bits must be 1-8 and codes a multiple of 8");
+        goto done;
+    }
+    if (!check_size(&stream, codes.len / 8 * bits, 1, "stream"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    unpack_codes(stream.buf, codes.len, bits, codes.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&stream);
+    PyBuffer_Release(&codes);
+    return result;
+}
+
+PyDoc_STRVAR(simd_doc, "simd(wide=None) -> str\n\n"
+                       "The vector path in use ('avx512' or 'generic'); wide=False turns the "
+                       "AVX-512 path off, wide=True back on where the CPU has it.");
+
+static int cpu_has_avx512(void) {
+#if HAVE_AVX512
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    PyObject *wide = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:simd", &wide))
+        return NULL;
+    if (wide != Py_None) {
+        int on = PyObject_IsTrue(wide);
+        if (on < 0)
+            return NULL;
+        use_avx512 = on && cpu_has_avx512();
+    }
+    return PyUnicode_FromString(use_avx512 ? "avx512" : "generic");
+}
+
 static PyMethodDef methods[] = {
+    {"encode", py_encode, METH_VARARGS, encode_doc},
     {"pack", py_pack, METH_VARARGS, pack_doc},
-    {"search", py_search, METH_VARARGS, search_doc},
-    {"widen", py_widen, METH_VARARGS, widen_doc},
     {"ranges", py_ranges, METH_VARARGS, ranges_doc},
+    {"simd", py_simd, METH_VARARGS, simd_doc},
+    {"unpack", py_unpack, METH_VARARGS, unpack_doc},
+    {"widen", py_widen, METH_VARARGS, widen_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_native", "Native kernels of tvq's pack pipeline.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_native", "Native kernels of tvq's pack and merge pipelines.", -1,
+    methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    use_avx512 = cpu_has_avx512();
+    return PyModule_Create(&module);
+}

@@ -1,9 +1,11 @@
 """Block-sized, allocation-free steps of the pack and merge pipelines, in caller-owned buffers.
 
 Why buffers: on the target machine a fresh multi-megabyte tensor costs a page fault per 4 KiB,
-so allocation, not arithmetic, was the main cost of whole-tensor ops on big tensors. Widening
-takes one native pass where the native kernels are built; dequantization is the same math, op
-for op, as `quantizer.dequantize`.
+so allocation, not arithmetic, was the main cost of whole-tensor ops on big tensors. Where the
+native kernels are built, a block of raw inputs (bf16, fp16 or fp32, minus the pretrained
+block) is widened, range-searched, quantized and bit-packed in one native pass, one L1-sized
+chunk of groups at a time; the torch references below compute the same bytes step by step.
+Dequantization is the same math, op for op, as `quantizer.dequantize`.
 """
 
 from __future__ import annotations
@@ -12,27 +14,134 @@ import numpy as np
 import torch
 
 from ..tensors import all_finite
-from . import native
+from . import native, range_search
+from .bitpack import pack_into
 from .spec import QuantSpec
 
-NATIVE_WIDEN = {torch.bfloat16: torch.int16, torch.float32: torch.float32}  # dtype: numpy view
-_EMPTY = np.empty(0, np.float32)
+KINDS = {torch.float32: native.F32, torch.bfloat16: native.BF16, torch.float16: native.F16}
+_EMPTY = np.empty(0, np.uint8)
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous tensor, as the kernels read them."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _native_inputs(raw: torch.Tensor, minus: torch.Tensor | None) -> tuple | None:
+    """(src, kind, minus, minus kind) for the kernels, or None where they cannot read these."""
+    if native.lib is None or raw.dtype not in KINDS or not raw.is_contiguous():
+        return None
+    if minus is None:
+        return _raw(raw), KINDS[raw.dtype], _EMPTY, native.NONE
+    if minus.dtype not in KINDS or not minus.is_contiguous() or minus.numel() != raw.numel():
+        return None
+    return _raw(raw), KINDS[raw.dtype], _raw(minus), KINDS[minus.dtype]
 
 
 def widen_into(raw: torch.Tensor, out: torch.Tensor, minus: torch.Tensor | None = None) -> bool:
-    """``out = float32(raw) - minus`` (`minus` optional) for contiguous blocks of equal size;
-    returns whether every value of `out` is finite. bf16 and fp32 inputs take one native pass
-    (widen, subtract and check together); other dtypes, or no native build, take torch's."""
-    lib = native.lib
-    if lib is not None and raw.dtype in NATIVE_WIDEN and raw.is_contiguous():
-        src = raw.reshape(-1).view(NATIVE_WIDEN[raw.dtype]).numpy()
-        rest = _EMPTY if minus is None else minus.reshape(-1).numpy()
-        return lib.widen(src, raw.dtype == torch.bfloat16, rest, out.reshape(-1).numpy())
+    """``out = float32(raw) - float32(minus)`` (`minus` optional) for contiguous blocks of equal
+    size; returns whether every value of `out` is finite. One native pass (widen, subtract and
+    check together) where built; torch's ops otherwise."""
+    inputs = _native_inputs(raw, minus)
+    if inputs is not None:
+        return native.lib.widen(*inputs, out.reshape(-1).numpy())
     view = out.view(raw.shape)
     view.copy_(raw)  # widen, then subtract: a mixed-dtype sub is not vectorized
     if minus is not None:
-        view.sub_(minus.view(raw.shape))
+        view.sub_(minus.view(raw.shape).to(torch.float32))
     return all_finite(out)
+
+
+def _grouped(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x.view(-1, width)
+
+
+def ranges_into(
+    raw: torch.Tensor,
+    minus: torch.Tensor | None,
+    width: int,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scratch: torch.Tensor,
+) -> bool:
+    """Each group of `width` values of ``raw - minus``: its min-max range (with 0) into `lo`,
+    `hi`; returns whether every value is finite. `scratch`: fp32, at least the block's size."""
+    inputs = _native_inputs(raw, minus)
+    if inputs is not None:
+        return native.lib.ranges(*inputs, width, lo.numpy(), hi.numpy(), scratch.numpy())
+    x = scratch[: raw.numel()]
+    finite = widen_into(raw, x, minus)
+    a, b = range_search.group_ranges(_grouped(x, width))
+    lo.copy_(a)
+    hi.copy_(b)
+    return finite
+
+
+class BlockCoder:
+    """Codes blocks of one part: range search, quantization and bit-packing at `bits` per
+    code (the stored layout's width), given the part's per-tensor `grid_top` values."""
+
+    def __init__(self, spec: QuantSpec, fallback: float, top: float, bits: int):
+        self.spec, self.fallback, self.top, self.bits = spec, fallback, top, bits
+        self.plan = range_search.native_plan(spec, fallback, top) if native.lib else None
+
+    def encode(
+        self,
+        raw: torch.Tensor,
+        minus: torch.Tensor | None,
+        width: int,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        ranged: bool,
+        scratch: torch.Tensor,
+        codes: torch.Tensor,
+        out: np.ndarray,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        steps: torch.Tensor | None,
+    ) -> bool:
+        """Quantize the groups of `width` values of ``raw - minus`` (`lo`, `hi`: their ranges
+        if `ranged`, else filled here) into `scales`, `zeros`, `steps` and the packed codes
+        `out`; `codes` (uint8, the block's size rounded up to 8) keeps the codes. Returns
+        whether every value is finite."""
+        n = raw.numel()
+        inputs = _native_inputs(raw, minus) if self.plan is not None else None
+        if inputs is not None:
+            return native.lib.encode(
+                *inputs,
+                width,
+                lo.numpy(),
+                hi.numpy(),
+                ranged,
+                self.plan,
+                scratch.numpy(),
+                _EMPTY if self.bits == 8 else codes[:n].numpy(),
+                self.bits,
+                out,
+                scales.numpy(),
+                zeros.numpy(),
+                _EMPTY if steps is None else steps.numpy(),
+            )
+        x = scratch[:n]
+        finite = widen_into(raw, x, minus)
+        groups = _grouped(x, width)
+        if not ranged:
+            a, b = range_search.group_ranges(groups)
+            lo.copy_(a)
+            hi.copy_(b)
+        q = range_search.quantize_groups(groups, lo, hi, self.spec, self.fallback, self.top)
+        codes[:n] = q.codes.view(-1)
+        scales.copy_(q.scales)
+        zeros.copy_(q.zeros)
+        if steps is not None:
+            steps.copy_(q.step_codes)
+        padded = -(-n // 8) * 8
+        work = codes[:padded].numpy().copy()
+        work[n:] = 0
+        packed = np.empty(padded * self.bits // 8, np.uint8)
+        pack_into(work, self.bits, packed, np.empty(padded // 8, np.uint64))
+        out[:] = packed[: out.size]
+        return finite
 
 
 def dequantize_into(

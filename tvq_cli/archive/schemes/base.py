@@ -47,6 +47,8 @@ class Scheme:
     shared_roles: ClassVar[tuple[str, ...]] = ()  # roles every task's vector depends on
     subtracts_pretrained: ClassVar[bool] = True  # False: inputs are the fine-tuned weights
     corrects_error: ClassVar[bool] = False  # whether the error-correction setting applies
+    # role i quantizes input i as it is: pack then codes each input straight from its raw bytes
+    direct: ClassVar[bool] = False
 
     def roles(self, tasks: list[str]) -> list[str]:
         """The quantized roles of every quantized tensor, in storage order."""
@@ -77,8 +79,12 @@ class Scheme:
         scratch: torch.Tensor | None = None,
     ) -> None:
         """Hand every role's values to `code`, in storage order. `scratch`: a buffer of one
-        input's size the scheme may use for values of its own (RTVQ's base)."""
-        raise NotImplementedError
+        input's size the scheme may use for values of its own (RTVQ's base). Direct schemes
+        hand over each input as it is."""
+        if not self.direct:
+            raise NotImplementedError
+        for index, values in enumerate(inputs):
+            code(index, values)
 
     def decode(
         self,
