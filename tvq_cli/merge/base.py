@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import TvqError
+from ..quant.kernel import weighted_sum
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,9 @@ class MergeMethod:
         return dict(self.values)
 
     # --- helpers shared by methods -----------------------------------------------------------
-    def weighted_sum(self, taus: torch.Tensor) -> torch.Tensor:
-        """sum_t w_t tau_t."""
-        return torch.tensordot(self.ctx.weights, taus, dims=1)
+    def weighted_sum(self, taus: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """scale * sum_t w_t tau_t, summed in task order (`quant.kernel.weighted_sum`)."""
+        return weighted_sum(taus, self.ctx.weights, scale)
 
     def rng(self, name: str, task: str, stream: str) -> torch.Generator:
         """A generator seeded by (seed, tensor, task, purpose): reproducible in any order."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..concurrency import fixed_mmap_threshold, torch_threads
+from ..concurrency import collector_paused, fixed_mmap_threshold, torch_threads
 from .archive_out import ArchiveOutput, Rounding
 from .engine import Engine
 from .model_out import write_models
@@ -21,7 +21,7 @@ def run_merge(request: MergeRequest, progress: bool = False) -> dict:
     # blocks run on the engine's own threads; whole-tensor methods keep torch's intra-op threads
     intra_op = 1 if merge.method.elementwise else merge.threads
     try:
-        with torch_threads(intra_op):
+        with torch_threads(intra_op), collector_paused():
             engine.run_statistics()
             if archive_output is not None:
                 output, rounding = archive_output.write(engine.tensors("merge"))

@@ -1,21 +1,31 @@
-"""The merge's inner loop: decode task vectors into reused buffers, work on them in blocks.
+"""The merge's inner loop: one tensor's task vectors, decoded block by block into reused buffers.
 
-Why: every statistics pass and the merge itself decode all T task vectors of a tensor again, and
+Why: every statistics pass and the merge itself go over all T task vectors of a tensor again, and
 the original code gave each decode, each stacked copy and each step of a method a fresh
 full-size tensor. On the target machine a fresh multi-megabyte tensor costs a page fault per
-4 KiB (see docs/performance.md), and a [T, n] stack built from T separate decodes holds 2T
-copies at once. Here the T task vectors are decoded in parallel straight into the rows of one
-[T, n] buffer sized for the largest tensor and reused for every tensor; elementwise methods
-then run on column blocks that stay in cache, in a pool of threads with torch's own intra-op
-threads set to 1 (as in pack: OpenMP teams on contended cores made block-sized ops far slower).
+4 KiB (see docs/performance.md). Here a task vector that is one part's dequantized values
+(TVQ) stays as its codes, scales and zero-points; its fp32 values are made only for one column
+block at a time, straight into the rows of a cache-sized [T, block] buffer of the thread that
+works on the block (`quant.kernel.dequantize_span`: the same divisions as `dequantize`).
+Other task vectors (RTVQ's base plus offset, FQ's weights less the pretrained ones, exact
+deltas) are decoded whole into the rows of one [T, n] buffer sized for the largest tensor, made
+on first use and reused for every tensor. Elementwise methods run on column blocks in a pool of
+threads with torch's own intra-op threads set to 1 (as in pack: OpenMP teams on contended
+cores made block-sized ops far slower).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from ..archive.format import TensorEntry
-from ..quant.kernel import dequantize_into
+from ..archive.parts import decode_part
+from ..quant.kernel import dequantize_span
+from ..quant.spec import Quantized, QuantSpec
 from .sources import Sources
 
 BLOCK = 1 << 16  # elements of one task per block: T blocks of 256 KiB of fp32 stay in cache
@@ -27,23 +37,100 @@ def column_blocks(n: int, size: int = BLOCK) -> list[slice]:
 
 
 class TaskVectorBuffer:
-    """One [T, n] float32 buffer for the largest tensor, viewed at each tensor's size."""
+    """One [T, n] float32 buffer for the largest tensor, viewed at each tensor's size; made on
+    first use (merges of TVQ archives by blocks never need it)."""
 
     def __init__(self, tasks: int, largest: int):
         self.tasks = tasks
-        self._data = torch.empty(tasks * max(largest, 1), dtype=torch.float32)
+        self.largest = max(largest, 1)
+        self._data: torch.Tensor | None = None
+        self._lock = threading.Lock()  # tasks are decoded in parallel
 
     def rows(self, numel: int) -> torch.Tensor:
+        with self._lock:
+            if self._data is None:
+                self._data = torch.empty(self.tasks * self.largest, dtype=torch.float32)
         return self._data[: self.tasks * numel].view(self.tasks, numel)
 
 
-def decode_into(sources: Sources, index: int, name: str, pre: torch.Tensor | None, row) -> None:
-    """Task `index`'s fp32 task vector of tensor `name` into `row` (flat, numel elements).
+class _Coded:
+    """A task vector kept as one part's codes, scales and zero-points (groups tile the rows)."""
 
-    A part that is the task vector itself (TVQ), made of whole groups, is dequantized in place
-    (`dequantize_into`: the same ops as `dequantize`, so the same values); everything else goes
-    through `Archive.task_vector`.
-    """
+    def __init__(self, q: Quantized, spec: QuantSpec):
+        self.codes = q.codes.reshape(-1)
+        self.scales, self.zeros, self.spec = q.scales, q.zeros, spec
+
+    def span(self, s: slice, out: torch.Tensor) -> None:
+        dequantize_span(self.codes[s], s.start, self.spec, self.scales, self.zeros, out)
+
+
+class BlockBuffers(threading.local):
+    """Each thread's [T, block] fp32 buffer, kept across tensors and passes."""
+
+    def get(self, tasks: int, size: int) -> torch.Tensor:
+        buffer = getattr(self, "buffer", None)
+        if buffer is None or buffer.numel() < tasks * size:
+            buffer = self.buffer = torch.empty(tasks * max(size, BLOCK))
+        return buffer[: tasks * size].view(tasks, size)
+
+
+class TaskVectors:
+    """The T task vectors of one tensor: column blocks of them on demand, or all of them."""
+
+    def __init__(self, numel: int, sources: list[_Coded | torch.Tensor], buffers: BlockBuffers):
+        self.numel = numel
+        self.sources = sources  # per task: its codes, or its decoded fp32 row
+        self.buffers = buffers
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def block(self, s: slice) -> torch.Tensor:
+        """Columns `s` of every task vector, [T, len(s)] fp32 in this thread's buffer: valid
+        until this thread's next call."""
+        rows = self.buffers.get(len(self), s.stop - s.start)
+        for row, source in zip(rows, self.sources, strict=True):
+            if isinstance(source, _Coded):
+                source.span(s, row)
+            else:
+                row.copy_(source[s])
+        return rows
+
+    def fill(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every task vector whole, in `rows` ([T, numel], where decoded rows already are)."""
+        whole = slice(0, self.numel)
+        for row, source in zip(rows, self.sources, strict=True):
+            if isinstance(source, _Coded):
+                source.span(whole, row)
+        return rows
+
+
+class CodeBuffers:
+    """One reused uint8 buffer per task for its codes, sized for the largest tensor (decoding
+    into fresh arrays cost more in page faults than the decoding itself: measured)."""
+
+    def __init__(self, tasks: int, largest: int):
+        self.largest = -(-max(largest, 1) // 8) * 8
+        self._buffers: list[np.ndarray | None] = [None] * tasks
+
+    def get(self, task: int) -> np.ndarray:
+        """Task `task`'s buffer (each task is decoded by one thread at a time)."""
+        if self._buffers[task] is None:
+            self._buffers[task] = np.empty(self.largest, np.uint8)
+        return self._buffers[task]
+
+
+def decode(
+    sources: Sources,
+    index: int,
+    name: str,
+    pre: torch.Tensor | None,
+    row: Callable[[], torch.Tensor],
+    codes: CodeBuffers,
+) -> _Coded | torch.Tensor:
+    """Task `index`'s task vector of tensor `name`: its codes (in `codes`' buffer of the task)
+    when it is one part of whole groups (TVQ), else its fp32 values decoded into `row()`
+    (flat, numel elements). Either is valid until the task's next decode."""
     ref = sources.refs[index]
     archive = ref.archive
     entry: TensorEntry = archive.entry(name)
@@ -51,7 +138,9 @@ def decode_into(sources: Sources, index: int, name: str, pre: torch.Tensor | Non
     if sole is not None and entry.kind == "quantized" and entry.shape:
         part = next(p for p in entry.parts if p.role == sole)
         if part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
-            q = archive.quantized(part, entry)
-            dequantize_into(q.codes.reshape(-1), part.spec, q.scales, q.zeros, row)
-            return
-    row.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
+            where = str(archive.path)
+            q = decode_part(part, entry, archive.raw, where, codes.get(index))
+            return _Coded(q, part.spec)
+    values = row()
+    values.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
+    return values

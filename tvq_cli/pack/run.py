@@ -20,7 +20,13 @@ from tqdm import tqdm
 
 from ..archive.format import ArchiveHeader
 from ..archive.writer import ArchiveWriter, archive_size
-from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
+from ..concurrency import (
+    Writer,
+    check_threads,
+    collector_paused,
+    fixed_mmap_threshold,
+    torch_threads,
+)
 from ..dtypes import itemsize
 from ..errors import InternalError, TvqError
 from ..io.atomic import check_target
@@ -150,7 +156,12 @@ def pack(
     largest = max(t.numel * itemsize(t.dtype) for t in header.tensors)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
-    with ArchiveWriter(out, header) as writer, torch_threads(1), contextlib.ExitStack() as stack:
+    with (
+        ArchiveWriter(out, header) as writer,
+        torch_threads(1),
+        collector_paused(),
+        contextlib.ExitStack() as stack,
+    ):
         packer = TensorPacker(
             options.rules,
             options.error_correction,

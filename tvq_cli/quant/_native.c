@@ -180,13 +180,7 @@ static Py_ssize_t chunk_groups(Py_ssize_t width, Py_ssize_t groups) {
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 
-INLINE f8 load8(const float *x) {
-    f8 v;
-    memcpy(&v, x, sizeof v);
-    return v;
-}
-
-INLINE f8 select8(i8 take, f8 a, f8 b) { return (f8)(((i8)a & take) | ((i8)b & ~take)); }
+#define SELECT8(take, a, b) ((f8)(((i8)(a) & (take)) | ((i8)(b) & ~(take))))
 #endif
 
 /* Each group's min and max, widened to include 0 (range_search.group_ranges). */
@@ -200,9 +194,10 @@ static void group_ranges(const float *x, Py_ssize_t groups, Py_ssize_t width, fl
 #if defined(__GNUC__)
         f8 vmn = {0.0f}, vmx = {0.0f};
         for (; i + LANES <= width; i += LANES) {
-            f8 v = load8(xg + i);
-            vmn = select8(v < vmn, v, vmn);
-            vmx = select8(v > vmx, v, vmx);
+            f8 v;
+            memcpy(&v, xg + i, sizeof v);
+            vmn = SELECT8(v < vmn, v, vmn);
+            vmx = SELECT8(v > vmx, v, vmx);
         }
         memcpy(mn, &vmn, sizeof mn);
         memcpy(mx, &vmx, sizeof mx);
@@ -617,6 +612,247 @@ static uint32_t encode_block(const Source *in, Py_ssize_t n, Py_ssize_t width, f
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Merge: dequantization, task arithmetic, TIES, top-k histograms, the merged output          */
+
+/* out[i] = (code - zero) / scale of elements [first, first + n) of a tensor whose groups of
+ * `group` elements (0: one group) have `zeros` and `scales`; `codes` are those n elements'.
+ * Where a group's run is long enough, its 2^bits values are divided once into a table (the
+ * same division, so the same values); with AVX-512 and at most 16 levels the table is one
+ * register and a lookup is a permutation. */
+#if HAVE_AVX512
+/* out[i] = table[codes[i]] for a 16-entry table, 16 at a time; returns how many were done. */
+AVX512 static Py_ssize_t lookup16(const uint8_t *codes, Py_ssize_t n, const float *table,
+                                  float *out) {
+    const __m512 lut = _mm512_loadu_ps(table);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
+        _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(idx, lut));
+    }
+    return i;
+}
+#endif
+
+INLINE void dequantize_run(const uint8_t *codes, Py_ssize_t n, float zero, float scale,
+                           int levels, float *out, int wide) {
+    if (n < 2 * (levels + 1)) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = ((float)codes[i] - zero) / scale;
+        return;
+    }
+    float table[256];
+    for (int c = 0; c <= levels; c++)
+        table[c] = ((float)c - zero) / scale;
+    Py_ssize_t i = 0;
+#if HAVE_AVX512
+    if (wide && levels < 16)
+        i = lookup16(codes, n, table, out);
+#endif
+    for (; i < n; i++)
+        out[i] = table[codes[i]];
+}
+
+INLINE void dequantize_body(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                            Py_ssize_t group, const uint8_t *zeros, const float *scales,
+                            int levels, float *out, int wide) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t g = group ? (first + i) / group : 0;
+        Py_ssize_t end = group ? (g + 1) * group - first : n;
+        end = end < n ? end : n;
+        dequantize_run(codes + i, end - i, (float)zeros[g], scales[g], levels, out + i, wide);
+        i = end;
+    }
+}
+
+MULTIVERSION
+static void dequantize_generic(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                               Py_ssize_t group, const uint8_t *zeros, const float *scales,
+                               int levels, float *out) {
+    dequantize_body(codes, first, n, group, zeros, scales, levels, out, 0);
+}
+
+#if HAVE_AVX512
+AVX512 static void dequantize_wide(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                                   Py_ssize_t group, const uint8_t *zeros, const float *scales,
+                                   int levels, float *out) {
+    dequantize_body(codes, first, n, group, zeros, scales, levels, out, 1);
+}
+#endif
+
+/* out = lam * sum_t w_t * rows[t], summed in task order (rows: `tasks` rows of n). */
+MULTIVERSION
+static void scaled_sum(const float *rows, Py_ssize_t tasks, Py_ssize_t n, const float *w,
+                       float lam, float *out) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = rows[i] * w[0];
+    for (Py_ssize_t t = 1; t < tasks; t++) {
+        const float *row = rows + t * n;
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = out[i] + row[i] * w[t];
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = lam * out[i];
+}
+
+INLINE float sign_of(float v) { return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f); }
+
+#define TIES_CHUNK 256 /* elements at a time: per-element sums stay in L1 and loops vectorize */
+
+/* TIES on a block (merge/methods/ties.py holds the reference): trim each task at its
+ * threshold, elect the sign of the (weighted) sum, where it is 0 the model-wide majority,
+ * and average the values that agree with it. `unit`: every weight is 1 (no products).
+ * out = lam * merged; with out NULL, only the elected signs are counted (their sum is
+ * returned, before the majority is applied). Sums run in task order, chunk by chunk. */
+MULTIVERSION
+static int64_t ties_block(const float *rows, Py_ssize_t tasks, Py_ssize_t n, const float *thr,
+                          const float *w, int unit, float majority, float lam, float *out) {
+    int64_t signs = 0;
+    float total[TIES_CHUNK], elected[TIES_CHUNK], num[TIES_CHUNK], den[TIES_CHUNK];
+    for (Py_ssize_t start = 0; start < n; start += TIES_CHUNK) {
+        Py_ssize_t m = n - start < TIES_CHUNK ? n - start : TIES_CHUNK;
+        for (Py_ssize_t t = 0; t < tasks; t++) {
+            const float *row = rows + t * n + start;
+            const float cut = thr[t], weight = w[t];
+            for (Py_ssize_t i = 0; i < m; i++) {
+                float kept = fabsf(row[i]) >= cut ? row[i] : 0.0f;
+                float term = unit ? kept : weight * kept;
+                total[i] = t ? total[i] + term : term;
+            }
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            elected[i] = sign_of(total[i]);
+        if (!out) {
+            float sum = 0.0f; /* whole numbers below 2^24: exact */
+            for (Py_ssize_t i = 0; i < m; i++)
+                sum += elected[i];
+            signs += (int64_t)sum;
+            continue;
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            elected[i] = elected[i] == 0.0f ? majority : elected[i];
+        for (Py_ssize_t t = 0; t < tasks; t++) {
+            const float *row = rows + t * n + start;
+            const float cut = thr[t], weight = w[t];
+            for (Py_ssize_t i = 0; i < m; i++) { /* float selects only, so it vectorizes */
+                float kept = fabsf(row[i]) >= cut ? row[i] : 0.0f;
+                float one = sign_of(kept) == elected[i] ? 1.0f : 0.0f;
+                one = kept != 0.0f ? one : 0.0f; /* agrees with the elected sign */
+                float value = one != 0.0f ? kept : 0.0f;
+                float a = unit ? value : weight * value, b = unit ? one : weight * one;
+                num[i] = t ? num[i] + a : a;
+                den[i] = t ? den[i] + b : b;
+            }
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            total[i] = num[i] / (den[i] > 1e-30f ? den[i] : 1e-30f);
+        for (Py_ssize_t i = 0; i < m; i++)
+            out[start + i] = lam * (den[i] != 0.0f ? total[i] : 0.0f);
+    }
+    return signs;
+}
+
+/* Top-k histograms (merge/topk.py): counts of |x| by the high 16 bits of its pattern, or,
+ * inside high bin `bin`, by the low 16 bits (few values fall in one bin: chunks with none are
+ * passed over after one vectorized test). */
+INLINE uint32_t magnitude_bits(const float *x, Py_ssize_t i) {
+    uint32_t bits;
+    memcpy(&bits, x + i, 4);
+    return bits & 0x7fffffffu;
+}
+
+MULTIVERSION
+static void histogram(const float *x, Py_ssize_t n, int64_t bin, int64_t *counts) {
+    if (bin < 0) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            counts[magnitude_bits(x, i) >> 16]++;
+        return;
+    }
+    for (Py_ssize_t start = 0; start < n; start += 64) {
+        Py_ssize_t end = n - start < 64 ? n : start + 64;
+        uint32_t any = 0;
+        for (Py_ssize_t i = start; i < end; i++)
+            any |= (magnitude_bits(x, i) >> 16) == (uint32_t)bin;
+        if (!any)
+            continue;
+        for (Py_ssize_t i = start; i < end; i++) {
+            uint32_t bits = magnitude_bits(x, i);
+            if ((bits >> 16) == (uint32_t)bin)
+                counts[bits & 0xffffu]++;
+        }
+    }
+}
+
+/* float32 to bfloat16 or float16, round to nearest even (torch's conversions; NaN to the
+ * canonical quiet NaN). */
+INLINE uint16_t to_bf16(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+INLINE uint16_t to_f16(float v) { /* the FP16 library's fp16_ieee_from_fp32_value */
+    const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
+    uint32_t w;
+    memcpy(&w, &v, 4);
+    float base = (fabsf(v) * scale_to_inf) * scale_to_zero;
+    const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u)
+        bias = 0x71000000u;
+    uint32_t b = (bias >> 1) + 0x07800000u;
+    float add;
+    memcpy(&add, &b, 4);
+    base = add + base;
+    uint32_t bits;
+    memcpy(&bits, &base, 4);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007c00u, mantissa_bits = bits & 0x00000fffu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+/* out = dtype(float32(base) + delta); returns nonzero if a value of base is not finite. */
+INLINE uint32_t finish_values(const void *base, int kind, const float *delta, void *out,
+                              int okind, Py_ssize_t n) {
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float b = load_value(base, kind, i);
+        bad |= not_finite(b);
+        float v = b + delta[i];
+        if (okind == KIND_F32)
+            ((float *)out)[i] = v;
+        else if (okind == KIND_BF16)
+            ((uint16_t *)out)[i] = to_bf16(v);
+        else
+            ((uint16_t *)out)[i] = to_f16(v);
+    }
+    return bad;
+}
+
+#define FINISH_CASE(K, O)                                                                      \
+    case (K) * 4 + (O):                                                                        \
+        return finish_values(base, K, delta, out, O, n);
+
+MULTIVERSION
+static uint32_t finish_block(const void *base, int kind, const float *delta, void *out,
+                             int okind, Py_ssize_t n) {
+    switch (kind * 4 + okind) {
+        FINISH_CASE(KIND_F32, KIND_F32)
+        FINISH_CASE(KIND_F32, KIND_BF16)
+        FINISH_CASE(KIND_F32, KIND_F16)
+        FINISH_CASE(KIND_BF16, KIND_F32)
+        FINISH_CASE(KIND_BF16, KIND_BF16)
+        FINISH_CASE(KIND_BF16, KIND_F16)
+        FINISH_CASE(KIND_F16, KIND_F32)
+        FINISH_CASE(KIND_F16, KIND_BF16)
+        FINISH_CASE(KIND_F16, KIND_F16)
+    }
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Python bindings                                                                           */
 
 static int check_size(const Py_buffer *buf, Py_ssize_t items, Py_ssize_t itemsize,
@@ -879,6 +1115,180 @@ done:
     return result;
 }
 
+MULTIVERSION
+static uint8_t max_code(const uint8_t *codes, Py_ssize_t n) {
+    uint8_t top = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        top = codes[i] > top ? codes[i] : top;
+    return top;
+}
+
+PyDoc_STRVAR(dequantize_doc,
+             "dequantize(codes, first, group, zeros, scales, levels, out)\n\n"
+             "out = (codes - zero) / scale for elements [first, first + len(codes)) of a "
+             "tensor quantized in groups of `group` (0: one group); codes <= levels.");
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    Py_buffer codes, zeros, scales, out;
+    Py_ssize_t first, group;
+    int levels;
+    if (!PyArg_ParseTuple(args, "y*nny*y*iw*:dequantize", &codes, &first, &group, &zeros,
+                          &scales, &levels, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = codes.len, groups = zeros.len;
+    Py_ssize_t last = n ? (group ? (first + n - 1) / group : 0) : -1;
+    if (first < 0 || group < 0 || levels < 1 || levels > 255 || last >= groups) {
+        PyErr_SetString(PyExc_ValueError, "dequantize: bad offset, group, levels or zeros");
+        goto done;
+    }
+    if (!check_size(&scales, groups, 4, "scales") || !check_size(&out, n, 4, "out"))
+        goto done;
+    if (max_code(codes.buf, n) > levels) {
+        PyErr_SetString(PyExc_ValueError, "dequantize: a code is above levels");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_AVX512
+    if (use_avx512)
+        dequantize_wide(codes.buf, first, n, group, zeros.buf, scales.buf, levels, out.buf);
+    else
+#endif
+        dequantize_generic(codes.buf, first, n, group, zeros.buf, scales.buf, levels, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&zeros);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* A block of task rows: `tasks` rows of n float32 values, n from the buffer's size. */
+static Py_ssize_t rows_of(const Py_buffer *rows, const Py_buffer *per_task, Py_ssize_t tasks) {
+    if (tasks < 1 || rows->len % (4 * tasks) || !check_size(per_task, tasks, 4, "per task")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "rows: not a whole number of tasks");
+        return -1;
+    }
+    return rows->len / (4 * tasks);
+}
+
+PyDoc_STRVAR(scaled_sum_doc, "scaled_sum(rows, tasks, weights, lam, out)\n\n"
+                             "out = lam * sum_t weights[t] * rows[t], in task order.");
+
+static PyObject *py_scaled_sum(PyObject *self, PyObject *args) {
+    Py_buffer rows, weights, out;
+    Py_ssize_t tasks;
+    float lam;
+    if (!PyArg_ParseTuple(args, "y*ny*fw*:scaled_sum", &rows, &tasks, &weights, &lam, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = rows_of(&rows, &weights, tasks);
+    if (n < 0 || !check_size(&out, n, 4, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    scaled_sum(rows.buf, tasks, n, weights.buf, lam, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&weights);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(ties_doc,
+             "ties(rows, tasks, thresholds, weights, unit, majority, lam, out) -> int\n\n"
+             "TIES' trim, elect and disjoint mean of a block, times lam, into `out`; with "
+             "`out` empty, the sum of the elected signs (before the majority) instead.");
+
+static PyObject *py_ties(PyObject *self, PyObject *args) {
+    Py_buffer rows, thr, weights, out;
+    Py_ssize_t tasks;
+    int unit;
+    float majority, lam;
+    if (!PyArg_ParseTuple(args, "y*ny*y*pffw*:ties", &rows, &tasks, &thr, &weights, &unit,
+                          &majority, &lam, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = rows_of(&rows, &thr, tasks);
+    if (n < 0 || !check_size(&weights, tasks, 4, "weights") ||
+        (out.len && !check_size(&out, n, 4, "out")))
+        goto done;
+    int64_t signs;
+    Py_BEGIN_ALLOW_THREADS
+    signs = ties_block(rows.buf, tasks, n, thr.buf, weights.buf, unit, majority, lam,
+                       out.len ? out.buf : NULL);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(signs);
+done:
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&thr);
+    PyBuffer_Release(&weights);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(histogram_doc,
+             "histogram(x, bin, counts)\n\n"
+             "Add float32 |x| to 65536 int64 `counts` by the high 16 bits of its bit pattern "
+             "(bin < 0), or, inside high bin `bin`, by the low 16 bits.");
+
+static PyObject *py_histogram(PyObject *self, PyObject *args) {
+    Py_buffer x, counts;
+    long long bin;
+    if (!PyArg_ParseTuple(args, "y*Lw*:histogram", &x, &bin, &counts))
+        return NULL;
+    PyObject *result = NULL;
+    if (x.len % 4 || bin > 0xffff || !check_size(&counts, 1 << 16, 8, "counts")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "histogram: bad values or bin");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    histogram(x.buf, x.len / 4, bin, counts.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
+PyDoc_STRVAR(finish_doc,
+             "finish(base, kind, delta, out, okind) -> bool\n\n"
+             "out = okind(float32(base) + delta), rounded to nearest even; kinds as in "
+             "widen(). True when every value of base is finite.");
+
+static PyObject *py_finish(PyObject *self, PyObject *args) {
+    Py_buffer base, delta, out;
+    int kind, okind;
+    if (!PyArg_ParseTuple(args, "y*iy*w*i:finish", &base, &kind, &delta, &out, &okind))
+        return NULL;
+    PyObject *result = NULL;
+    if (kind < KIND_F32 || kind > KIND_F16 || okind < KIND_F32 || okind > KIND_F16 ||
+        delta.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "finish: bad kinds or sizes");
+        goto done;
+    }
+    Py_ssize_t n = delta.len / 4;
+    if (!check_size(&base, n, KIND_SIZE[kind], "base") ||
+        !check_size(&out, n, KIND_SIZE[okind], "out"))
+        goto done;
+    uint32_t bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = finish_block(base.buf, kind, delta.buf, out.buf, okind, n);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!bad);
+done:
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&delta);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(simd_doc, "simd(wide=None) -> str\n\n"
                        "The vector path in use ('avx512' or 'generic'); wide=False turns the "
                        "AVX-512 path off, wide=True back on where the CPU has it.");
@@ -907,10 +1317,15 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
     {"encode", py_encode, METH_VARARGS, encode_doc},
+    {"finish", py_finish, METH_VARARGS, finish_doc},
+    {"histogram", py_histogram, METH_VARARGS, histogram_doc},
     {"pack", py_pack, METH_VARARGS, pack_doc},
     {"ranges", py_ranges, METH_VARARGS, ranges_doc},
+    {"scaled_sum", py_scaled_sum, METH_VARARGS, scaled_sum_doc},
     {"simd", py_simd, METH_VARARGS, simd_doc},
+    {"ties", py_ties, METH_VARARGS, ties_doc},
     {"unpack", py_unpack, METH_VARARGS, unpack_doc},
     {"widen", py_widen, METH_VARARGS, widen_doc},
     {NULL, NULL, 0, NULL},

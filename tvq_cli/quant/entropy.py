@@ -43,8 +43,11 @@ def compress(symbols: np.ndarray) -> bytes:
     return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(symbols)
 
 
-def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of `encode`; a damaged or foreign frame raises TvqError, never wrong codes."""
+def decode(
+    frame: np.ndarray | bytes, bits: int, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of `encode` (the codes into `out` where given, as `unpack_bits`); a damaged or
+    foreign frame raises TvqError, never wrong codes."""
     expected = symbol_nbytes(count, bits)
     try:
         data = zstandard.ZstdDecompressor().decompress(
@@ -56,7 +59,7 @@ def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
         raise TvqError(
             f"entropy-coded codes decode to {len(data)} bytes, expected {expected} (damaged)"
         )
-    codes = unpack_bits(np.frombuffer(data, np.uint8), SYMBOL_BITS[bits], count)
+    codes = unpack_bits(np.frombuffer(data, np.uint8), SYMBOL_BITS[bits], count, out)
     if bits < SYMBOL_BITS[bits] and (codes >> bits).any():
         raise TvqError("entropy-coded codes hold out-of-range values (damaged)")
     return codes

@@ -156,3 +156,55 @@ def dequantize_into(
     out.copy_(codes)
     values = out.view(-1, spec.group_size) if spec.group_size else out.view(1, -1)
     values.sub_(zeros.to(torch.float32)[:, None]).div_(scales[:, None])
+
+
+def dequantize_span(
+    codes: torch.Tensor,
+    first: int,
+    spec: QuantSpec,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """`dequantize_into` of elements [first, first + len(codes)) of a tensor whose groups tile
+    its rows: any span, whole groups or not (merge's column blocks). Native where built (a
+    table of each group's values, the same divisions); torch's ops otherwise."""
+    size = spec.group_size
+    if native.lib is not None:
+        native.lib.dequantize(
+            codes.numpy(), first, size, zeros.numpy(), scales.numpy(), spec.levels, out.numpy()
+        )
+        return
+    n = codes.numel()
+    group = torch.arange(first, first + n) // size if size else torch.zeros(n, dtype=torch.long)
+    out.copy_(codes)
+    out.sub_(zeros[group].to(torch.float32)).div_(scales[group])
+
+
+def add_into(base: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = out.dtype(float32(base) + delta)`` (rounded to nearest even) for contiguous
+    blocks; returns whether every value of `base` is finite. One native pass where built."""
+    if native.lib is not None and base.dtype in KINDS and out.dtype in KINDS:
+        delta = delta.contiguous().numpy()
+        return native.lib.finish(_raw(base), KINDS[base.dtype], delta, _raw(out), KINDS[out.dtype])
+    values = base.to(torch.float32)
+    if not all_finite(values):
+        return False
+    out.copy_(torch.add(values, delta))
+    return True
+
+
+def weighted_sum(taus: torch.Tensor, weights: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * sum_t weights[t] * taus[t]`` over the first dimension, summed in task order
+    with a product and a sum per task (no fused multiply-add): the same value on a block as
+    on the whole tensor, with or without the native kernels."""
+    tasks = taus.shape[0]
+    if native.lib is not None and taus.dtype == torch.float32 and taus.is_contiguous():
+        out = torch.empty(taus.shape[1:])
+        w = weights.to(torch.float32).contiguous()
+        native.lib.scaled_sum(taus.numpy(), tasks, w.numpy(), scale, out.numpy())
+        return out
+    total = taus[0] * weights[0]
+    for t in range(1, tasks):
+        total += taus[t] * weights[t]
+    return total.mul_(scale)

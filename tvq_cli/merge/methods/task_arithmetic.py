@@ -20,4 +20,4 @@ class TaskArithmetic(MergeMethod):
     elementwise = True
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
-        return self.values["lambda"] * self.weighted_sum(taus)
+        return self.weighted_sum(taus, self.values["lambda"])
