@@ -141,7 +141,10 @@ class MergeMethod:
         return False
 
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
-        """See one tensor's task vectors during statistics pass `pass_index`."""
+        """See one tensor's task vectors during statistics pass `pass_index`. Elementwise
+        methods see column blocks as a `stream.TaskBlock` (`.values` is the [T, block]
+        tensor; `block[t]` one task's columns, which `topk.StreamingKth` counts from the
+        codes), others the whole [T, *shape] tensor."""
 
     def end_pass(self, pass_index: int) -> None:
         """All tensors have been observed in pass `pass_index`."""

@@ -21,6 +21,7 @@ from .request import Merge
 from .stream import (
     BlockBuffers,
     CodeBuffers,
+    TaskBlock,
     TaskVectorBuffer,
     TaskVectors,
     column_blocks,
@@ -96,7 +97,8 @@ class Engine:
 
     def _observe_blocks(self, index: int, name: str, taus: TaskVectors) -> None:
         self.runner.map(
-            lambda s: self.method.observe(index, name, taus.block(s)), column_blocks(taus.numel)
+            lambda s: self.method.observe(index, name, TaskBlock(taus, s)),
+            column_blocks(taus.numel),
         )
 
     def pretrained_float(self, name: str, raw: torch.Tensor) -> torch.Tensor:

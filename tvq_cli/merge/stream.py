@@ -22,9 +22,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..archive.format import TensorEntry
+from ..archive.format import TensorEntry, part_keys
 from ..archive.parts import decode_part
-from ..quant.kernel import dequantize_span
+from ..quant.kernel import count_magnitudes, dequantize_span
 from ..quant.spec import Quantized, QuantSpec
 from .sources import Sources
 
@@ -62,6 +62,54 @@ class _Coded:
 
     def span(self, s: slice, out: torch.Tensor) -> None:
         dequantize_span(self.codes[s], s.start, self.spec, self.scales, self.zeros, out)
+
+    def count(self, s: slice, bin: int, counts: np.ndarray) -> bool:
+        codes, spec = self.codes[s], self.spec
+        return count_magnitudes(codes, s.start, spec, self.scales, self.zeros, bin, counts)
+
+
+class TaskColumns:
+    """Columns of one task vector, for top-k histograms: counted from its codes where it is
+    kept as codes (a group's 2^bits values, each counted once), else from its values."""
+
+    def __init__(self, block: TaskBlock, task: int):
+        self.block, self.task = block, task
+
+    def numel(self) -> int:
+        return self.block.s.stop - self.block.s.start
+
+    def values(self) -> torch.Tensor:
+        return self.block.values[self.task]
+
+    def count_magnitudes(self, bin: int, counts: np.ndarray) -> bool:
+        """See `quant.kernel.count_magnitudes`; False where it cannot (use `values`)."""
+        source = self.block.taus.sources[self.task]
+        return isinstance(source, _Coded) and source.count(self.block.s, bin, counts)
+
+
+class TaskBlock:
+    """Columns `s` of every task vector of one tensor, as statistics passes see them: their
+    fp32 values ([T, len(s)], made on first use, in this thread's buffer) or one task's
+    columns (`block[t]`, `iter(block)`)."""
+
+    def __init__(self, taus: TaskVectors, s: slice):
+        self.taus, self.s = taus, s
+        self._values: torch.Tensor | None = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = self.taus.block(self.s)
+        return self._values
+
+    def __len__(self) -> int:
+        return len(self.taus)
+
+    def __getitem__(self, task: int) -> TaskColumns:
+        return TaskColumns(self, task)
+
+    def __iter__(self):
+        return (TaskColumns(self, t) for t in range(len(self)))
 
 
 class BlockBuffers(threading.local):
@@ -106,18 +154,24 @@ class TaskVectors:
 
 
 class CodeBuffers:
-    """One reused uint8 buffer per task for its codes, sized for the largest tensor (decoding
-    into fresh arrays cost more in page faults than the decoding itself: measured)."""
+    """Reused uint8 buffers per task for its codes (sized for the largest tensor) and for
+    their stored bytes: decoding into fresh arrays cost more in page faults than the decoding
+    itself (measured). Each task is decoded by one thread at a time."""
 
     def __init__(self, tasks: int, largest: int):
         self.largest = -(-max(largest, 1) // 8) * 8
-        self._buffers: list[np.ndarray | None] = [None] * tasks
+        self._codes: list[np.ndarray | None] = [None] * tasks
+        self._stored: list[np.ndarray] = [np.empty(0, np.uint8)] * tasks
 
-    def get(self, task: int) -> np.ndarray:
-        """Task `task`'s buffer (each task is decoded by one thread at a time)."""
-        if self._buffers[task] is None:
-            self._buffers[task] = np.empty(self.largest, np.uint8)
-        return self._buffers[task]
+    def codes(self, task: int) -> np.ndarray:
+        if self._codes[task] is None:
+            self._codes[task] = np.empty(self.largest, np.uint8)
+        return self._codes[task]
+
+    def stored(self, task: int, size: int) -> np.ndarray:
+        if self._stored[task].size < size:
+            self._stored[task] = np.empty(size, np.uint8)
+        return self._stored[task]
 
 
 def decode(
@@ -138,8 +192,14 @@ def decode(
     if sole is not None and entry.kind == "quantized" and entry.shape:
         part = next(p for p in entry.parts if p.role == sole)
         if part.group_size > 0 and entry.shape[-1] % part.group_size == 0:
-            where = str(archive.path)
-            q = decode_part(part, entry, archive.raw, where, codes.get(index))
+            codes_key = part_keys(part, name)[0]
+
+            def raw(key: str) -> np.ndarray:
+                if key != codes_key:
+                    return archive.raw(key)
+                return archive.raw(key, codes.stored(index, archive.nbytes(key)))
+
+            q = decode_part(part, entry, raw, str(archive.path), codes.codes(index))
             return _Coded(q, part.spec)
     values = row()
     values.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))

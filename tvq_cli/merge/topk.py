@@ -52,19 +52,24 @@ class StreamingKth:
             into += torch.from_numpy(table)
         self._tables = {}
 
-    def _counted(self, x: torch.Tensor, bin: int) -> bool:
-        """Count `x` natively into this thread's table; False where the kernel cannot."""
+    def _counted(self, x, bin: int) -> bool:
+        """Count `x` natively into this thread's table (from its codes where it offers to:
+        `stream.TaskColumns`); False where the kernels cannot."""
+        if not isinstance(x, torch.Tensor):
+            return x.count_magnitudes(bin, self._table())
         if native.lib is None or x.dtype != torch.float32 or not x.is_contiguous():
             return False
         native.lib.histogram(x.detach().reshape(-1).numpy(), bin, self._table())
         return True
 
-    def observe_high(self, x: torch.Tensor) -> None:
-        """Pass 1: count the values of one tensor by the high half of their bit pattern."""
+    def observe_high(self, x) -> None:
+        """Pass 1: count the values of one tensor (or `stream.TaskColumns`) by the high half
+        of their bit pattern."""
         if self._counted(x, -1):
             with self._lock:
                 self.count += x.numel()
             return
+        x = x if isinstance(x, torch.Tensor) else x.values()
         bits = _patterns(x)
         counts = torch.bincount(bits >> 16, minlength=BINS)
         with self._lock:
@@ -81,10 +86,11 @@ class StreamingKth:
         before = int(cumulative[self._bin - 1]) if self._bin > 0 else 0
         self._rank = k - before
 
-    def observe_low(self, x: torch.Tensor) -> None:
+    def observe_low(self, x) -> None:
         """Pass 2: count, inside the selected high bin, by the low half of the bit pattern."""
         if self._counted(x, self._bin):
             return
+        x = x if isinstance(x, torch.Tensor) else x.values()
         bits = _patterns(x)
         inside = bits[(bits >> 16) == self._bin] & 0xFFFF
         if inside.numel():

@@ -30,6 +30,7 @@
 #define LANES 8
 #define MAX_CANDIDATES 64
 #define MAX_TABLE 256 /* step codes of 8-bit compact scales */
+#define MAX_HISTOGRAM_LEVELS 31 /* codes of up to 5 bits are counted by value */
 #define CHUNK 4096          /* elements widened at a time: 16 KiB of fp32, stays in L1 */
 #define ROUNDER 12582912.0f /* 1.5 * 2^23: adding it rounds [0, 2^22] to integers */
 
@@ -783,6 +784,88 @@ static void histogram(const float *x, Py_ssize_t n, int64_t bin, int64_t *counts
     }
 }
 
+/* The histogram above, of the dequantized values (code - zero) / scale of elements
+ * [first, first + n) of a tensor quantized in groups (0: one group), from their codes: each
+ * group's codes are counted by value, then each value's count is added once. */
+INLINE void add_counts(const int32_t *per_code, int levels, float zero, float scale,
+                       int64_t bin, int64_t *counts) {
+    for (int c = 0; c <= levels; c++) {
+        if (!per_code[c])
+            continue;
+        float v = ((float)c - zero) / scale;
+        uint32_t bits = magnitude_bits(&v, 0);
+        if (bin < 0)
+            counts[bits >> 16] += per_code[c];
+        else if ((int64_t)(bits >> 16) == bin)
+            counts[bits & 0xffffu] += per_code[c];
+    }
+}
+
+#if HAVE_AVX512
+/* per_code[c] = how many of the n codes are c, for c < 16: one compare and one popcount per
+ * 64 codes and value. */
+__attribute__((target("avx512f,avx512bw,popcnt"))) static void
+count_codes16(const uint8_t *codes, Py_ssize_t n, int levels, int32_t *per_code) {
+    for (int c = 0; c <= levels; c++)
+        per_code[c] = 0;
+    for (Py_ssize_t i = 0; i < n; i += 64) {
+        Py_ssize_t left = n - i;
+        __mmask64 valid = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        __m512i chunk = _mm512_maskz_loadu_epi8(valid, codes + i);
+        for (int c = 0; c <= levels; c++) {
+            __mmask64 hit = _mm512_mask_cmpeq_epi8_mask(valid, chunk, _mm512_set1_epi8((char)c));
+            per_code[c] += (int32_t)__builtin_popcountll(hit);
+        }
+    }
+}
+#endif
+
+INLINE void code_histogram_body(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                                Py_ssize_t group, const uint8_t *zeros, const float *scales,
+                                int levels, int64_t bin, int64_t *counts, int wide) {
+    int32_t lanes[4][MAX_HISTOGRAM_LEVELS + 1] = {{0}}, per_code[MAX_HISTOGRAM_LEVELS + 1];
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t g = group ? (first + i) / group : 0;
+        Py_ssize_t end = group ? (g + 1) * group - first : n;
+        end = end < n ? end : n;
+#if HAVE_AVX512
+        if (wide && levels < 16) {
+            count_codes16(codes + i, end - i, levels, per_code);
+            i = end;
+            add_counts(per_code, levels, (float)zeros[g], scales[g], bin, counts);
+            continue;
+        }
+#endif
+        for (; i + 4 <= end; i += 4) /* four tables: repeated codes do not wait on each other */
+            for (int j = 0; j < 4; j++)
+                lanes[j][codes[i + j]]++;
+        for (; i < end; i++)
+            lanes[0][codes[i]]++;
+        for (int c = 0; c <= levels; c++) {
+            per_code[c] = (lanes[0][c] + lanes[1][c]) + (lanes[2][c] + lanes[3][c]);
+            lanes[0][c] = lanes[1][c] = lanes[2][c] = lanes[3][c] = 0;
+        }
+        add_counts(per_code, levels, (float)zeros[g], scales[g], bin, counts);
+    }
+}
+
+MULTIVERSION
+static void code_histogram_generic(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                                   Py_ssize_t group, const uint8_t *zeros, const float *scales,
+                                   int levels, int64_t bin, int64_t *counts) {
+    code_histogram_body(codes, first, n, group, zeros, scales, levels, bin, counts, 0);
+}
+
+#if HAVE_AVX512
+AVX512 static void code_histogram_wide(const uint8_t *codes, Py_ssize_t first, Py_ssize_t n,
+                                       Py_ssize_t group, const uint8_t *zeros,
+                                       const float *scales, int levels, int64_t bin,
+                                       int64_t *counts) {
+    code_histogram_body(codes, first, n, group, zeros, scales, levels, bin, counts, 1);
+}
+#endif
+
 /* float32 to bfloat16 or float16, round to nearest even (torch's conversions; NaN to the
  * canonical quiet NaN). */
 INLINE uint16_t to_bf16(float v) {
@@ -1257,6 +1340,51 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(code_histogram_doc,
+             "code_histogram(codes, first, group, zeros, scales, levels, bin, counts)\n\n"
+             "histogram() of the values dequantize() would give (levels < 32).");
+
+static PyObject *py_code_histogram(PyObject *self, PyObject *args) {
+    Py_buffer codes, zeros, scales, counts;
+    Py_ssize_t first, group;
+    int levels;
+    long long bin;
+    if (!PyArg_ParseTuple(args, "y*nny*y*iLw*:code_histogram", &codes, &first, &group, &zeros,
+                          &scales, &levels, &bin, &counts))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = codes.len, groups = zeros.len;
+    Py_ssize_t last = n ? (group ? (first + n - 1) / group : 0) : -1;
+    if (first < 0 || group < 0 || levels < 1 || levels > MAX_HISTOGRAM_LEVELS ||
+        last >= groups || bin > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "code_histogram: bad offset, group, levels or bin");
+        goto done;
+    }
+    if (!check_size(&scales, groups, 4, "scales") || !check_size(&counts, 1 << 16, 8, "counts"))
+        goto done;
+    if (max_code(codes.buf, n) > levels) {
+        PyErr_SetString(PyExc_ValueError, "code_histogram: a code is above levels");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_AVX512
+    if (use_avx512)
+        code_histogram_wide(codes.buf, first, n, group, zeros.buf, scales.buf, levels, bin,
+                            counts.buf);
+    else
+#endif
+        code_histogram_generic(codes.buf, first, n, group, zeros.buf, scales.buf, levels, bin,
+                               counts.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&zeros);
+    PyBuffer_Release(&scales);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
 PyDoc_STRVAR(finish_doc,
              "finish(base, kind, delta, out, okind) -> bool\n\n"
              "out = okind(float32(base) + delta), rounded to nearest even; kinds as in "
@@ -1317,6 +1445,7 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    {"code_histogram", py_code_histogram, METH_VARARGS, code_histogram_doc},
     {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
     {"encode", py_encode, METH_VARARGS, encode_doc},
     {"finish", py_finish, METH_VARARGS, finish_doc},

@@ -208,3 +208,28 @@ def weighted_sum(taus: torch.Tensor, weights: torch.Tensor, scale: float = 1.0) 
     for t in range(1, tasks):
         total += taus[t] * weights[t]
     return total.mul_(scale)
+
+
+MAX_COUNTED_LEVELS = 31  # codes of up to 5 bits are counted by value (native code_histogram)
+
+
+def count_magnitudes(
+    codes: torch.Tensor,
+    first: int,
+    spec: QuantSpec,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bin: int,
+    counts: np.ndarray,
+) -> bool:
+    """Add the magnitudes of the values `dequantize_span` would give to `counts` (65,536
+    int64) by the high 16 bits of their float32 pattern (`bin` < 0), or inside high bin
+    `bin` by the low 16 bits (merge's top-k), counting each group's codes by value. False
+    (nothing counted) where the native kernels are missing or codes are wider than 5 bits."""
+    if native.lib is None or spec.levels > MAX_COUNTED_LEVELS:
+        return False
+    native.lib.code_histogram(
+        codes.numpy(), first, spec.group_size, zeros.numpy(), scales.numpy(), spec.levels, bin,
+        counts,
+    )  # fmt: skip
+    return True

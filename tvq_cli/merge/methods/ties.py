@@ -82,7 +82,8 @@ class Ties(MergeMethod):
                 if kth.count and kth_rank(kth.count, self.values["topk"]) >= 1:
                     kth.observe_low(tau)
         else:
-            signs = self._signs(taus)  # a whole number: exact in any order
+            values = taus if isinstance(taus, torch.Tensor) else taus.values
+            signs = self._signs(values)  # a whole number: exact in any order
             with self._sign_lock:
                 self._sign_total += signs
 
