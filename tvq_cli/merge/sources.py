@@ -70,17 +70,11 @@ class Sources:
                     f"{pretrained.path}: tensor {name} has unsupported dtype {spec.dtype}"
                 )
         opened = [Archive(p) for p in archives]
-        self.fingerprint = pretrained.fingerprint()
+        self.force = force
+        self.fingerprint: str | None = None  # set by check_fingerprint
         self.mismatched: list[str] = []
         for archive in opened:
             self._check_tensors(archive)
-            if archive.header.pretrained_fingerprint != self.fingerprint:
-                if not force:
-                    raise TvqError(
-                        f"{archive.path}: was packed against a different pretrained model than "
-                        f"{pretrained.path} (fingerprints differ); use --force to merge anyway"
-                    )
-                self.mismatched.append(str(archive.path))
         available: dict[str, TaskRef] = {}
         for archive in opened:
             for task in archive.tasks:
@@ -121,6 +115,22 @@ class Sources:
             raise TvqError(
                 f"{archive.path}: has no tensor {sorted(missing)[0]} of {self.pretrained.path}"
             )
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Compare the pretrained model's fingerprint (`Checkpoint.fingerprint`, or the same
+        digests gathered while a merge reads it) with every archive's; a mismatch is an error
+        unless forced, then it is reported."""
+        self.fingerprint = fingerprint
+        self.mismatched = []
+        for archive in self.archives:
+            if archive.header.pretrained_fingerprint != fingerprint:
+                if not self.force:
+                    raise TvqError(
+                        f"{archive.path}: was packed against a different pretrained model than "
+                        f"{self.pretrained.path} (fingerprints differ); use --force to merge "
+                        "anyway"
+                    )
+                self.mismatched.append(str(archive.path))
 
     @property
     def tasks(self) -> list[str]:
