@@ -133,6 +133,13 @@ class MergeMethod:
         return 0
 
     @property
+    def sum_scale(self) -> float | None:
+        """c where the merged task vector is ``c * self.weighted_sum(taus)`` (task
+        arithmetic): the engine may then compute it straight from coded task vectors
+        (`quant.kernel.coded_sum_into`, the same values); None for other methods."""
+        return None
+
+    @property
     def elementwise(self) -> bool:
         """True when `observe` and `merge` may be given any columns of the flattened task
         vectors ([T, block]) and give, block by block, what they give on the whole tensor;

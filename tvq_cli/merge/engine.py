@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..concurrency import WorkerPool
-from ..quant.kernel import add_into
+from ..quant.kernel import add_into, coded_sum_into
 from ..tensors import not_finite, require_finite
 from .request import Merge
 from .stream import (
@@ -117,10 +117,16 @@ class Engine:
         base_flat, out_flat = raw.reshape(-1), out.reshape(-1)
         pretrained = self.pretrained_float(name, raw) if self.sources.needs_pretrained else None
         taus = self.decode(name, pretrained)
+        scale, coded = self.method.sum_scale, taus.coded()
+        weights = self.method.ctx.weights
 
         def block(s: slice) -> None:
-            delta = self.method.merge(name, taus.block(s))
-            if not add_into(base_flat[s], delta, out_flat[s]):
+            if scale is not None and coded is not None:  # task arithmetic from the codes
+                finite = coded_sum_into(coded, weights, scale, s.start, base_flat[s], out_flat[s])
+            else:
+                delta = self.method.merge(name, taus.block(s))
+                finite = add_into(base_flat[s], delta, out_flat[s])
+            if not finite:
                 raise not_finite(self.pre.path, name)
 
         self.runner.map(block, column_blocks(taus.numel))

@@ -144,6 +144,12 @@ class TaskVectors:
                 row.copy_(source[s])
         return rows
 
+    def coded(self) -> list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]] | None:
+        """(codes, spec, scales, zeros) of every task vector when all are kept as codes."""
+        if not all(isinstance(s, _Coded) for s in self.sources):
+            return None
+        return [(s.codes, s.spec, s.scales, s.zeros) for s in self.sources]
+
     def fill(self, rows: torch.Tensor) -> torch.Tensor:
         """Every task vector whole, in `rows` ([T, numel], where decoded rows already are)."""
         whole = slice(0, self.numel)

@@ -935,6 +935,60 @@ static uint32_t finish_block(const void *base, int kind, const float *delta, voi
     return 1;
 }
 
+#define SUM_CHUNK 2048 /* elements summed at a time: the running sums stay in L1 */
+
+/* One task's coded values: codes of the whole tensor, with its groups' zeros and scales. */
+typedef struct {
+    const uint8_t *codes;
+    const uint8_t *zeros;
+    const float *scales;
+    Py_ssize_t group;
+    int levels;
+} CodedTask;
+
+/* out = dtype(float32(base) + lam * sum_t w_t * value_t) for elements [first, first + n),
+ * value_t the dequantized codes of task t, summed in task order: `dequantize`, `scaled_sum`
+ * and `finish` in one pass, without a [T, n] block of values. Returns nonzero if a value of
+ * base is not finite. */
+INLINE uint32_t task_sum_body(const CodedTask *tasks, Py_ssize_t count, const float *w,
+                              float lam, Py_ssize_t first, Py_ssize_t n, const void *base,
+                              int kind, void *out, int okind, int wide) {
+    float acc[SUM_CHUNK], values[SUM_CHUNK];
+    uint32_t bad = 0;
+    for (Py_ssize_t start = 0; start < n; start += SUM_CHUNK) {
+        Py_ssize_t m = n - start < SUM_CHUNK ? n - start : SUM_CHUNK;
+        for (Py_ssize_t t = 0; t < count; t++) {
+            const CodedTask *task = tasks + t;
+            dequantize_body(task->codes + first + start, first + start, m, task->group,
+                            task->zeros, task->scales, task->levels, values, wide);
+            const float weight = w[t];
+            for (Py_ssize_t i = 0; i < m; i++)
+                acc[i] = t ? acc[i] + values[i] * weight : values[i] * weight;
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            acc[i] = lam * acc[i];
+        const char *b = (const char *)base + start * KIND_SIZE[kind];
+        char *o = (char *)out + start * KIND_SIZE[okind];
+        bad |= finish_block(b, kind, acc, o, okind, m);
+    }
+    return bad;
+}
+
+MULTIVERSION
+static uint32_t task_sum_generic(const CodedTask *tasks, Py_ssize_t count, const float *w,
+                                 float lam, Py_ssize_t first, Py_ssize_t n, const void *base,
+                                 int kind, void *out, int okind) {
+    return task_sum_body(tasks, count, w, lam, first, n, base, kind, out, okind, 0);
+}
+
+#if HAVE_AVX512
+AVX512 static uint32_t task_sum_wide(const CodedTask *tasks, Py_ssize_t count, const float *w,
+                                     float lam, Py_ssize_t first, Py_ssize_t n,
+                                     const void *base, int kind, void *out, int okind) {
+    return task_sum_body(tasks, count, w, lam, first, n, base, kind, out, okind, 1);
+}
+#endif
+
 /* ---------------------------------------------------------------------------------------- */
 /* Python bindings                                                                           */
 
@@ -1385,6 +1439,102 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(task_sum_doc,
+             "task_sum(codes, zeros, scales, groups, levels, weights, lam, first, base, kind, "
+             "out, okind) -> bool\n\n"
+             "out = okind(float32(base) + lam * sum_t weights[t] * dequantize(codes[t])) for "
+             "elements [first, first + len(out)) of T coded task vectors (sequences of their "
+             "whole codes, zeros, scales, group sizes and levels). True when base is finite.");
+
+static PyObject *py_task_sum(PyObject *self, PyObject *args) {
+    PyObject *codes_seq, *zeros_seq, *scales_seq, *groups_seq, *levels_seq;
+    Py_buffer weights, base, out;
+    float lam;
+    Py_ssize_t first;
+    int kind, okind;
+    if (!PyArg_ParseTuple(args, "OOOOOy*fny*iw*i:task_sum", &codes_seq, &zeros_seq,
+                          &scales_seq, &groups_seq, &levels_seq, &weights, &lam, &first, &base,
+                          &kind, &out, &okind))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count = weights.len / 4, held = 0;
+    Py_buffer *views = PyMem_Calloc((size_t)(3 * (count > 0 ? count : 1)), sizeof(Py_buffer));
+    CodedTask *tasks = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(CodedTask));
+    if (!views || !tasks) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (kind < KIND_F32 || kind > KIND_F16 || okind < KIND_F32 || okind > KIND_F16 ||
+        count < 1 || weights.len % 4 || first < 0 || out.len % KIND_SIZE[okind]) {
+        PyErr_SetString(PyExc_ValueError, "task_sum: bad kinds, weights or offset");
+        goto done;
+    }
+    Py_ssize_t n = out.len / KIND_SIZE[okind];
+    if (!check_size(&base, n, KIND_SIZE[kind], "base"))
+        goto done;
+    PyObject *seqs[5] = {codes_seq, zeros_seq, scales_seq, groups_seq, levels_seq};
+    for (int k = 0; k < 5; k++) {
+        if (!PySequence_Check(seqs[k]) || PySequence_Size(seqs[k]) != count) {
+            PyErr_SetString(PyExc_ValueError, "task_sum: one codes, zeros, scales, group size "
+                                              "and levels per weight");
+            goto done;
+        }
+    }
+    for (Py_ssize_t t = 0; t < count; t++) {
+        PyObject *items[3] = {PySequence_GetItem(codes_seq, t), PySequence_GetItem(zeros_seq, t),
+                              PySequence_GetItem(scales_seq, t)};
+        PyObject *g = PySequence_GetItem(groups_seq, t), *l = PySequence_GetItem(levels_seq, t);
+        int ok = items[0] && items[1] && items[2] && g && l;
+        for (int k = 0; ok && k < 3; k++) {
+            ok = PyObject_GetBuffer(items[k], &views[3 * t + k], PyBUF_SIMPLE) == 0;
+            held += ok;
+        }
+        Py_ssize_t group = ok ? PyLong_AsSsize_t(g) : -1;
+        long levels = ok ? PyLong_AsLong(l) : -1;
+        for (int k = 0; k < 3; k++)
+            Py_XDECREF(items[k]);
+        Py_XDECREF(g);
+        Py_XDECREF(l);
+        if (!ok || PyErr_Occurred())
+            goto done;
+        Py_buffer *c = &views[3 * t], *z = &views[3 * t + 1], *sc = &views[3 * t + 2];
+        Py_ssize_t groups = z->len;
+        Py_ssize_t last = n ? (group ? (first + n - 1) / group : 0) : -1;
+        if (group < 0 || levels < 1 || levels > 255 || c->len < first + n || last >= groups ||
+            sc->len != 4 * groups) {
+            PyErr_SetString(PyExc_ValueError, "task_sum: bad codes, zeros, scales or levels");
+            goto done;
+        }
+        if (max_code((const uint8_t *)c->buf + first, n) > levels) {
+            PyErr_SetString(PyExc_ValueError, "task_sum: a code is above levels");
+            goto done;
+        }
+        tasks[t] = (CodedTask){c->buf, z->buf, sc->buf, group, (int)levels};
+    }
+    uint32_t bad;
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_AVX512
+    if (use_avx512)
+        bad = task_sum_wide(tasks, count, weights.buf, lam, first, n, base.buf, kind, out.buf,
+                            okind);
+    else
+#endif
+        bad = task_sum_generic(tasks, count, weights.buf, lam, first, n, base.buf, kind,
+                               out.buf, okind);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(!bad);
+done:
+    for (Py_ssize_t k = 0; views && k < 3 * count; k++)
+        if (views[k].obj)
+            PyBuffer_Release(&views[k]);
+    PyMem_Free(views);
+    PyMem_Free(tasks);
+    PyBuffer_Release(&weights);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 PyDoc_STRVAR(finish_doc,
              "finish(base, kind, delta, out, okind) -> bool\n\n"
              "out = okind(float32(base) + delta), rounded to nearest even; kinds as in "
@@ -1454,6 +1604,7 @@ static PyMethodDef methods[] = {
     {"ranges", py_ranges, METH_VARARGS, ranges_doc},
     {"scaled_sum", py_scaled_sum, METH_VARARGS, scaled_sum_doc},
     {"simd", py_simd, METH_VARARGS, simd_doc},
+    {"task_sum", py_task_sum, METH_VARARGS, task_sum_doc},
     {"ties", py_ties, METH_VARARGS, ties_doc},
     {"unpack", py_unpack, METH_VARARGS, unpack_doc},
     {"widen", py_widen, METH_VARARGS, widen_doc},

@@ -233,3 +233,38 @@ def count_magnitudes(
         counts,
     )  # fmt: skip
     return True
+
+
+def coded_sum_into(
+    coded: list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]],
+    weights: torch.Tensor,
+    scale: float,
+    first: int,
+    base: torch.Tensor,
+    out: torch.Tensor,
+) -> bool:
+    """``out = out.dtype(base + scale * sum_t weights[t] * values_t)`` for elements
+    [first, first + len(out)) of coded task vectors ((codes of the whole tensor, spec, scales,
+    zeros) each; values_t as `dequantize_span` gives them), summed as `weighted_sum` sums:
+    one native pass without a block of fp32 values where built. Returns whether every value of
+    `base` is finite (`add_into`)."""
+    n = out.numel()
+    if native.lib is not None and base.dtype in KINDS and out.dtype in KINDS:
+        return native.lib.task_sum(
+            [codes.numpy() for codes, _, _, _ in coded],
+            [zeros.numpy() for _, _, _, zeros in coded],
+            [scales.numpy() for _, _, scales, _ in coded],
+            [spec.group_size for _, spec, _, _ in coded],
+            [spec.levels for _, spec, _, _ in coded],
+            weights.to(torch.float32).contiguous().numpy(),
+            scale,
+            first,
+            _raw(base),
+            KINDS[base.dtype],
+            _raw(out),
+            KINDS[out.dtype],
+        )
+    rows = torch.empty(len(coded), n)
+    for row, (codes, spec, scales, zeros) in zip(rows, coded, strict=True):
+        dequantize_span(codes[first : first + n], first, spec, scales, zeros, row)
+    return add_into(base, weighted_sum(rows, weights, scale), out)

@@ -19,5 +19,9 @@ class TaskArithmetic(MergeMethod):
     takes_weights = True
     elementwise = True
 
+    @property
+    def sum_scale(self) -> float:
+        return self.values["lambda"]
+
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
-        return self.weighted_sum(taus, self.values["lambda"])
+        return self.weighted_sum(taus, self.sum_scale)
