@@ -23,22 +23,25 @@ STAGING = 8 << 20  # bytes gathered per write
 
 
 class SequentialFile:
-    """`write` bytes in order, then `close` (which fsyncs); a binary file's interface."""
+    """`write` bytes in order, then `close` (which fsyncs); a binary file's interface. A
+    `seek` (to patch a header written first) sends everything after it through the page
+    cache. `exclusive`: create the file, failing if it exists, with permissions `mode`."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, exclusive: bool = False, mode: int = 0o666):
         self.path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        flags |= os.O_EXCL if exclusive else os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
         self._fd = -1
         if direct:
             try:
-                self._fd = os.open(self.path, flags | direct, 0o666)
+                self._fd = os.open(self.path, flags | direct, mode)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
         self._direct = self._fd >= 0
         if not self._direct:
-            self._fd = os.open(self.path, flags, 0o666)
+            self._fd = os.open(self.path, flags, mode)
         self._stage = mmap.mmap(-1, STAGING) if self._direct else None  # page-aligned
         self._staged = 0
         self.size = 0
@@ -63,7 +66,7 @@ class SequentialFile:
                 done += step
                 if self._staged == STAGING:
                     self._flush(STAGING)
-        self.size += len(view)
+        self.size = max(self.size, os.lseek(self._fd, 0, os.SEEK_CUR) + self._staged)
         return len(view)
 
     def _flush(self, nbytes: int) -> None:
@@ -73,13 +76,26 @@ class SequentialFile:
         except OSError as exc:  # accepted at open, refused at write: go through the cache
             if exc.errno != errno.EINVAL or os.lseek(self._fd, 0, os.SEEK_CUR) % ALIGN:
                 raise
-            import fcntl
-
-            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            self._direct = False
-            _write_all(self._fd, memoryview(self._stage)[: self._staged])
+            self._buffered()
+            return
         self._staged = 0
+
+    def _buffered(self) -> None:
+        """From here on through the page cache: staged bytes are written as they are."""
+        import fcntl
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self._direct = False
+        _write_all(self._fd, memoryview(self._stage)[: self._staged])
+        self._staged = 0
+
+    def seek(self, offset: int) -> int:
+        """Move to `offset` of what was written (a header to patch); writes go through the
+        page cache from here on."""
+        if self._direct:
+            self._buffered()
+        return os.lseek(self._fd, offset, os.SEEK_SET)
 
     def flush(self) -> None:
         """Nothing to do until `close`: staged bytes go out in aligned chunks."""
@@ -96,6 +112,14 @@ class SequentialFile:
                 os.ftruncate(self._fd, self.size)
             os.fsync(self._fd)
         finally:
+            os.close(self._fd)
+            self._fd = -1
+            if self._stage is not None:
+                self._stage.close()
+
+    def abandon(self) -> None:
+        """Close without writing what is staged (the file is being deleted)."""
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
             if self._stage is not None:

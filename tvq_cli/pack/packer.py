@@ -65,7 +65,8 @@ class TensorPacker:
         for path, raw in zip(self.finetuned, inputs.finetuned, strict=True):
             if not torch.equal(raw, inputs.pretrained):
                 raise TvqError(f"{path}: non-float tensor {name} differs from the pretrained one")
-        return [(shared_key(name), tensor_bytes(inputs.pretrained))]
+        # a copy: the inputs' buffers are read into again once released (prefetch.py)
+        return [(shared_key(name), tensor_bytes(inputs.pretrained.clone()))]
 
     def _exact(self, inputs: TensorInputs) -> list[Output]:
         name = inputs.entry.name

@@ -2,7 +2,8 @@
 
 The reader stops when the tensors it holds (being processed or waiting) would pass a byte
 budget, so peak memory does not grow with the number of tensors; reading (pread, hashing the
-pretrained bytes) releases the GIL and overlaps the quantization of the tensor before.
+pretrained bytes) releases the GIL and overlaps the quantization of the tensor before. Read
+buffers are reused for later tensors of the same size (`io.buffers`), within the same budget.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..archive.format import TensorEntry
 from ..dtypes import itemsize
+from ..io.buffers import BufferPool
 from ..io.checkpoint import Checkpoint, tensor_digest
 
 
@@ -52,6 +54,7 @@ class Prefetcher:
         self._pretrained = pretrained
         self._finetuned = finetuned
         self._budget = budget
+        self._buffers = BufferPool(budget)
         self._held = 0
         self._room = threading.Condition()
         self._ready: queue.Queue = queue.Queue()
@@ -73,9 +76,9 @@ class Prefetcher:
                     if self._stop:
                         return
                     self._held += size
-                pre = self._pretrained.load(entry.name)
+                pre = self._load(self._pretrained, entry.name)
                 digest = tensor_digest(entry.name, pre)
-                fts = [ckpt.load(entry.name) for ckpt in self._finetuned]
+                fts = [self._load(ckpt, entry.name) for ckpt in self._finetuned]
                 self._ready.put(TensorInputs(entry, pre, fts, digest, size))
         except BaseException as exc:  # handed to the consumer, raised there
             self._ready.put(exc)
@@ -87,8 +90,15 @@ class Prefetcher:
                 raise item
             yield item
 
+    def _load(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
+        """One tensor, read into a buffer of the pool (given back by `release`)."""
+        return checkpoint.load(name, self._buffers.take(checkpoint.specs[name].nbytes))
+
     def release(self, item: TensorInputs) -> None:
-        """The consumer is done with `item`: its bytes no longer count against the budget."""
+        """The consumer is done with `item`: its bytes no longer count against the budget,
+        and its buffers are read into again, so nothing may still refer to its tensors."""
+        for raw in (item.pretrained, *item.finetuned):
+            self._buffers.give(raw.reshape(-1).view(torch.uint8))
         item.pretrained = torch.empty(0)
         item.finetuned = []
         with self._room:
