@@ -63,7 +63,7 @@ def main() -> int:
     opts = parser.parse_args()
     torch.set_num_threads(1)
     pre = Checkpoint(opts.inputs / "pretrained")
-    fts = [Checkpoint(p) for p in sorted(opts.inputs.glob("task*"))]
+    fts = [Checkpoint(p) for p in sorted(opts.inputs.glob("task*")) if p.is_dir()]
     names = [n for n in pre.names if len(pre.specs[n].shape) == 2][: opts.tensors]
     if opts.paper:
         spec, codec = QuantSpec(4, 0), "raw"
