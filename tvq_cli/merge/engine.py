@@ -9,7 +9,7 @@ made fp32 one cache-sized column block at a time (`stream.py`).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -19,6 +19,7 @@ from ..quant.kernel import add_into, coded_sum_into
 from ..tensors import not_finite, require_finite
 from .request import Merge
 from .stream import (
+    SPAN,
     BlockBuffers,
     CodeBuffers,
     TaskBlock,
@@ -96,10 +97,17 @@ class Engine:
             self.method.end_pass(index)
 
     def _observe_blocks(self, index: int, name: str, taus: TaskVectors) -> None:
-        self.runner.map(
-            lambda s: self.method.observe(index, name, TaskBlock(taus, s)),
-            column_blocks(taus.numel),
-        )
+        self._each_block(taus.numel, lambda s: self.method.observe(index, name, TaskBlock(taus, s)))
+
+    def _each_block(self, n: int, work: Callable[[slice], None]) -> None:
+        """work(s) for every column block of n elements, in parallel, a span of blocks per
+        item of the pool (one item per block made the pool's hand-offs a tenth of a merge)."""
+
+        def span(s: slice) -> None:
+            for block in column_blocks(s.stop, start=s.start):
+                work(block)
+
+        self.runner.map(span, column_blocks(n, SPAN))
 
     def pretrained_float(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         return require_finite(raw.to(torch.float32), self.pre.path, name)
@@ -121,13 +129,16 @@ class Engine:
         weights = self.method.ctx.weights
 
         def block(s: slice) -> None:
-            if scale is not None and coded is not None:  # task arithmetic from the codes
-                finite = coded_sum_into(coded, weights, scale, s.start, base_flat[s], out_flat[s])
-            else:
-                delta = self.method.merge(name, taus.block(s))
-                finite = add_into(base_flat[s], delta, out_flat[s])
-            if not finite:
+            delta = self.method.merge(name, taus.block(s))
+            if not add_into(base_flat[s], delta, out_flat[s]):
                 raise not_finite(self.pre.path, name)
 
-        self.runner.map(block, column_blocks(taus.numel))
+        def span(s: slice) -> None:  # task arithmetic from the codes, one call per span
+            if not coded_sum_into(coded, weights, scale, s.start, base_flat[s], out_flat[s]):
+                raise not_finite(self.pre.path, name)
+
+        if scale is not None and coded is not None:
+            self.runner.map(span, column_blocks(taus.numel, SPAN))
+        else:
+            self._each_block(taus.numel, block)
         return out.view(raw.shape)

@@ -24,16 +24,17 @@ import torch
 
 from ..archive.format import TensorEntry, part_keys
 from ..archive.parts import decode_part
-from ..quant.kernel import count_magnitudes, dequantize_span
+from ..quant.kernel import CodedTasks, count_magnitudes, dequantize_span
 from ..quant.spec import Quantized, QuantSpec
 from .sources import Sources
 
 BLOCK = 1 << 16  # elements of one task per block: T blocks of 256 KiB of fp32 stay in cache
+SPAN = 1 << 20  # elements per work item of the thread pool: a few hand-offs per tensor
 
 
-def column_blocks(n: int, size: int = BLOCK) -> list[slice]:
-    """Consecutive slices covering range(n), each at most `size` long (at least one)."""
-    return [slice(a, min(a + size, n)) for a in range(0, max(n, 1), size)]
+def column_blocks(n: int, size: int = BLOCK, start: int = 0) -> list[slice]:
+    """Consecutive slices covering range(start, n), each at most `size` long (at least one)."""
+    return [slice(a, min(a + size, n)) for a in range(start, max(n, start + 1), size)]
 
 
 class TaskVectorBuffer:
@@ -144,11 +145,11 @@ class TaskVectors:
                 row.copy_(source[s])
         return rows
 
-    def coded(self) -> list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]] | None:
-        """(codes, spec, scales, zeros) of every task vector when all are kept as codes."""
+    def coded(self) -> CodedTasks | None:
+        """Every task vector's codes, when all are kept as codes."""
         if not all(isinstance(s, _Coded) for s in self.sources):
             return None
-        return [(s.codes, s.spec, s.scales, s.zeros) for s in self.sources]
+        return CodedTasks([(s.codes, s.spec, s.scales, s.zeros) for s in self.sources])
 
     def fill(self, rows: torch.Tensor) -> torch.Tensor:
         """Every task vector whole, in `rows` ([T, numel], where decoded rows already are)."""

@@ -235,8 +235,23 @@ def count_magnitudes(
     return True
 
 
+class CodedTasks:
+    """Task vectors kept as codes: (codes of the whole tensor, spec, scales, zeros) each, with
+    the arrays the native kernel takes made once per tensor."""
+
+    def __init__(self, tasks: list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]]):
+        self.tasks = tasks
+        self.arrays = (
+            [codes.numpy() for codes, _, _, _ in tasks],
+            [zeros.numpy() for _, _, _, zeros in tasks],
+            [scales.numpy() for _, _, scales, _ in tasks],
+            [spec.group_size for _, spec, _, _ in tasks],
+            [spec.levels for _, spec, _, _ in tasks],
+        )
+
+
 def coded_sum_into(
-    coded: list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]],
+    coded: CodedTasks,
     weights: torch.Tensor,
     scale: float,
     first: int,
@@ -244,18 +259,13 @@ def coded_sum_into(
     out: torch.Tensor,
 ) -> bool:
     """``out = out.dtype(base + scale * sum_t weights[t] * values_t)`` for elements
-    [first, first + len(out)) of coded task vectors ((codes of the whole tensor, spec, scales,
-    zeros) each; values_t as `dequantize_span` gives them), summed as `weighted_sum` sums:
-    one native pass without a block of fp32 values where built. Returns whether every value of
-    `base` is finite (`add_into`)."""
+    [first, first + len(out)) of coded task vectors (values_t as `dequantize_span` gives
+    them), summed as `weighted_sum` sums: one native pass without a block of fp32 values where
+    built. Returns whether every value of `base` is finite (`add_into`)."""
     n = out.numel()
     if native.lib is not None and base.dtype in KINDS and out.dtype in KINDS:
         return native.lib.task_sum(
-            [codes.numpy() for codes, _, _, _ in coded],
-            [zeros.numpy() for _, _, _, zeros in coded],
-            [scales.numpy() for _, _, scales, _ in coded],
-            [spec.group_size for _, spec, _, _ in coded],
-            [spec.levels for _, spec, _, _ in coded],
+            *coded.arrays,
             weights.to(torch.float32).contiguous().numpy(),
             scale,
             first,
@@ -264,7 +274,7 @@ def coded_sum_into(
             _raw(out),
             KINDS[out.dtype],
         )
-    rows = torch.empty(len(coded), n)
-    for row, (codes, spec, scales, zeros) in zip(rows, coded, strict=True):
+    rows = torch.empty(len(coded.tasks), n)
+    for row, (codes, spec, scales, zeros) in zip(rows, coded.tasks, strict=True):
         dequantize_span(codes[first : first + n], first, spec, scales, zeros, row)
     return add_into(base, weighted_sum(rows, weights, scale), out)
