@@ -191,3 +191,25 @@ def test_merges_do_not_depend_on_the_kernels(tmp_path: Path, method, dtype) -> N
 
     results = both(run)
     assert all(r == results[-1] for r in results)
+
+
+@NEEDS_NATIVE
+def test_coded_kernels_check_their_arguments() -> None:
+    codes, zeros = np.array([0, 3, 15, 2], np.uint8), np.zeros(1, np.uint8)
+    scales, weights = np.ones(1, np.float32), np.ones(1, np.float32)
+    base, out = np.zeros(4, np.float32), np.empty(4, np.float32)
+    empty = np.empty(0, np.float32)
+
+    def coded(codes=codes, levels=15, n=4, zeros=zeros, op=kernel.SUM):
+        return native.lib.coded(
+            [codes], [zeros], [scales], [0], [levels], 0, n, op, weights, 1.0, empty, False,
+            0.0, base, native.F32, out, native.F32,
+        )  # fmt: skip
+
+    assert coded() == 1 and np.array_equal(out, codes.astype(np.float32))
+    for bad in ({"levels": 7}, {"n": 5}, {"zeros": np.zeros(0, np.uint8)}, {"op": 1}):
+        with pytest.raises(ValueError):
+            coded(**bad)
+    counts = np.zeros(1 << 16, np.int64)
+    with pytest.raises(ValueError):
+        native.lib.code_histogram(codes, 0, 0, zeros, scales, 7, -1, counts)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import TvqError
-from ..quant.kernel import weighted_sum
+from ..quant.kernel import CodedTasks, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -133,19 +133,26 @@ class MergeMethod:
         return 0
 
     @property
-    def sum_scale(self) -> float | None:
-        """c where the merged task vector is ``c * self.weighted_sum(taus)`` (task
-        arithmetic): the engine may then compute it straight from coded task vectors
-        (`quant.kernel.coded_sum_into`, the same values); None for other methods."""
-        return None
-
-    @property
     def elementwise(self) -> bool:
         """True when `observe` and `merge` may be given any columns of the flattened task
         vectors ([T, block]) and give, block by block, what they give on the whole tensor;
         the engine then runs them on cache-sized blocks in parallel (so `observe` must be
         thread-safe)."""
         return False
+
+    @property
+    def merges_codes(self) -> bool:
+        """Whether `merge_codes` takes task vectors kept as codes (a native fast path)."""
+        return False
+
+    def merge_codes(
+        self, name: str, coded: CodedTasks, first: int, base: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """Elements [first, first + len(out)) of the merged model: ``out = base + merged``
+        rounded to out's dtype, straight from coded task vectors, with the values `merge`
+        gives (`quant.kernel.coded_merge_into`); returns whether `base` is finite. Called
+        only where `merges_codes`."""
+        raise NotImplementedError
 
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
         """See one tensor's task vectors during statistics pass `pass_index`. Elementwise

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..concurrency import WorkerPool
-from ..quant.kernel import add_into, coded_sum_into
+from ..quant.kernel import add_into
 from ..tensors import not_finite, require_finite
 from .request import Merge
 from .stream import (
@@ -125,19 +125,18 @@ class Engine:
         base_flat, out_flat = raw.reshape(-1), out.reshape(-1)
         pretrained = self.pretrained_float(name, raw) if self.sources.needs_pretrained else None
         taus = self.decode(name, pretrained)
-        scale, coded = self.method.sum_scale, taus.coded()
-        weights = self.method.ctx.weights
+        coded = taus.coded if self.method.merges_codes else None
 
         def block(s: slice) -> None:
             delta = self.method.merge(name, taus.block(s))
             if not add_into(base_flat[s], delta, out_flat[s]):
                 raise not_finite(self.pre.path, name)
 
-        def span(s: slice) -> None:  # task arithmetic from the codes, one call per span
-            if not coded_sum_into(coded, weights, scale, s.start, base_flat[s], out_flat[s]):
+        def span(s: slice) -> None:  # straight from the codes, one native call per span
+            if not self.method.merge_codes(name, coded, s.start, base_flat[s], out_flat[s]):
                 raise not_finite(self.pre.path, name)
 
-        if scale is not None and coded is not None:
+        if coded is not None:
             self.runner.map(span, column_blocks(taus.numel, SPAN))
         else:
             self._each_block(taus.numel, block)

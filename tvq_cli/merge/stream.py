@@ -16,6 +16,7 @@ cores made block-sized ops far slower).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -98,6 +99,11 @@ class TaskBlock:
         self._values: torch.Tensor | None = None
 
     @property
+    def coded(self) -> CodedTasks | None:
+        """Every task vector's codes (whole tensor), when all are kept as codes."""
+        return self.taus.coded
+
+    @property
     def values(self) -> torch.Tensor:
         if self._values is None:
             self._values = self.taus.block(self.s)
@@ -145,6 +151,7 @@ class TaskVectors:
                 row.copy_(source[s])
         return rows
 
+    @functools.cached_property
     def coded(self) -> CodedTasks | None:
         """Every task vector's codes, when all are kept as codes."""
         if not all(isinstance(s, _Coded) for s in self.sources):

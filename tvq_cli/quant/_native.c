@@ -935,7 +935,7 @@ static uint32_t finish_block(const void *base, int kind, const float *delta, voi
     return 1;
 }
 
-#define SUM_CHUNK 2048 /* elements summed at a time: the running sums stay in L1 */
+#define CODED_CHUNK 2048 /* elements per task at a time: the tasks' values stay in L1/L2 */
 
 /* One task's coded values: codes of the whole tensor, with its groups' zeros and scales. */
 typedef struct {
@@ -946,46 +946,65 @@ typedef struct {
     int levels;
 } CodedTask;
 
-/* out = dtype(float32(base) + lam * sum_t w_t * value_t) for elements [first, first + n),
- * value_t the dequantized codes of task t, summed in task order: `dequantize`, `scaled_sum`
- * and `finish` in one pass, without a [T, n] block of values. Returns nonzero if a value of
- * base is not finite. */
-INLINE uint32_t task_sum_body(const CodedTask *tasks, Py_ssize_t count, const float *w,
-                              float lam, Py_ssize_t first, Py_ssize_t n, const void *base,
-                              int kind, void *out, int okind, int wide) {
-    float acc[SUM_CHUNK], values[SUM_CHUNK];
-    uint32_t bad = 0;
-    for (Py_ssize_t start = 0; start < n; start += SUM_CHUNK) {
-        Py_ssize_t m = n - start < SUM_CHUNK ? n - start : SUM_CHUNK;
+enum { OP_SUM = 0, OP_TIES = 1, OP_SIGNS = 2 };
+
+/* What to do with the tasks' values: scaled_sum (OP_SUM), ties_block's merge (OP_TIES) or
+ * its sign count (OP_SIGNS). */
+typedef struct {
+    int op;
+    const float *weights;
+    float lam;
+    const float *thresholds;
+    int unit;
+    float majority;
+} CodedOp;
+
+/* Elements [first, first + n) of T coded task vectors, a chunk at a time: each task's values
+ * dequantized into `values` (T rows of the chunk: `dequantize`'s values), then the op on the
+ * chunk (the same per-element operations as on a block of rows), then for merges
+ * out = dtype(float32(base) + merged). Returns the sign count (OP_SIGNS); `bad` is set if a
+ * value of base is not finite. */
+INLINE int64_t coded_body(const CodedTask *tasks, Py_ssize_t count, const CodedOp *op,
+                          Py_ssize_t first, Py_ssize_t n, const void *base, int kind, void *out,
+                          int okind, float *values, uint32_t *bad, int wide) {
+    float merged[CODED_CHUNK];
+    int64_t signs = 0;
+    for (Py_ssize_t start = 0; start < n; start += CODED_CHUNK) {
+        Py_ssize_t m = n - start < CODED_CHUNK ? n - start : CODED_CHUNK;
         for (Py_ssize_t t = 0; t < count; t++) {
             const CodedTask *task = tasks + t;
             dequantize_body(task->codes + first + start, first + start, m, task->group,
-                            task->zeros, task->scales, task->levels, values, wide);
-            const float weight = w[t];
-            for (Py_ssize_t i = 0; i < m; i++)
-                acc[i] = t ? acc[i] + values[i] * weight : values[i] * weight;
+                            task->zeros, task->scales, task->levels, values + t * m, wide);
         }
-        for (Py_ssize_t i = 0; i < m; i++)
-            acc[i] = lam * acc[i];
+        if (op->op == OP_SIGNS) {
+            signs += ties_block(values, count, m, op->thresholds, op->weights, op->unit, 0.0f,
+                                1.0f, NULL);
+            continue;
+        }
+        if (op->op == OP_SUM)
+            scaled_sum(values, count, m, op->weights, op->lam, merged);
+        else
+            ties_block(values, count, m, op->thresholds, op->weights, op->unit, op->majority,
+                       op->lam, merged);
         const char *b = (const char *)base + start * KIND_SIZE[kind];
         char *o = (char *)out + start * KIND_SIZE[okind];
-        bad |= finish_block(b, kind, acc, o, okind, m);
+        *bad |= finish_block(b, kind, merged, o, okind, m);
     }
-    return bad;
+    return signs;
 }
 
 MULTIVERSION
-static uint32_t task_sum_generic(const CodedTask *tasks, Py_ssize_t count, const float *w,
-                                 float lam, Py_ssize_t first, Py_ssize_t n, const void *base,
-                                 int kind, void *out, int okind) {
-    return task_sum_body(tasks, count, w, lam, first, n, base, kind, out, okind, 0);
+static int64_t coded_generic(const CodedTask *tasks, Py_ssize_t count, const CodedOp *op,
+                             Py_ssize_t first, Py_ssize_t n, const void *base, int kind,
+                             void *out, int okind, float *values, uint32_t *bad) {
+    return coded_body(tasks, count, op, first, n, base, kind, out, okind, values, bad, 0);
 }
 
 #if HAVE_AVX512
-AVX512 static uint32_t task_sum_wide(const CodedTask *tasks, Py_ssize_t count, const float *w,
-                                     float lam, Py_ssize_t first, Py_ssize_t n,
-                                     const void *base, int kind, void *out, int okind) {
-    return task_sum_body(tasks, count, w, lam, first, n, base, kind, out, okind, 1);
+AVX512 static int64_t coded_wide(const CodedTask *tasks, Py_ssize_t count, const CodedOp *op,
+                                 Py_ssize_t first, Py_ssize_t n, const void *base, int kind,
+                                 void *out, int okind, float *values, uint32_t *bad) {
+    return coded_body(tasks, count, op, first, n, base, kind, out, okind, values, bad, 1);
 }
 #endif
 
@@ -1439,44 +1458,54 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(task_sum_doc,
-             "task_sum(codes, zeros, scales, groups, levels, weights, lam, first, base, kind, "
-             "out, okind) -> bool\n\n"
-             "out = okind(float32(base) + lam * sum_t weights[t] * dequantize(codes[t])) for "
-             "elements [first, first + len(out)) of T coded task vectors (sequences of their "
-             "whole codes, zeros, scales, group sizes and levels). True when base is finite.");
+PyDoc_STRVAR(coded_doc,
+             "coded(codes, zeros, scales, groups, levels, first, n, op, weights, lam, "
+             "thresholds, unit, majority, base, kind, out, okind) -> int\n\n"
+             "Elements [first, first + n) of T coded task vectors (sequences of their whole "
+             "codes, zeros, scales, group sizes and levels; values as dequantize() gives them): "
+             "op 0, out = okind(float32(base) + scaled_sum(values, weights, lam)); op 1, the "
+             "same with ties(values, thresholds, weights, unit, majority, lam); op 2, the sum of "
+             "ties' elected signs (base and out empty). Returns that sum, or for ops 0 and 1 "
+             "1 when every value of base is finite, else 0.");
 
-static PyObject *py_task_sum(PyObject *self, PyObject *args) {
+static PyObject *py_coded(PyObject *self, PyObject *args) {
     PyObject *codes_seq, *zeros_seq, *scales_seq, *groups_seq, *levels_seq;
-    Py_buffer weights, base, out;
-    float lam;
-    Py_ssize_t first;
-    int kind, okind;
-    if (!PyArg_ParseTuple(args, "OOOOOy*fny*iw*i:task_sum", &codes_seq, &zeros_seq,
-                          &scales_seq, &groups_seq, &levels_seq, &weights, &lam, &first, &base,
-                          &kind, &out, &okind))
+    Py_buffer weights, thresholds, base, out;
+    float lam, majority;
+    Py_ssize_t first, n;
+    int op, unit, kind, okind;
+    if (!PyArg_ParseTuple(args, "OOOOOnniy*fy*pfy*iw*i:coded", &codes_seq, &zeros_seq,
+                          &scales_seq, &groups_seq, &levels_seq, &first, &n, &op, &weights,
+                          &lam, &thresholds, &unit, &majority, &base, &kind, &out, &okind))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t count = weights.len / 4, held = 0;
+    Py_ssize_t count = weights.len / 4;
     Py_buffer *views = PyMem_Calloc((size_t)(3 * (count > 0 ? count : 1)), sizeof(Py_buffer));
     CodedTask *tasks = PyMem_Calloc((size_t)(count > 0 ? count : 1), sizeof(CodedTask));
-    if (!views || !tasks) {
+    float *values = PyMem_Malloc(sizeof(float) * (size_t)(count > 0 ? count : 1) * CODED_CHUNK);
+    if (!views || !tasks || !values) {
         PyErr_NoMemory();
         goto done;
     }
-    if (kind < KIND_F32 || kind > KIND_F16 || okind < KIND_F32 || okind > KIND_F16 ||
-        count < 1 || weights.len % 4 || first < 0 || out.len % KIND_SIZE[okind]) {
-        PyErr_SetString(PyExc_ValueError, "task_sum: bad kinds, weights or offset");
+    if (op < OP_SUM || op > OP_SIGNS || count < 1 || weights.len % 4 || first < 0 || n < 0 ||
+        (op != OP_SUM && !check_size(&thresholds, count, 4, "thresholds"))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "coded: bad op, weights, offset or count");
         goto done;
     }
-    Py_ssize_t n = out.len / KIND_SIZE[okind];
-    if (!check_size(&base, n, KIND_SIZE[kind], "base"))
+    if (op != OP_SIGNS &&
+        (kind < KIND_F32 || kind > KIND_F16 || okind < KIND_F32 || okind > KIND_F16 ||
+         !check_size(&base, n, KIND_SIZE[kind], "base") ||
+         !check_size(&out, n, KIND_SIZE[okind], "out"))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "coded: bad kinds");
         goto done;
+    }
     PyObject *seqs[5] = {codes_seq, zeros_seq, scales_seq, groups_seq, levels_seq};
     for (int k = 0; k < 5; k++) {
         if (!PySequence_Check(seqs[k]) || PySequence_Size(seqs[k]) != count) {
-            PyErr_SetString(PyExc_ValueError, "task_sum: one codes, zeros, scales, group size "
-                                              "and levels per weight");
+            PyErr_SetString(PyExc_ValueError, "coded: one codes, zeros, scales, group size and "
+                                              "levels per weight");
             goto done;
         }
     }
@@ -1485,10 +1514,8 @@ static PyObject *py_task_sum(PyObject *self, PyObject *args) {
                               PySequence_GetItem(scales_seq, t)};
         PyObject *g = PySequence_GetItem(groups_seq, t), *l = PySequence_GetItem(levels_seq, t);
         int ok = items[0] && items[1] && items[2] && g && l;
-        for (int k = 0; ok && k < 3; k++) {
+        for (int k = 0; ok && k < 3; k++)
             ok = PyObject_GetBuffer(items[k], &views[3 * t + k], PyBUF_SIMPLE) == 0;
-            held += ok;
-        }
         Py_ssize_t group = ok ? PyLong_AsSsize_t(g) : -1;
         long levels = ok ? PyLong_AsLong(l) : -1;
         for (int k = 0; k < 3; k++)
@@ -1502,34 +1529,38 @@ static PyObject *py_task_sum(PyObject *self, PyObject *args) {
         Py_ssize_t last = n ? (group ? (first + n - 1) / group : 0) : -1;
         if (group < 0 || levels < 1 || levels > 255 || c->len < first + n || last >= groups ||
             sc->len != 4 * groups) {
-            PyErr_SetString(PyExc_ValueError, "task_sum: bad codes, zeros, scales or levels");
+            PyErr_SetString(PyExc_ValueError, "coded: bad codes, zeros, scales or levels");
             goto done;
         }
         if (max_code((const uint8_t *)c->buf + first, n) > levels) {
-            PyErr_SetString(PyExc_ValueError, "task_sum: a code is above levels");
+            PyErr_SetString(PyExc_ValueError, "coded: a code is above levels");
             goto done;
         }
         tasks[t] = (CodedTask){c->buf, z->buf, sc->buf, group, (int)levels};
     }
-    uint32_t bad;
+    CodedOp spec = {op, weights.buf, lam, thresholds.buf, unit, majority};
+    uint32_t bad = 0;
+    int64_t signs;
     Py_BEGIN_ALLOW_THREADS
 #if HAVE_AVX512
     if (use_avx512)
-        bad = task_sum_wide(tasks, count, weights.buf, lam, first, n, base.buf, kind, out.buf,
-                            okind);
+        signs = coded_wide(tasks, count, &spec, first, n, base.buf, kind, out.buf, okind, values,
+                           &bad);
     else
 #endif
-        bad = task_sum_generic(tasks, count, weights.buf, lam, first, n, base.buf, kind,
-                               out.buf, okind);
+        signs = coded_generic(tasks, count, &spec, first, n, base.buf, kind, out.buf, okind,
+                              values, &bad);
     Py_END_ALLOW_THREADS
-    result = PyBool_FromLong(!bad);
+    result = PyLong_FromLongLong(op == OP_SIGNS ? signs : !bad);
 done:
     for (Py_ssize_t k = 0; views && k < 3 * count; k++)
         if (views[k].obj)
             PyBuffer_Release(&views[k]);
     PyMem_Free(views);
     PyMem_Free(tasks);
+    PyMem_Free(values);
     PyBuffer_Release(&weights);
+    PyBuffer_Release(&thresholds);
     PyBuffer_Release(&base);
     PyBuffer_Release(&out);
     return result;
@@ -1596,6 +1627,7 @@ static PyObject *py_simd(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"code_histogram", py_code_histogram, METH_VARARGS, code_histogram_doc},
+    {"coded", py_coded, METH_VARARGS, coded_doc},
     {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
     {"encode", py_encode, METH_VARARGS, encode_doc},
     {"finish", py_finish, METH_VARARGS, finish_doc},
@@ -1604,7 +1636,6 @@ static PyMethodDef methods[] = {
     {"ranges", py_ranges, METH_VARARGS, ranges_doc},
     {"scaled_sum", py_scaled_sum, METH_VARARGS, scaled_sum_doc},
     {"simd", py_simd, METH_VARARGS, simd_doc},
-    {"task_sum", py_task_sum, METH_VARARGS, task_sum_doc},
     {"ties", py_ties, METH_VARARGS, ties_doc},
     {"unpack", py_unpack, METH_VARARGS, unpack_doc},
     {"widen", py_widen, METH_VARARGS, widen_doc},

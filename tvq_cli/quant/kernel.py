@@ -237,7 +237,7 @@ def count_magnitudes(
 
 class CodedTasks:
     """Task vectors kept as codes: (codes of the whole tensor, spec, scales, zeros) each, with
-    the arrays the native kernel takes made once per tensor."""
+    the arrays the native kernels take made once per tensor."""
 
     def __init__(self, tasks: list[tuple[torch.Tensor, QuantSpec, torch.Tensor, torch.Tensor]]):
         self.tasks = tasks
@@ -250,31 +250,48 @@ class CodedTasks:
         )
 
 
-def coded_sum_into(
+SUM, TIES, SIGNS = 0, 1, 2  # the native `coded` kernel's operations
+
+
+def coded_merge_into(
     coded: CodedTasks,
-    weights: torch.Tensor,
-    scale: float,
     first: int,
     base: torch.Tensor,
     out: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+    ties: tuple[torch.Tensor, bool, float] | None = None,
 ) -> bool:
-    """``out = out.dtype(base + scale * sum_t weights[t] * values_t)`` for elements
-    [first, first + len(out)) of coded task vectors (values_t as `dequantize_span` gives
-    them), summed as `weighted_sum` sums: one native pass without a block of fp32 values where
-    built. Returns whether every value of `base` is finite (`add_into`)."""
-    n = out.numel()
-    if native.lib is not None and base.dtype in KINDS and out.dtype in KINDS:
-        return native.lib.task_sum(
-            *coded.arrays,
-            weights.to(torch.float32).contiguous().numpy(),
-            scale,
-            first,
-            _raw(base),
-            KINDS[base.dtype],
-            _raw(out),
-            KINDS[out.dtype],
+    """``out = out.dtype(base + merged)`` for elements [first, first + len(out)) of coded task
+    vectors (values as `dequantize_span` gives them), merged as `weighted_sum(values, weights,
+    scale)`, or with `ties` = (thresholds, unit weights, majority) as TIES' merge times
+    `scale`: the same values as those steps on blocks of rows, in one native pass without
+    them. Native only (callers check `native.lib`); returns whether `base` is finite."""
+    thresholds, unit, majority = ties if ties is not None else (_NO_THRESHOLDS, False, 0.0)
+    return bool(
+        native.lib.coded(
+            *coded.arrays, first, out.numel(), SUM if ties is None else TIES,
+            _f32(weights), scale, _f32(thresholds), unit, majority,
+            _raw(base), KINDS[base.dtype], _raw(out), KINDS[out.dtype],
         )
-    rows = torch.empty(len(coded.tasks), n)
-    for row, (codes, spec, scales, zeros) in zip(rows, coded.tasks, strict=True):
-        dequantize_span(codes[first : first + n], first, spec, scales, zeros, row)
-    return add_into(base, weighted_sum(rows, weights, scale), out)
+    )  # fmt: skip
+
+
+def coded_signs(
+    coded: CodedTasks, first: int, n: int, weights: torch.Tensor, thresholds: torch.Tensor
+) -> int:
+    """TIES' sum of elected signs over elements [first, first + n) of coded task vectors
+    (native only)."""
+    unit = bool((weights == 1).all())
+    return native.lib.coded(
+        *coded.arrays, first, n, SIGNS, _f32(weights), 1.0, _f32(thresholds), unit, 0.0,
+        _EMPTY, native.F32, _EMPTY_F32, native.F32,
+    )  # fmt: skip
+
+
+_NO_THRESHOLDS = torch.empty(0)
+_EMPTY_F32 = np.empty(0, np.float32)
+
+
+def _f32(values: torch.Tensor) -> np.ndarray:
+    return values.to(torch.float32).contiguous().numpy()

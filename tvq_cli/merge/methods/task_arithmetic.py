@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...quant import native
+from ...quant.kernel import coded_merge_into
 from ..base import MergeMethod, Option, register
 
 LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the summed task vectors.")
@@ -20,8 +22,11 @@ class TaskArithmetic(MergeMethod):
     elementwise = True
 
     @property
-    def sum_scale(self) -> float:
-        return self.values["lambda"]
+    def merges_codes(self) -> bool:
+        return native.lib is not None
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
-        return self.weighted_sum(taus, self.sum_scale)
+        return self.weighted_sum(taus, self.values["lambda"])
+
+    def merge_codes(self, name, coded, first, base, out) -> bool:
+        return coded_merge_into(coded, first, base, out, self.ctx.weights, self.values["lambda"])

@@ -15,6 +15,7 @@ import torch
 
 from ...errors import TvqError
 from ...quant import native
+from ...quant.kernel import coded_merge_into, coded_signs
 from ..base import MergeMethod, Option, broadcast, register
 from ..topk import StreamingKth
 
@@ -82,8 +83,14 @@ class Ties(MergeMethod):
                 if kth.count and kth_rank(kth.count, self.values["topk"]) >= 1:
                     kth.observe_low(tau)
         else:
-            values = taus if isinstance(taus, torch.Tensor) else taus.values
-            signs = self._signs(values)  # a whole number: exact in any order
+            coded = None if isinstance(taus, torch.Tensor) else taus.coded
+            if coded is not None and native.lib is not None:  # straight from the codes
+                s = taus.s
+                weights = self.ctx.weights
+                signs = coded_signs(coded, s.start, s.stop - s.start, weights, self._thresholds)
+            else:
+                values = taus if isinstance(taus, torch.Tensor) else taus.values
+                signs = self._signs(values)  # a whole number: exact in any order
             with self._sign_lock:
                 self._sign_total += signs
 
@@ -144,6 +151,16 @@ class Ties(MergeMethod):
                 )
             )  # fmt: skip
         return float(self._elect(self._trim(taus, self._thresholds)).sum())
+
+    @property
+    def merges_codes(self) -> bool:
+        return self.is_global and native.lib is not None
+
+    def merge_codes(self, name, coded, first, base, out) -> bool:
+        ties = (self._thresholds, self._unit, self._majority)
+        return coded_merge_into(
+            coded, first, base, out, self.ctx.weights, self.values["lambda"], ties
+        )
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         """The reference arithmetic; the native kernel (global top-k) does the same ops, with
