@@ -21,10 +21,11 @@ one min-max range per tensor, fp32 scales, raw codes; and TVQ 4-bit with the def
 codes, to show what zstd costs) it runs `tvq pack` in a
 child process and prints the command's wall time (Python and torch start-up included), the
 time of the `tvq pack` command itself (imports excluded), throughput in GB/s of fp32-equivalent
-input ((T + 1) models x parameters x 4 bytes) over that time, peak
-RSS of the child (VmHWM), the time of `cat`-ing the same input files to /dev/null measured just
-before, and the ratio pack / cat: on a shared, noisy machine that ratio is the figure to
-compare. It also checks peak RSS against the memory bound
+input ((T + 1) models x parameters x 4 bytes) over that time, its CPU time (all threads) and
+the throughput two fully used cores would give at that CPU time (on a shared machine other jobs
+take cores from the run, not CPU time), peak RSS of the child (VmHWM), the time of `cat`-ing
+the same input files to /dev/null measured just before, the ratio pack / cat, and the load
+average. It also checks peak RSS against the memory bound
 (T + 3) x the largest tensor in fp32 + 300 MB and exits 1 when a run breaks it.
 """
 
@@ -61,14 +62,14 @@ SCHEMES = {
     "TVQ 4-bit, paper settings": ["--scheme", "tvq", "--bits", "4", *PAPER_FLAGS],
     "TVQ 4-bit, raw codes": ["--scheme", "tvq", "--bits", "4", "--codec", "raw"],
 }
-CHILD = (  # `tvq` with its run time (after imports) and peak RSS reported on stderr
+CHILD = (  # `tvq` with its run time and CPU time (after imports) and peak RSS on stderr
     "import sys, time\n"
     "from tvq_cli.cli import main\n"
-    "start = time.perf_counter()\n"
+    "start, cpu = time.perf_counter(), time.process_time()\n"
     "code = main(sys.argv[1:])\n"
-    "seconds = time.perf_counter() - start\n"
+    "seconds, cpu = time.perf_counter() - start, time.process_time() - cpu\n"
     "hwm = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
-    "print(f'TVQ_SECONDS={seconds} VmHWM_KB={hwm}', file=sys.stderr)\n"
+    "print(f'TVQ_SECONDS={seconds} TVQ_CPU={cpu} VmHWM_KB={hwm}', file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -198,8 +199,9 @@ def run_pack(pre: Path, fts: list[Path], out: Path, args: list[str], spy: Path |
     if proc.returncode != 0:
         sys.exit(f"pack failed: {proc.stderr.strip()}")
     inside = float(proc.stderr.split("TVQ_SECONDS=")[1].split()[0])
+    cpu = float(proc.stderr.split("TVQ_CPU=")[1].split()[0])
     hwm_kb = int(proc.stderr.split("VmHWM_KB=")[1].split()[0])
-    return seconds, inside, hwm_kb * 1024
+    return seconds, inside, cpu, hwm_kb * 1024
 
 
 def summarize_profile(spy: Path, top: int = 15) -> str:
@@ -253,24 +255,25 @@ def main() -> int:
             f"{fp32_bytes / 1e9:.2f} GB; memory bound {bound / 2**20:.0f} MiB\n"
         )
         print(
-            "| scheme | command s | pack s | GB/s fp32-eq | peak RSS MiB | cat s "
-            "| cat GB/s (bf16 files) | pack / cat |"
+            "| scheme | command s | pack s | GB/s fp32-eq | pack CPU s | GB/s per 2 CPU-s "
+            "| peak RSS MiB | cat s | pack / cat | load |"
         )
-        print("|---|---|---|---|---|---|---|---|")
-        file_bytes = sum(p.stat().st_size for f in models for p in f.glob("*.safetensors"))
+        print("|---|---|---|---|---|---|---|---|---|---|")
         failed = False
         for name, args in SCHEMES.items():
             if opts.only and name not in opts.only:
                 continue
             cat = cat_seconds(models)
             spy = work / "profile.txt" if opts.py_spy and name == "TVQ 4-bit" else None
-            seconds, inside, peak = run_pack(models[0], models[1:], work / "out.tvq", args, spy)
+            seconds, inside, cpu, peak = run_pack(
+                models[0], models[1:], work / "out.tvq", args, spy
+            )
             failed |= peak > bound
             over = " (over bound)" if peak > bound else ""
             print(
                 f"| {name} | {seconds:.1f} | {inside:.1f} | {fp32_bytes / inside / 1e9:.2f} | "
-                f"{peak / 2**20:.0f}{over} | {cat:.1f} | {file_bytes / cat / 1e9:.2f} | "
-                f"{inside / cat:.1f} |",
+                f"{cpu:.1f} | {2 * fp32_bytes / cpu / 1e9:.2f} | {peak / 2**20:.0f}{over} | "
+                f"{cat:.1f} | {inside / cat:.1f} | {os.getloadavg()[0]:.1f} |",
                 flush=True,
             )
         if opts.py_spy:

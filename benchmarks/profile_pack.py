@@ -7,15 +7,19 @@ Usage (inputs as built by bench_pack.py --inputs DIR, or any pretrained + fine-t
 Runs the stages `pack` overlaps one after the other on the first N weight matrices,
 single-threaded, so their costs add up: reading the raw tensors (pread), hashing the pretrained
 ones (fingerprint), then TVQ 4-bit with the default settings (or `--paper`: one min-max range
-per tensor, fp32 scale, raw codes) through the functions `pack` calls, block by block: widening
-and subtracting (with the finite check), the ranges pass, the search and quantization, bit
-packing, zstd, and checksumming plus writing the output.
+per tensor, fp32 scale, raw codes) through the functions `pack` calls, block by block: the
+ranges pass (widen, subtract, finite check and every group's range, in one native pass), the
+coding pass (widen, subtract, range search, quantization and bit-packing, in one native pass),
+zstd (today's entropy stage; skipped with `--paper`), and checksumming plus writing the output.
+Each stage is timed in CPU seconds of this thread (`time.thread_time`), so other jobs on a
+shared machine slow it down less than they slow wall-clock time.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import tempfile
 import time
@@ -29,12 +33,12 @@ import torch
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
-from tvq_cli.quant.bitpack import pack_into, packed_nbytes
+from tvq_cli.quant.bitpack import packed_nbytes
 from tvq_cli.quant.spec import QuantSpec
 
 
 class Clock:
-    """Adds the time of each `with clock("stage"):` block to that stage."""
+    """Adds the CPU time of this thread in each `with clock("stage"):` block to that stage."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -45,10 +49,10 @@ class Clock:
         return self
 
     def __enter__(self) -> None:
-        self._start = time.perf_counter()
+        self._start = time.thread_time()
 
     def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] += time.perf_counter() - self._start
+        self.seconds[self._stage] += time.thread_time() - self._start
 
 
 def main() -> int:
@@ -59,7 +63,7 @@ def main() -> int:
     opts = parser.parse_args()
     torch.set_num_threads(1)
     pre = Checkpoint(opts.inputs / "pretrained")
-    fts = [Checkpoint(p) for p in sorted(opts.inputs.glob("task*"))]
+    fts = [Checkpoint(p) for p in sorted(opts.inputs.glob("task*")) if p.is_dir()]
     names = [n for n in pre.names if len(pre.specs[n].shape) == 2][: opts.tensors]
     if opts.paper:
         spec, codec = QuantSpec(4, 0), "raw"
@@ -68,9 +72,9 @@ def main() -> int:
     width = entropy.SYMBOL_BITS[4] if codec in entropy.CODED else 4
     clock = Clock()
     elements = 0
-    x, pre32 = torch.empty(BLOCK_ELEMENTS), torch.empty(BLOCK_ELEMENTS)
-    codes = np.zeros(BLOCK_ELEMENTS, np.uint8)
-    scratch = np.empty(BLOCK_ELEMENTS // 8, np.uint64)
+    scratch = torch.empty(BLOCK_ELEMENTS)
+    codes = torch.zeros(BLOCK_ELEMENTS, dtype=torch.uint8)
+    one_lo, one_hi = torch.zeros(1), torch.zeros(1)
     with tempfile.TemporaryFile() as sink:
         for name in names:
             with clock("read (pread)"):
@@ -82,46 +86,48 @@ def main() -> int:
             flat = [r.view(-1, cols) for r in raws]
             starts = range(0, flat[0].shape[0], rows)
             numel = flat[0].numel()
+            groups = 1 if spec.group_size == 0 else numel // spec.group_size
             for ft in flat[1:]:
-                groups = 1 if spec.group_size == 0 else numel // spec.group_size
                 lo, hi = torch.zeros(groups), torch.zeros(groups)
-                for first in starts:  # pass 1: every group's range
-                    n = flat[0][first : first + rows].numel()
-                    with clock("widen + subtract + finite check"):
-                        kernel.widen_into(flat[0][first : first + rows], pre32[:n])
-                        kernel.widen_into(ft[first : first + rows], x[:n], pre32[:n])
-                    with clock("ranges"):
+                with clock("ranges pass (widen, subtract, ranges)"):
+                    for first in starts:
+                        block, minus = ft[first : first + rows], flat[0][first : first + rows]
+                        n = block.numel()
                         if spec.group_size:
                             g = slice(first * cols // 128, (first * cols + n) // 128)
-                            lo[g], hi[g] = range_search.group_ranges(x[:n].view(-1, 128))
+                            kernel.ranges_into(block, minus, 128, lo[g], hi[g], scratch)
                         else:
-                            a, b = range_search.group_ranges(x[:n].view(1, -1))
-                            lo, hi = torch.minimum(lo, a), torch.maximum(hi, b)
-                fallback, top = range_search.grid_top(lo, hi, spec)
+                            kernel.ranges_into(block, minus, n, one_lo, one_hi, scratch)
+                            torch.minimum(lo, one_lo, out=lo)
+                            torch.maximum(hi, one_hi, out=hi)
+                    fallback, top = range_search.grid_top(lo, hi, spec)
+                    coder = kernel.BlockCoder(spec, fallback, top, width, codec == "zstd-c")
                 out = np.empty(packed_nbytes(numel, width), np.uint8)
-                for first in starts:  # pass 2: search, quantize, pack
-                    n = flat[0][first : first + rows].numel()
-                    with clock("widen + subtract + finite check"):
-                        kernel.widen_into(flat[0][first : first + rows], pre32[:n])
-                        kernel.widen_into(ft[first : first + rows], x[:n], pre32[:n])
-                    with clock("search + quantize"):
+                scales = torch.empty(groups)
+                zeros = torch.empty(groups, dtype=torch.uint8)
+                steps = torch.empty(groups, dtype=torch.uint8) if spec.scale_bits else None
+                with clock("coding pass (widen, subtract, search, quantize, pack)"):
+                    for first in starts:
+                        block, minus = ft[first : first + rows], flat[0][first : first + rows]
+                        n = block.numel()
                         g = slice(0, 1)
                         if spec.group_size:
                             g = slice(first * cols // 128, (first * cols + n) // 128)
-                        grouped = x[:n].view(-1, spec.group_size or n)
-                        q = range_search.quantize_groups(grouped, lo[g], hi[g], spec, fallback, top)
-                    if codec == "zstd-c":
-                        with clock("center codes on zero-points"):
-                            zeros = q.zeros.numpy()
-                            centered = entropy.center(
-                                q.codes.numpy(), zeros, (n // cols, cols), spec.group_size, 4
-                            )
-                            q.codes.view(-1).copy_(torch.from_numpy(centered))
-                    with clock("bit-pack"):
-                        codes[:n] = q.codes.view(-1).numpy()
                         start = first * cols * width // 8
-                        size = packed_nbytes(n, width)
-                        pack_into(codes[:n], width, out[start : start + size], scratch)
+                        coder.encode(
+                            block,
+                            minus,
+                            spec.group_size or n,
+                            lo[g],
+                            hi[g],
+                            True,
+                            scratch,
+                            codes,
+                            out[start : start + packed_nbytes(n, width)],
+                            scales[g],
+                            zeros[g],
+                            None if steps is None else steps[g],
+                        )
                 if codec in entropy.CODED:
                     with clock(f"zstd ({codec})"):
                         data = entropy.compress(out, codec)
@@ -131,17 +137,24 @@ def main() -> int:
                     zlib.crc32(data)
                     sink.write(data)
                 elements += numel
+            with clock("free the inputs"):
+                del raws, flat
     total = sum(clock.seconds.values())
     fp32 = elements * 4 * (len(fts) + 1) / len(fts)
     route = "paper settings" if opts.paper else "defaults"
-    kernels = "native kernels" if native.built() else "torch reference (no native build)"
+    kernels = f"native kernels ({native.lib.simd()})" if native.built() else "torch reference"
     print(f"{len(names)} tensors, {len(fts)} tasks, {elements:,} task elements, one thread")
-    print(f"TVQ 4-bit, {route}, {kernels}")
-    print("| stage | seconds | share | GB/s fp32-eq alone |")
-    print("|---|---|---|---|")
+    print(f"TVQ 4-bit, {route}, {kernels}; load average {os.getloadavg()[0]:.1f}")
+    print("| stage | CPU s | share | ns per task element | GB/s fp32-eq alone |")
+    print("|---|---|---|---|---|")
     for key, sec in clock.seconds.items():
-        print(f"| {key} | {sec:.2f} | {100 * sec / total:.0f}% | {fp32 / sec / 1e9:.2f} |")
-    print(f"| total | {total:.2f} | 100% | {fp32 / total / 1e9:.2f} |")
+        print(
+            f"| {key} | {sec:.2f} | {100 * sec / total:.0f}% | {sec / elements * 1e9:.2f} "
+            f"| {fp32 / sec / 1e9:.2f} |"
+        )
+    print(
+        f"| total | {total:.2f} | 100% | {total / elements * 1e9:.2f} | {fp32 / total / 1e9:.2f} |"
+    )
     return 0
 
 

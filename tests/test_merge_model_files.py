@@ -147,9 +147,8 @@ def test_disk_full_names_the_output(tmp_path, monkeypatch, folder):
     assert code == 0, err
     monkeypatch.setattr(
         model_writer,
-        "open",
-        lambda *a, **k: FullDisk(open(*a, **k), 4000),  # noqa: SIM115
-        raising=False,
+        "SequentialFile",
+        lambda *a, real=model_writer.SequentialFile, **k: FullDisk(real(*a, **k), 4000),
     )
     out = tmp_path / ("merged" if folder else "merged.safetensors")
     code, _, err = run_cli(

@@ -27,6 +27,20 @@ def test_native_kernel_is_built() -> None:
     )
 
 
+@pytest.fixture(params=["avx512", "generic"])
+def simd(request):
+    """Run a test with the AVX-512 path, then with the generic one (skipped where the CPU has
+    no AVX-512): both must give the reference's bytes."""
+    if native.lib is None:
+        yield None
+        return
+    if request.param == "avx512" and native.lib.simd() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    native.lib.simd(request.param == "avx512")
+    yield request.param
+    native.lib.simd(True)
+
+
 def _both(groups: torch.Tensor, spec: QuantSpec):
     """(native, torch reference) results of `quantize_groups` on the same groups."""
     lo, hi = range_search.group_ranges(groups)
@@ -67,6 +81,15 @@ def _data(kind: str, groups: int, width: int, scale: float, seed: int) -> torch.
     seed=st.integers(0, 2**16),
 )
 def test_native_matches_reference(bits, width, groups, search, scale_bits, kind, scale, seed):
+    for wide in [True, False] if native.lib.simd() == "avx512" else [False]:
+        native.lib.simd(wide)
+        try:
+            _check_native_matches(bits, width, groups, search, scale_bits, kind, scale, seed)
+        finally:
+            native.lib.simd(True)
+
+
+def _check_native_matches(bits, width, groups, search, scale_bits, kind, scale, seed):
     spec = QuantSpec(bits, width, "search" if search else "minmax", scale_bits)
     x = _data(kind, groups, width, scale, seed)
     compiled, reference = _both(x, spec)
@@ -93,14 +116,17 @@ def test_search_beats_minmax_on_heavy_tails() -> None:
 
 @NEEDS_NATIVE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("subtract", [True, False])
+@pytest.mark.parametrize("minus_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
-def test_widen_matches_torch(dtype, subtract, bad) -> None:
+def test_widen_matches_torch(dtype, minus_dtype, bad) -> None:
     gen = torch.Generator().manual_seed(5)
     raw = torch.randn(37, 24, generator=gen).to(dtype)
+    raw[0, :4] = torch.tensor([6e-8, -3e-5, 65504.0, 0.0])  # fp16 subnormals and extremes
     if bad is not None:
         raw[20, 3] = bad
-    minus = torch.randn(37, 24, generator=gen) if subtract else None
+    minus = None
+    if minus_dtype is not None:
+        minus = torch.randn(37, 24, generator=gen).to(minus_dtype)
     compiled, reference = torch.empty(37 * 24), torch.empty(37 * 24)
     finite = kernel.widen_into(raw, compiled, minus)
     with pytest.MonkeyPatch.context() as patch:
@@ -110,12 +136,27 @@ def test_widen_matches_torch(dtype, subtract, bad) -> None:
 
 
 @NEEDS_NATIVE
-@pytest.mark.parametrize("scheme", ["tvq", "rtvq"])
-def test_archives_do_not_depend_on_the_kernel(tmp_path: Path, scheme, monkeypatch) -> None:
-    pre = synthetic_model(0, torch.bfloat16)
+@pytest.mark.parametrize(
+    "scheme, dtype, options",
+    [
+        ("tvq", torch.bfloat16, {}),
+        ("tvq", torch.bfloat16, {"bits": 3}),  # zstd-c: 3-bit codes centered in 4-bit symbols
+        ("tvq", torch.float32, {"bits": 8}),  # zstd-c at 8 bits: packed apart from the codes
+        ("tvq", torch.float32, {"bits": 2, "group_size": 0}),  # one zero-point per tensor
+        ("tvq", torch.float16, {"codec": "raw", "bits": 3}),
+        ("tvq", torch.float32, {"scale_bits": 0}),
+        ("tvq", torch.bfloat16, {"group_size": 0, "range": "minmax", "scale_bits": 0}),
+        ("fq", torch.float16, {"bits": 8}),
+        ("rtvq", torch.bfloat16, {}),
+    ],
+)
+def test_archives_do_not_depend_on_the_kernel(
+    tmp_path: Path, scheme, dtype, options, simd, monkeypatch
+) -> None:
+    pre = synthetic_model(0, dtype)
     pre_path = write_checkpoint(tmp_path / "pre.safetensors", pre)
     fts = [write_checkpoint(tmp_path / f"ft{i}.safetensors", finetune(pre, i)) for i in range(3)]
-    options = PackOptions(scheme=scheme, group_size=16)
+    options = PackOptions(scheme=scheme, **{"group_size": 16, **options})
     compiled, reference = tmp_path / "native.tvq", tmp_path / "reference.tvq"
     tvq_cli.pack(pre_path, fts, compiled, options)
     monkeypatch.setattr(native, "lib", None)
@@ -128,18 +169,19 @@ def test_archives_do_not_depend_on_the_kernel(tmp_path: Path, scheme, monkeypatc
     "bad",
     [
         {"width": 0},
+        {"width": 3},  # does not divide the values
+        {"kind": 7},
         {"levels": 256},
-        {"x": torch.zeros(7)},  # not a whole number of groups' bytes for lo / hi
+        {"lo": torch.zeros(3)},
+        {"out": torch.zeros(3, dtype=torch.uint8)},
+        {"scratch": torch.zeros(2)},  # smaller than a chunk of groups
         {"coarse": torch.tensor([0, 9], dtype=torch.int32)},  # candidate out of range
+        {"center": 5},  # centered on more bits than are stored
     ],
-    ids=["width", "levels", "sizes", "coarse"],
+    ids=["width", "divides", "kind", "levels", "lo", "out", "scratch", "coarse", "center"],
 )
 def test_native_checks_its_arguments(bad) -> None:
-    args = {
-        "x": torch.zeros(8),
-        "width": 4,
-        "lo": torch.zeros(2),
-        "hi": torch.zeros(2),
+    plan = {
         "levels": 15,
         "factors": torch.tensor([1.0, 0.5]),
         "shifts": torch.empty(0, dtype=torch.int32),
@@ -149,15 +191,41 @@ def test_native_checks_its_arguments(bad) -> None:
         "margin": 1.0,
         "flat_scale": 1.0,
         "max_scale": 2.0**100,
+    }
+    args = {
+        "src": torch.zeros(8, dtype=torch.bfloat16),
+        "kind": native.BF16,
+        "minus": torch.zeros(8),
+        "mkind": native.F32,
+        "width": 4,
+        "lo": torch.zeros(2),
+        "hi": torch.zeros(2),
+        "ranged": False,
+        "plan": None,
+        "scratch": torch.zeros(8),
         "codes": torch.zeros(8, dtype=torch.uint8),
+        "bits": 4,
+        "out": torch.zeros(4, dtype=torch.uint8),
         "scales": torch.zeros(2),
         "zeros": torch.zeros(2, dtype=torch.uint8),
         "steps": torch.empty(0, dtype=torch.uint8),
+        "center": 0,
     }
-    args.update(bad)
-    values = [v.numpy() if isinstance(v, torch.Tensor) else v for v in args.values()]
+
+    def call(args: dict, plan: dict) -> bool:
+        def raw(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            return v.view(torch.uint8).numpy() if v.dtype == torch.bfloat16 else v.numpy()
+
+        values = {**args, "plan": tuple(raw(v) for v in plan.values())}
+        return native.lib.encode(*[raw(v) for v in values.values()])
+
+    assert call(args, plan)  # the untouched arguments are fine
+    broken_args = {**args, **{k: v for k, v in bad.items() if k in args}}
+    broken_plan = {**plan, **{k: v for k, v in bad.items() if k in plan}}
     with pytest.raises(ValueError):
-        native.lib.search(*values)
+        call(broken_args, broken_plan)
 
 
 @pytest.mark.parametrize(

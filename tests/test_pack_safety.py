@@ -92,9 +92,9 @@ def test_interrupt_leaves_previous_file_and_no_litter(tmp_path: Path, big, sig, 
 @pytest.mark.parametrize("room", [0, 8000], ids=["in-header", "in-payload"])
 def test_disk_full(tmp_path: Path, monkeypatch, room: int) -> None:
     pre, fts = make_checkpoints(tmp_path, n_tasks=2)
-    real_fdopen = os.fdopen
+    real_file = writer_module.SequentialFile
     monkeypatch.setattr(
-        writer_module.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k), room)
+        writer_module, "SequentialFile", lambda *a, **k: FullDisk(real_file(*a, **k), room)
     )
     out = tmp_path / "a.tvq"
     out.write_bytes(b"previous")
@@ -125,13 +125,13 @@ def test_input_vanishing_mid_read(tmp_path: Path, monkeypatch, how: str) -> None
     victim = fts[1]
     real_load = Checkpoint.load
 
-    def load(self, name):
+    def load(self, name, *args):
         if self.path == victim and victim.exists():
             if how == "truncated":
                 os.truncate(victim, victim.stat().st_size // 2)
             else:
                 victim.unlink()
-        return real_load(self, name)
+        return real_load(self, name, *args)
 
     monkeypatch.setattr(Checkpoint, "load", load)
     out = tmp_path / "a.tvq"

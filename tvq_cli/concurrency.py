@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,25 @@ def fixed_mmap_threshold(limit: int = 1 << 20) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, limit)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block; one collection at its end.
+
+    pack and merge make a few short-lived Python objects per block of work, and in a process
+    that imported torch every generation-2 collection they trigger walks hundreds of
+    thousands of objects: several percent of a merge's time (measured). They make no
+    reference cycles that need the collector while they run.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect(0)
 
 
 def default_threads() -> int:

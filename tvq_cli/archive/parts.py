@@ -68,21 +68,26 @@ def store_part(
 
 
 def decode_part(
-    part: Part, entry: TensorEntry, raw: Callable[[str], np.ndarray], where: str = "archive"
+    part: Part,
+    entry: TensorEntry,
+    raw: Callable[[str], np.ndarray],
+    where: str = "archive",
+    codes_out: np.ndarray | None = None,
 ) -> Quantized:
-    """Rebuild a part's `Quantized` from its stored bytes (`raw(key)` checks checksums)."""
+    """Rebuild a part's `Quantized` from its stored bytes (`raw(key)` checks checksums); the
+    codes go into `codes_out` where given (a reused buffer, see `bitpack.unpack_bits`)."""
     codes_key, scales_key, zeros_key = part_keys(part, entry.name)
     groups = group_count(entry.shape, part.group_size)
     zeros = unpack_bits(raw(zeros_key), part.bits, groups)
     if part.codec in entropy.CODED:
         try:
-            codes = entropy.decode(raw(codes_key), part.bits, entry.numel)
+            codes = entropy.decode(raw(codes_key), part.bits, entry.numel, codes_out)
         except TvqError as exc:
             raise TvqError(f"{where}: {codes_key}: {exc}") from None
         if part.codec == "zstd-c":
             codes = entropy.center(codes, zeros, entry.shape, part.group_size, part.bits, True)
     else:
-        codes = unpack_bits(raw(codes_key), part.bits, entry.numel)
+        codes = unpack_bits(raw(codes_key), part.bits, entry.numel, codes_out)
     step_codes = None
     top = 1.0
     if part.scale_bits:

@@ -207,13 +207,14 @@ class Archive:
     def tasks(self) -> list[str]:
         return self.header.tasks
 
-    def raw(self, key: str) -> np.ndarray:
-        """The bytes of one stored tensor as a uint8 array, read now and checksum verified."""
+    def raw(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The bytes of one stored tensor as a uint8 array, read now and checksum verified
+        (into `out`, a reused buffer of at least `nbytes(key)` bytes, where given)."""
         try:
             file_index, start, end = self._offsets[key]
         except KeyError:
             raise TvqError(f"{self.path}: no stored tensor {key}") from None
-        data = np.empty(end - start, np.uint8)
+        data = np.empty(end - start, np.uint8) if out is None else out[: end - start]
         view = memoryview(data)
         try:
             pread_into(self._files[file_index].handle.fileno(), view, start)
@@ -224,6 +225,10 @@ class Archive:
         if crc32(view) != self._checksums[key]:
             raise TvqError(f"{self.path}: checksum mismatch in {key} (the file is damaged)")
         return data
+
+    def nbytes(self, key: str) -> int:
+        _, start, end = self._offsets[key]
+        return end - start
 
     def close(self) -> None:
         for file in self._files:

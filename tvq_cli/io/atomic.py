@@ -14,9 +14,9 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import TvqError
+from .sequential import SequentialFile
 from .target import check_replaceable, temp_path, write_manifest
 
 
@@ -53,15 +53,14 @@ class AtomicFile:
         self.path = Path(path)
         self.replace = replace
         self._tmp: Path | None = None
-        self.file: BinaryIO | None = None
+        self.file: SequentialFile | None = None
 
-    def open(self) -> BinaryIO:
+    def open(self) -> SequentialFile:
         """Create the temporary file. Its name is set before it exists, so that an interrupt
         at any point still lets `discard` remove it."""
         self._tmp = temp_path(self.path)
         try:
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self.file = os.fdopen(fd, "wb")
+            self.file = SequentialFile(self._tmp, exclusive=True, mode=0o600)
         except OSError as exc:
             self.discard()
             raise TvqError(f"cannot write in {self._tmp.parent}: {exc.strerror}") from None
@@ -69,9 +68,7 @@ class AtomicFile:
 
     def commit(self) -> None:
         def finish() -> None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+            self.file.close()  # written out and fsynced
             os.chmod(self._tmp, 0o666 & ~_umask())
 
         _write(self.path, finish)
@@ -79,8 +76,8 @@ class AtomicFile:
         self._tmp = None
 
     def discard(self) -> None:
-        if self.file is not None and not self.file.closed:
-            self.file.close()
+        if self.file is not None:
+            self.file.abandon()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None

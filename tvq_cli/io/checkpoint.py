@@ -112,14 +112,16 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one tensor in its stored dtype into memory of its own (no map, no copy after)."""
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor in its stored dtype into memory of its own (no map, no copy after):
+        a fresh buffer, or `out` (uint8, at least the tensor's bytes), reused by callers that
+        read many tensors, since a fresh buffer costs a page fault per 4 KiB."""
         try:
             file, start, nbytes = self._where[name]
         except KeyError:
             raise TvqError(f"{self.path}: no tensor named {name}") from None
         spec = self.specs[name]
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         try:
             pread_into(self._open(file).fileno(), memoryview(buffer.numpy()), start)
         except EOFError:

@@ -194,7 +194,7 @@ class LoraTask(TaskSource):
     def _tensor(self, key: str) -> torch.Tensor:
         return self.adapter.load_float(key)
 
-    def load_full(self, name: str) -> torch.Tensor:
+    def load_full(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         touched = (self._whole, self._modules, self._tokens, self._biases)
         if not any(name in changes for changes in touched):
             if name not in self.pretrained.specs:

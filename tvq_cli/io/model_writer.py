@@ -6,14 +6,14 @@ the whole model in memory). A folder gets the pretrained folder's companion file
 tokenizer, ...: an allow-list, `model_files`) and, when it exceeds the shard size,
 `model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json` as
 `save_pretrained` writes them. Everything is written under a hidden temporary name beside the
-target and renamed into place only when complete (`atomic`).
+target and renamed into place only when complete (`atomic`), through `SequentialFile`
+(O_DIRECT where the system allows it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from ..tensors import tensor_bytes
 from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorSpec
 from .model_files import copy_companions
 from .safetensors_file import encode_header
+from .sequential import SequentialFile
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # save_pretrained's historical default, "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -57,7 +58,7 @@ class SafetensorsStream:
             ((name, s.dtype, s.shape, s.nbytes) for name, s in specs.items()), metadata
         )
         self.nbytes = len(header) + sum(s.nbytes for s in specs.values())
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = SequentialFile(path)  # closed (and fsynced) in close()
         self._file.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -75,13 +76,10 @@ class SafetensorsStream:
         return self._next == len(self._order)
 
     def discard(self) -> None:
-        self._file.close()
+        self._file.abandon()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        self._file.close()
 
 
 def shard_plan(specs: dict[str, TensorSpec], max_bytes: int) -> list[dict[str, TensorSpec]]:

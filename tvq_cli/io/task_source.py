@@ -11,6 +11,7 @@ and the fingerprint of the files they were read from, computed from the bytes as
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,10 +41,20 @@ class TaskSource:
         self.renamed = Renaming()
         self.notes: list[str] = []  # what was mapped or assumed, for people
 
-    def load_full(self, name: str) -> torch.Tensor:
+    def load_full(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name` with any rows it added, in a float dtype of the input (its own, or
-        fp32 where it is computed)."""
+        fp32 where it is computed); read into `out` (uint8, `stored_nbytes(name)` bytes, a
+        reused buffer) where given."""
         raise NotImplementedError
+
+    def stored_nbytes(self, name: str) -> int | None:
+        """The bytes of `load_full(name)` where it is read as stored (a caller may hand a
+        buffer of that size); None where it is computed."""
+        return None
+
+    def settle(self) -> None:
+        """Wait until no work on a tensor handed out is left (its hash): its buffer may be
+        reused."""
 
     def load(self, name: str) -> torch.Tensor:
         """Tensor `name` in the pretrained shape (added rows left out)."""
@@ -95,22 +106,32 @@ class CheckpointTask(TaskSource):
         self.renamed = match.renamed
         self.notes = match.notes(self.path)
 
-    def _read(self, own_name: str) -> torch.Tensor:
+    def _read(self, own_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         self._digests.settle()
-        tensor = self.checkpoint.load(own_name)
+        tensor = self.checkpoint.load(own_name, out)
         self._digests.add(own_name, tensor)
         return tensor
 
     def _same(self, a: str, b: str) -> bool:
         return torch.equal(self._read(a), self._read(b))
 
-    def load_full(self, name: str) -> torch.Tensor:
+    def load_full(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         own = self._own.get(name)
         if own is None:  # absent, or a buffer it did not save: the pretrained tensor
             if name not in self.pretrained.specs:
                 raise TvqError(f"{self.path}: no tensor named {name}")
-            return self.pretrained.load(name)
-        return self._read(own)
+            return self.pretrained.load(name, out)
+        return self._read(own, out)
+
+    def stored_nbytes(self, name: str) -> int | None:
+        own = self._own.get(name)
+        if own is None:
+            spec = self.pretrained.specs.get(name)
+            return None if spec is None else spec.nbytes
+        return self.checkpoint.specs[own].nbytes
+
+    def settle(self) -> None:
+        self._digests.settle()
 
     def fingerprint(self) -> str:
         for name in self.checkpoint.names:
@@ -134,6 +155,7 @@ class Digests:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvq-hash")
+        self._lock = threading.RLock()  # the reader adds, the consumer may settle
         self._pending: tuple[str, Future] | None = None
         self._done: dict[str, bytes] = {}
 
@@ -142,15 +164,17 @@ class Digests:
 
     def settle(self) -> None:
         """Wait for the tensor being hashed."""
-        if self._pending is not None:
-            name, future = self._pending
-            self._pending = None
-            self._done[name] = future.result()
+        with self._lock:
+            if self._pending is not None:
+                name, future = self._pending
+                self._done[name] = future.result()
+                self._pending = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self:
-            self.settle()
-            self._pending = (name, self._pool.submit(tensor_digest, name, tensor))
+        with self._lock:
+            if name not in self:
+                self.settle()
+                self._pending = (name, self._pool.submit(tensor_digest, name, tensor))
 
     def result(self) -> dict[str, bytes]:
         self.settle()

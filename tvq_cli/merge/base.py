@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UsageError
+from ..quant.kernel import CodedTasks, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,25 @@ class MergeMethod:
         thread-safe)."""
         return False
 
+    @property
+    def merges_codes(self) -> bool:
+        """Whether `merge_codes` takes task vectors kept as codes (a native fast path)."""
+        return False
+
+    def merge_codes(
+        self, name: str, coded: CodedTasks, first: int, base: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """Elements [first, first + len(out)) of the merged model: ``out = base + merged``
+        rounded to out's dtype, straight from coded task vectors, with the values `merge`
+        gives (`quant.kernel.coded_merge_into`); returns whether `base` is finite. Called
+        only where `merges_codes`."""
+        raise NotImplementedError
+
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
-        """See one tensor's task vectors during statistics pass `pass_index`."""
+        """See one tensor's task vectors during statistics pass `pass_index`. Elementwise
+        methods see column blocks as a `stream.TaskBlock` (`.values` is the [T, block]
+        tensor; `block[t]` one task's columns, which `topk.StreamingKth` counts from the
+        codes), others the whole [T, *shape] tensor."""
 
     def end_pass(self, pass_index: int) -> None:
         """All tensors have been observed in pass `pass_index`."""
@@ -154,9 +172,9 @@ class MergeMethod:
         return dict(self.values)
 
     # --- helpers shared by methods -----------------------------------------------------------
-    def weighted_sum(self, taus: torch.Tensor) -> torch.Tensor:
-        """sum_t w_t tau_t."""
-        return torch.tensordot(self.ctx.weights, taus, dims=1)
+    def weighted_sum(self, taus: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """scale * sum_t w_t tau_t, summed in task order (`quant.kernel.weighted_sum`)."""
+        return weighted_sum(taus, self.ctx.weights, scale)
 
     def rng(self, name: str, task: str, stream: str) -> torch.Generator:
         """A generator seeded by (seed, tensor, task, purpose): reproducible in any order."""

@@ -2,21 +2,32 @@
 and the merged values of one tensor.
 
 Never more than one tensor's task vectors are held: every statistics pass and the merge itself
-decode the T task vectors of a tensor into one reused buffer (`stream.py`).
+decode the T task vectors of a tensor again, kept as codes where they are one part's values and
+made fp32 one cache-sized column block at a time (`stream.py`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from ..concurrency import WorkerPool
-from ..tensors import require_finite
+from ..quant.kernel import add_into
+from ..tensors import not_finite, require_finite
 from .request import Merge
-from .stream import TaskVectorBuffer, column_blocks, decode_into
+from .stream import (
+    SPAN,
+    BlockBuffers,
+    CodeBuffers,
+    TaskBlock,
+    TaskVectorBuffer,
+    TaskVectors,
+    column_blocks,
+    decode,
+)
 
 
 class Engine:
@@ -31,6 +42,8 @@ class Engine:
         names = merge.float_names
         largest = max((self.pre.specs[n].numel for n in names), default=1)
         self.buffer = TaskVectorBuffer(len(self.sources.tasks), largest)
+        self.codes = CodeBuffers(len(self.sources.tasks), largest)
+        self.blocks = BlockBuffers()
         self.runner = WorkerPool(merge.threads, "tvq-merge")
 
     def close(self) -> None:
@@ -45,16 +58,20 @@ class Engine:
             file=sys.stderr,
         )
 
-    def decode(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
-        """Every selected task's fp32 task vector of `name`, decoded in parallel into the
-        shared buffer: [T, numel], valid until the next call."""
-        rows = self.buffer.rows(self.pre.specs[name].numel)
-        self.runner.map(
-            lambda t: decode_into(self.sources, t, name, base, rows[t]), list(range(len(rows)))
-        )
-        return rows
+    def decode(self, name: str, base: torch.Tensor | None) -> TaskVectors:
+        """Every selected task's task vector of `name`, decoded in parallel (one task per
+        worker): valid until the next call."""
+        numel = self.pre.specs[name].numel
 
-    def stacked(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        def one(task: int):
+            row = lambda: self.buffer.rows(numel)[task]  # noqa: E731 - made only where needed
+            return decode(self.sources, task, name, base, row, self.codes)
+
+        return TaskVectors(numel, self.runner.map(one, range(len(self.sources.tasks))), self.blocks)
+
+    def whole(self, name: str, taus: TaskVectors) -> torch.Tensor:
+        """Every task vector of `name` whole, [T, *shape] in the shared buffer."""
+        rows = taus.fill(self.buffer.rows(taus.numel))
         return rows.view(rows.shape[0], *self.pre.specs[name].shape)
 
     def tensors(self, desc: str) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor]]:
@@ -63,23 +80,34 @@ class Engine:
         with self.bar(desc) as bar:
             for name in self.merge.float_names:
                 base = self.pre.load_float(name) if self.sources.needs_pretrained else None
-                yield name, base, self.stacked(name, self.decode(name, base))
+                yield name, base, self.whole(name, self.decode(name, base))
                 bar.update()
 
     def run_statistics(self) -> None:
-        blocked = self.method.elementwise
         for index in range(self.method.stat_passes):
-            for name, _, taus in self.tensors(f"statistics {index + 1}"):
-                if blocked:
-                    self._observe_blocks(index, name, taus.view(taus.shape[0], -1))
-                else:
+            if self.method.elementwise:
+                with self.bar(f"statistics {index + 1}") as bar:
+                    for name in self.merge.float_names:
+                        base = self.pre.load_float(name) if self.sources.needs_pretrained else None
+                        self._observe_blocks(index, name, self.decode(name, base))
+                        bar.update()
+            else:
+                for name, _, taus in self.tensors(f"statistics {index + 1}"):
                     self.method.observe(index, name, taus)
             self.method.end_pass(index)
 
-    def _observe_blocks(self, index: int, name: str, flat: torch.Tensor) -> None:
-        self.runner.map(
-            lambda s: self.method.observe(index, name, flat[:, s]), column_blocks(flat.shape[1])
-        )
+    def _observe_blocks(self, index: int, name: str, taus: TaskVectors) -> None:
+        self._each_block(taus.numel, lambda s: self.method.observe(index, name, TaskBlock(taus, s)))
+
+    def _each_block(self, n: int, work: Callable[[slice], None]) -> None:
+        """work(s) for every column block of n elements, in parallel, a span of blocks per
+        item of the pool (one item per block made the pool's hand-offs a tenth of a merge)."""
+
+        def span(s: slice) -> None:
+            for block in column_blocks(s.stop, start=s.start):
+                work(block)
+
+        self.runner.map(span, column_blocks(n, SPAN))
 
     def pretrained_float(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         return require_finite(raw.to(torch.float32), self.pre.path, name)
@@ -87,20 +115,29 @@ class Engine:
     def merge_whole(self, name: str, raw: torch.Tensor, dtype: torch.dtype) -> list:
         """Merged weights of one tensor (one per target task for per-task methods)."""
         base = self.pretrained_float(name, raw)
-        taus = self.stacked(name, self.decode(name, base))
+        taus = self.whole(name, self.decode(name, base))
         merged = self.method.merge(name, taus)
         deltas = merged if isinstance(merged, list) else [merged]
         return [(base + delta).to(dtype) for delta in deltas]
 
     def merge_blocks(self, name: str, raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """An elementwise method on column blocks: the same values as on the whole tensor."""
-        base_flat = raw.reshape(-1)
+        base_flat, out_flat = raw.reshape(-1), out.reshape(-1)
         pretrained = self.pretrained_float(name, raw) if self.sources.needs_pretrained else None
         taus = self.decode(name, pretrained)
+        coded = taus.coded if self.method.merges_codes else None
 
         def block(s: slice) -> None:
-            base = self.pretrained_float(name, base_flat[s])
-            out[s] = base.add_(self.method.merge(name, taus[:, s]))
+            delta = self.method.merge(name, taus.block(s))
+            if not add_into(base_flat[s], delta, out_flat[s]):
+                raise not_finite(self.pre.path, name)
 
-        self.runner.map(block, column_blocks(taus.shape[1]))
+        def span(s: slice) -> None:  # straight from the codes, one native call per span
+            if not self.method.merge_codes(name, coded, s.start, base_flat[s], out_flat[s]):
+                raise not_finite(self.pre.path, name)
+
+        if coded is not None:
+            self.runner.map(span, column_blocks(taus.numel, SPAN))
+        else:
+            self._each_block(taus.numel, block)
         return out.view(raw.shape)

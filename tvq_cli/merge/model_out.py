@@ -1,8 +1,9 @@
 """Writing merged models: a .safetensors file, a folder, or one model per task.
 
-Tensors are merged and written in file order: the next pretrained tensor is read while the
-current one is merged, and the previous one is written meanwhile; the output appears under its
-name only when complete (`io.atomic`).
+Tensors are merged and written in file order: the next pretrained tensor is read (and hashed
+for the pretrained fingerprint, checked before the output is finished) while the current one is
+merged, and the previous one is written meanwhile; the output appears under its name only when
+complete (`io.atomic`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ..concurrency import Writer
 from ..dtypes import OUTPUT_DTYPES, itemsize, to_torch
 from ..errors import TvqError
 from ..io.atomic import atomic_output
-from ..io.checkpoint import TensorSpec
+from ..io.checkpoint import TensorSpec, combine_digests, tensor_digest
 from ..io.model_writer import ModelWriter
 from .engine import Engine
 from .request import Merge
@@ -94,12 +95,23 @@ def _stream(
     outs = [torch.empty(largest, dtype=torch.uint8) for _ in range(2 if blocked else 0)]
     reader = ThreadPoolExecutor(1, thread_name_prefix="tvq-read")
     writer = Writer()
+    digests: dict[str, bytes] = {}
+    # three rotating read buffers: one being read, one being merged, one the writer may
+    # still be writing (a non-float tensor is written as read)
+    largest_raw = max((pre.specs[n].nbytes for n in names), default=0)
+    reads = [torch.empty(largest_raw, dtype=torch.uint8) for _ in range(3)]
+
+    def load(i: int) -> torch.Tensor:  # read and fingerprinted in the reader thread
+        raw = pre.load(names[i], reads[i % 3])
+        digests[names[i]] = tensor_digest(names[i], raw)
+        return raw
+
     try:
-        pending = reader.submit(pre.load, names[0]) if names else None
+        pending = reader.submit(load, 0) if names else None
         for i, name in enumerate(names):
             raw = pending.result()
             if i + 1 < len(names):
-                pending = reader.submit(pre.load, names[i + 1])
+                pending = reader.submit(load, i + 1)
             dtype = to_torch(specs[name].dtype)
             if name not in float_names:
                 outputs = [raw] * len(writers)
@@ -120,5 +132,6 @@ def _stream(
         bar.close()
         writer.close()
         reader.shutdown(wait=True, cancel_futures=True)
+    merge.sources.check_fingerprint(combine_digests(digests))
     for w in writers:
         w.finish()

@@ -1,7 +1,9 @@
 """What a merge asks for (`MergeRequest`) and its validation into a `Merge` ready to run.
 
-Every check (archives, fingerprint, method, options, output path) happens here, before a byte
-is read for merging or written.
+Every check (archives, method, options, output path) happens here, before a byte is read for
+merging or written. The pretrained fingerprint is checked here for archive outputs; a merged
+model reads every pretrained tensor once anyway, so it is fingerprinted as it is read
+(`model_out`) and checked before the output appears: on a mismatch nothing is written.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def check_request(request: MergeRequest) -> Merge:
         request, Path(request.out), pre, sources, method, weights is not None, threads, max_shard
     )
     check_target(merge.out, request.force, merge.inputs, request.folder_output)
+    if request.writes_archive or request.writes_packed:
+        sources.check_fingerprint(pre.fingerprint())
     return merge
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..concurrency import fixed_mmap_threshold, torch_threads
+from ..concurrency import collector_paused, fixed_mmap_threshold, torch_threads
 from ..io.target import claim_output
 from .archive_out import ArchiveOutput
 from .engine import Engine
@@ -36,7 +36,7 @@ def run_merge(
     intra_op = 1 if blocked else merge.threads
     claim = claim_output(merge.out, request.force, merge.inputs, request.folder_output)
     try:
-        with claim, torch_threads(intra_op):
+        with claim, torch_threads(intra_op), collector_paused():
             engine.run_statistics()
             if archive_output is not None:
                 output, rounded = archive_output.write(engine.tensors("merge"))

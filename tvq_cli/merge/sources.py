@@ -66,18 +66,11 @@ class Sources:
         self.pretrained = pretrained
         check_pretrained(pretrained)
         opened = [Archive(p) for p in archives]
-        self.fingerprint = pretrained.fingerprint()
+        self.allow_different_base = allow_different_base
+        self.fingerprint: str | None = None  # set by check_fingerprint
         self.mismatched: list[str] = []
         for archive in opened:
             archive.check_model(pretrained)
-            if archive.header.pretrained_fingerprint != self.fingerprint:
-                if not allow_different_base:
-                    raise TvqError(
-                        f"{archive.path}: was packed against a different pretrained model than "
-                        f"{pretrained.path} (fingerprints differ); use --allow-different-base "
-                        "to merge anyway"
-                    )
-                self.mismatched.append(str(archive.path))
         available: dict[str, TaskRef] = {}
         for archive in opened:
             for task in archive.tasks:
@@ -98,6 +91,22 @@ class Sources:
             raise UsageError("no tasks selected")
         self.refs = [available[t] for t in tasks]
         self.archives = opened
+
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Compare the pretrained model's fingerprint (`Checkpoint.fingerprint`, or the same
+        digests gathered while a merge reads it) with every archive's; a mismatch is an error
+        unless allowed (--allow-different-base), then it is reported."""
+        self.fingerprint = fingerprint
+        self.mismatched = []
+        for archive in self.archives:
+            if archive.header.pretrained_fingerprint != fingerprint:
+                if not self.allow_different_base:
+                    raise TvqError(
+                        f"{archive.path}: was packed against a different pretrained model than "
+                        f"{self.pretrained.path} (fingerprints differ); use "
+                        "--allow-different-base to merge anyway"
+                    )
+                self.mismatched.append(str(archive.path))
 
     @property
     def tasks(self) -> list[str]:

@@ -1,8 +1,11 @@
 """Pack's fast route: one quantized tensor in blocks of whole rows, in parallel.
 
-Each block of every input is widened to fp32, its task vectors formed, and the scheme's
-`encode` run on the block: each role's values are quantized and bit-packed into per-thread
-buffers, in place in the part's stored tensors. Groups never cross rows and every step of the
+For direct schemes (TVQ, FQ: role i codes input i as it is) each role of a block is coded
+straight from the raw inputs by one native pass (`kernel.BlockCoder`: widen, subtract the
+pretrained block, range-search, quantize and bit-pack into the part's stored bytes, an
+L1-sized chunk of groups at a time). Other schemes (RTVQ) get each block of every input
+widened to fp32 and run the scheme's `encode` on it; each role's values are coded the same
+way from there. Groups never cross rows and every step of the
 quantizer (range search included) is per group, so a block's codes, scales and zero-points are
 exactly those of the whole tensor (`whole.py`), whatever the block size or thread count.
 
@@ -31,7 +34,7 @@ from ..archive.parts import store_part
 from ..archive.schemes import Scheme
 from ..concurrency import WorkerPool
 from ..quant import entropy, kernel, range_search
-from ..quant.bitpack import pack_into, packed_nbytes
+from ..quant.bitpack import packed_nbytes
 from ..quant.groups import row_group_size
 from ..quant.spec import group_count
 from ..tensors import not_finite
@@ -102,15 +105,20 @@ class _Workspace:
     """One thread's reusable buffers for blocks of up to `size` elements."""
 
     def __init__(self, size: int, rows: int):
-        padded = -(-size // 8) * 8
         self.size = size
         self.pre = torch.empty(size)
         self.x = torch.empty(rows * size)  # one row per task (coupled schemes), else one
         self.shared = torch.empty(size)  # a scheme's own values (RTVQ's base)
         self.anchor = torch.empty(size)  # a role's reconstruction
-        self.codes = torch.zeros(padded, dtype=torch.uint8)
-        self.packed = np.empty(padded, np.uint8)
-        self.scratch = np.empty(padded // 8, np.uint64)
+        self.work = torch.empty(size)  # the coder's widened values
+        self.codes = torch.zeros(-(-size // 8) * 8, dtype=torch.uint8)
+        self.lo = torch.empty(0)  # ranges of single-pass parts' groups
+        self.hi = torch.empty(0)
+
+    def ranges(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo.numel() < groups:
+            self.lo, self.hi = torch.empty(groups), torch.empty(groups)
+        return self.lo[:groups], self.hi[:groups]
 
 
 class _Parts:
@@ -141,7 +149,10 @@ class _Parts:
         # ranges start empty (0, 0): a per-tensor range is the union of its blocks' ranges
         self.lo = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
         self.hi = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
-        self.grid = [(1.0, 1.0)] * len(parts)  # (fallback, top) of range_search.grid_top
+        self.coders = [
+            None if t else kernel.BlockCoder(p.spec, 1.0, 1.0, w, p.codec == "zstd-c")
+            for p, t, w in zip(parts, two_pass, self.width, strict=True)
+        ]  # per part, once its grid_top (fallback, top) is known
         self.ready = [not t for t in two_pass]  # ranges known: the part can be coded
         self.done = [False] * len(parts)  # coded in an earlier pass
         self.kept: list[torch.Tensor | None] = [None] * len(parts)  # codes, for reconstruction
@@ -158,20 +169,34 @@ class _Parts:
         start = first * (self.cols // size)
         return slice(start, start + count // size)
 
-    def ranges(self, index: int, x: torch.Tensor, first: int) -> None:
-        """Record the range of every group of block `x` of part `index`."""
-        size = self.parts[index].group_size
-        lo, hi = range_search.group_ranges(x.reshape(-1, size) if size else x.reshape(1, -1))
-        if size:
-            groups = self.groups(index, first, x.numel())
-            self.lo[index][groups] = lo
-            self.hi[index][groups] = hi
+    def width_of(self, index: int, count: int) -> int:
+        """Values per group of part `index` in a block of `count` elements."""
+        return self.parts[index].group_size or count
+
+    def ranges(
+        self,
+        index: int,
+        raw: torch.Tensor,
+        minus: torch.Tensor | None,
+        first: int,
+        ws: _Workspace,
+    ) -> bool:
+        """Record the range of every group of the block ``raw - minus`` of part `index`;
+        returns whether every value is finite."""
+        count = raw.numel()
+        if self.parts[index].group_size:
+            groups = self.groups(index, first, count)
+            lo, hi = self.lo[index][groups], self.hi[index][groups]
+            finite = kernel.ranges_into(raw, minus, self.width_of(index, count), lo, hi, ws.work)
         else:
+            lo, hi = ws.ranges(1)
+            finite = kernel.ranges_into(raw, minus, count, lo, hi, ws.work)
             with self._lock:  # blocks of one per-tensor range, in any order: min, max commute
                 torch.minimum(self.lo[index], lo, out=self.lo[index])
                 torch.maximum(self.hi[index], hi, out=self.hi[index])
         with self._lock:
             self.ranged.add(index)
+        return finite
 
     def start_pass(self) -> None:
         self.ranged, self.coded = set(), set()
@@ -179,7 +204,10 @@ class _Parts:
 
     def end_pass(self) -> None:
         for i in self.ranged:
-            self.grid[i] = range_search.grid_top(self.lo[i], self.hi[i], self.parts[i].spec)
+            spec = self.parts[i].spec
+            fallback, top = range_search.grid_top(self.lo[i], self.hi[i], spec)
+            centered = self.parts[i].codec == "zstd-c"
+            self.coders[i] = kernel.BlockCoder(spec, fallback, top, self.width[i], centered)
             self.ready[i] = True
         for i in self.coded:
             self.done[i] = True
@@ -205,7 +233,7 @@ class _Parts:
             self.scales[index].numpy(),
             self.zeros[index].numpy(),
             None if steps is None else steps.numpy(),
-            self.grid[index][1],
+            self.coders[index].top,
         )
 
 
@@ -272,23 +300,52 @@ class BlockedRoute:
         name, cols = inputs.entry.name, parts.cols
         ws = self._workspace(size)
         count = (end - first) * cols
-        pre = ws.pre[:count].view(-1, cols)
-        if not kernel.widen_into(inputs.pretrained.view(-1, cols)[first:end], pre):
-            raise not_finite(self.pretrained, name)
+        pre_raw = inputs.pretrained.view(-1, cols)[first:end]
         sources = [
             (path, raw.view(-1, cols)[first:end])
             for path, raw in zip(self.finetuned, inputs.finetuned, strict=True)
         ]
-        minus = pre if self.scheme.subtracts_pretrained else None
+        minus = pre_raw if self.scheme.subtracts_pretrained else None
+        if self.scheme.direct and minus is not None:  # the pretrained block is checked with each
+            for index, (path, raw) in enumerate(sources):
+                if not _code_raw(ws, parts, index, raw, minus, first):
+                    pre_finite = kernel.widen_into(pre_raw, ws.pre[:count])
+                    raise not_finite(path if pre_finite else self.pretrained, name)
+            return
+        pre = ws.pre[:count].view(-1, cols)
+        if not kernel.widen_into(pre_raw, pre):
+            raise not_finite(self.pretrained, name)
+        if self.scheme.direct:
+            for index, (path, raw) in enumerate(sources):
+                if not _code_raw(ws, parts, index, raw, None, first):
+                    raise not_finite(path, name)
+            return
         tasks = len(sources) if self.scheme.coupled else 1
         rows = ws.x[: tasks * count].view(tasks, count)
-        block = _BlockInputs(name, sources, rows, minus)
+        block = _BlockInputs(name, sources, rows, pre if minus is not None else None)
 
         def code(index: int, values: torch.Tensor, reconstruct: bool = False):
             return _code(ws, parts, index, values, first, reconstruct)
 
         with contextlib.suppress(_NotReady):  # the rest of the block waits for the next pass
             self.scheme.encode(block, code, self.error_correction, ws.shared[:count])
+
+
+def _code_raw(
+    ws: _Workspace,
+    parts: _Parts,
+    index: int,
+    raw: torch.Tensor,
+    minus: torch.Tensor | None,
+    first: int,
+) -> bool:
+    """A direct scheme's role `index` in this pass, from the block's raw input: record its
+    ranges, or code it; returns whether every value ``raw - minus`` is finite."""
+    if parts.done[index]:
+        return True
+    if not parts.ready[index]:
+        return parts.ranges(index, raw, minus, first, ws)
+    return _emit(ws, parts, index, raw, minus, first)
 
 
 def _code(
@@ -317,11 +374,11 @@ def _code(
         )
         return anchor
     if not parts.ready[index]:
-        parts.ranges(index, values, first)
+        parts.ranges(index, values, None, first, ws)
         if reconstruct:
             raise _NotReady
         return None
-    _emit(ws, parts, index, values, first, anchor if reconstruct else None)
+    _emit(ws, parts, index, values, None, first, anchor if reconstruct else None)
     return anchor if reconstruct else None
 
 
@@ -329,45 +386,47 @@ def _emit(
     ws: _Workspace,
     parts: _Parts,
     index: int,
-    x: torch.Tensor,
+    raw: torch.Tensor,
+    minus: torch.Tensor | None,
     first: int,
     anchor: torch.Tensor | None = None,
-) -> None:
-    """Quantize block `x` of part `index` into its place; optionally dequantize it to
-    `anchor` before the codes are packed (and keep the codes if a later pass needs it)."""
+) -> bool:
+    """Quantize the block ``raw - minus`` of part `index` and bit-pack it into its place;
+    optionally dequantize it to `anchor` (and keep the codes if a later pass needs them).
+    Returns whether every value is finite."""
     part = parts.parts[index]
-    count = x.numel()
+    count = raw.numel()
     groups = parts.groups(index, first, count)
-    scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]
-    codes = ws.codes[:count]
-    size = part.group_size
-    grouped = x.reshape(-1, size) if size else x.reshape(1, -1)
+    width = parts.width[index]
+    start = first * parts.cols * width // 8
+    out = parts.packed[index][start : start + packed_nbytes(count, width)]
     if parts.lo[index] is not None:  # two-pass part: ranges from the first pass
-        lo, hi = parts.lo[index][groups], parts.hi[index][groups]
+        lo, hi, ranged = parts.lo[index][groups], parts.hi[index][groups], True
     else:
-        lo, hi = range_search.group_ranges(grouped)
-    fallback, top = parts.grid[index]
-    q = range_search.quantize_groups(grouped, lo, hi, part.spec, fallback, top)
-    codes.copy_(q.codes.view(-1))
-    scales.copy_(q.scales)
-    zeros.copy_(q.zeros)
-    if q.step_codes is not None:
-        parts.steps[index][groups] = q.step_codes
+        lo, hi = ws.ranges(groups.stop - groups.start)
+        ranged = False
+    steps = parts.steps[index]
+    coder = parts.coders[index]
+    finite = coder.encode(
+        raw,
+        minus,
+        parts.width_of(index, count),
+        lo,
+        hi,
+        ranged,
+        ws.work,
+        ws.codes,
+        out,
+        parts.scales[index][groups],
+        parts.zeros[index][groups],
+        None if steps is None else steps[groups],
+    )
     if anchor is not None:
+        codes = torch.from_numpy(out) if width == 8 and not coder.center else ws.codes[:count]
+        scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]
         kernel.dequantize_into(codes, part.spec, scales, zeros, anchor)
         if parts.more_passes:
             offset = first * parts.cols
             parts.kept_codes(index)[offset : offset + count] = codes
     parts.mark_coded(index)
-    if part.codec == "zstd-c":  # stored centered on the zero-points (quant/entropy.py)
-        shape = (count // parts.cols, parts.cols)
-        codes.copy_(
-            torch.from_numpy(entropy.center(codes.numpy(), zeros.numpy(), shape, size, part.bits))
-        )
-    padded = -(-count // 8) * 8
-    ws.codes[count:padded] = 0
-    width = parts.width[index]
-    packed = ws.packed[: padded * width // 8]
-    pack_into(ws.codes[:padded].numpy(), width, packed, ws.scratch)
-    start, size = first * parts.cols * width // 8, packed_nbytes(count, width)
-    parts.packed[index][start : start + size] = packed[:size]
+    return finite

@@ -81,7 +81,8 @@ class TensorPacker:
         for path, raw in zip(self.finetuned, inputs.finetuned, strict=True):
             if not torch.equal(raw, inputs.pretrained):
                 raise TvqError(f"{path}: non-float tensor {name} differs from the pretrained one")
-        return [(shared_key(name), tensor_bytes(inputs.pretrained))]
+        # a copy: the inputs' buffers are read into again once released (prefetch.py)
+        return [(shared_key(name), tensor_bytes(inputs.pretrained.clone()))]
 
     def _exact(self, inputs: TensorInputs) -> list[Output]:
         name = inputs.entry.name
@@ -124,6 +125,6 @@ def added_rows(header: ArchiveHeader, tasks: list[str], inputs: TensorInputs) ->
     for task, path, rows in zip(tasks, inputs.paths, inputs.added, strict=True):
         if rows is not None:
             dtype = to_torch(header.info(task).dtype_of(entry))
-            rows = require_finite(rows, path, entry.name).to(dtype)
+            rows = require_finite(rows, path, entry.name).to(dtype, copy=True)  # buffers reused
             out.append((rows_key(task, entry.name), tensor_bytes(rows)))
     return out

@@ -2,7 +2,8 @@
 
 The reader stops when the tensors it holds (being processed or waiting) would pass a byte
 budget, so peak memory does not grow with the number of tensors; reading (pread, hashing the
-pretrained bytes) releases the GIL and overlaps the quantization of the tensor before.
+pretrained bytes) releases the GIL and overlaps the quantization of the tensor before. Read
+buffers are reused for later tensors of the same size (`io.buffers`), within the same budget.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..archive.format import TensorEntry
 from ..dtypes import itemsize
+from ..io.buffers import BufferPool
 from ..io.checkpoint import Checkpoint, tensor_digest
 from ..io.task_source import TaskSource
 
@@ -33,6 +35,7 @@ class TensorInputs:
     paths: list[Path]
     digest: bytes
     nbytes: int
+    buffers: list[torch.Tensor]  # the pool's buffers they were read into (`release`)
 
 
 def _input_bytes(entry: TensorEntry, models: int) -> int:
@@ -57,6 +60,7 @@ class Prefetcher:
         self._pretrained = pretrained
         self._finetuned = finetuned
         self._budget = budget
+        self._buffers = BufferPool(budget)
         self._held = 0
         self._room = threading.Condition()
         self._ready: queue.Queue = queue.Queue()
@@ -78,15 +82,22 @@ class Prefetcher:
                     if self._stop:
                         return
                     self._held += size
-                pre = self._pretrained.load(entry.name)
+                buffers = [self._buffers.take(self._pretrained.specs[entry.name].nbytes)]
+                pre = self._pretrained.load(entry.name, buffers[0])
                 digest = tensor_digest(entry.name, pre)
                 fts, added = [], []
                 for source in self._finetuned:
-                    shared_rows, new_rows = source.split(entry.name, source.load_full(entry.name))
+                    nbytes = source.stored_nbytes(entry.name)
+                    buffer = None if nbytes is None else self._buffers.take(nbytes)
+                    if buffer is not None:
+                        buffers.append(buffer)
+                    full = source.load_full(entry.name, buffer)
+                    shared_rows, new_rows = source.split(entry.name, full)
                     fts.append(shared_rows)
                     added.append(new_rows)
                 paths = [source.path for source in self._finetuned]
-                self._ready.put(TensorInputs(entry, pre, fts, added, paths, digest, size))
+                item = TensorInputs(entry, pre, fts, added, paths, digest, size, buffers)
+                self._ready.put(item)
         except BaseException as exc:  # handed to the consumer, raised there
             self._ready.put(exc)
 
@@ -98,7 +109,13 @@ class Prefetcher:
             yield item
 
     def release(self, item: TensorInputs) -> None:
-        """The consumer is done with `item`: its bytes no longer count against the budget."""
+        """The consumer is done with `item`: its bytes no longer count against the budget,
+        and its buffers are read into again, so nothing may still refer to its tensors."""
+        for source in self._finetuned:
+            source.settle()  # no hash may still be reading a buffer given back
+        for buffer in item.buffers:
+            self._buffers.give(buffer)
+        item.buffers = []
         item.pretrained = torch.empty(0)
         item.finetuned = []
         item.added = []

@@ -22,7 +22,13 @@ from ..archive.format import ArchiveHeader, file_key
 from ..archive.parts import stored_codes
 from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter, archive_size
-from ..concurrency import Writer, check_threads, fixed_mmap_threshold, torch_threads
+from ..concurrency import (
+    Writer,
+    check_threads,
+    collector_paused,
+    fixed_mmap_threshold,
+    torch_threads,
+)
 from ..dtypes import itemsize
 from ..errors import InternalError, TvqError, UsageError, usage_errors, warn
 from ..io.checkpoint import Checkpoint, combine_digests
@@ -230,6 +236,7 @@ def write_archive(
     with (
         ArchiveWriter(out, header, max_shard, replace) as writer,
         torch_threads(1),
+        collector_paused(),
         contextlib.ExitStack() as stack,
     ):
         packer = TensorPacker(

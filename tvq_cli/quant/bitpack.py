@@ -139,8 +139,12 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return out[: packed_nbytes(count, bits)]
 
 
-def unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of `pack_bits`: recover `count` uint8 codes from a packed byte stream."""
+def unpack_bits(
+    stream: np.ndarray, bits: int, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of `pack_bits`: recover `count` uint8 codes from a packed byte stream (into
+    `out`, a reused buffer of at least `count` rounded up to 8 bytes, where given: a fresh
+    multi-megabyte array costs a page fault per 4 KiB)."""
     _check_bits(bits)
     stream = np.ascontiguousarray(stream, dtype=np.uint8).reshape(-1)
     if stream.size != packed_nbytes(count, bits):
@@ -149,7 +153,15 @@ def unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
             f"for {count} codes of {bits} bits"
         )
     total = -(-count // 8) * 8
-    out = np.empty(total, np.uint8)
+    out = np.empty(total, np.uint8) if out is None else out[:total]
+    if native.lib is not None:  # the same codes in one pass
+        whole = count // 8 * 8
+        native.lib.unpack(stream[: whole // 8 * bits], bits, out[:whole])
+        if whole < total:
+            tail = np.zeros(bits, np.uint8)
+            tail[: stream.size - whole // 8 * bits] = stream[whole // 8 * bits :]
+            native.lib.unpack(tail, bits, out[whole:])
+        return out[:count]
     words = np.empty(min(total, _CHUNK) // 8, np.uint64)
     scratch = np.empty_like(words)
     for start in range(0, total, _CHUNK):

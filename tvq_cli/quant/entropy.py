@@ -14,6 +14,8 @@ bits as packed), and each frame carries its content checksum.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import zstandard
 
@@ -98,26 +100,90 @@ def center(
     return out.reshape(-1)
 
 
-def decompress(frame: np.ndarray | bytes, expected: int) -> bytes:
-    """Inverse of `compress`; a damaged frame or one of another size raises TvqError."""
+def decompress(
+    frame: np.ndarray | bytes, expected: int, out: np.ndarray | None = None
+) -> bytes | np.ndarray:
+    """Inverse of `compress`: its `expected` bytes, or `out[:expected]` holding them (a
+    reused buffer) where given; a damaged frame or one of another size raises TvqError."""
     try:
-        data = zstandard.ZstdDecompressor().decompress(
-            bytes(frame), max_output_size=max(expected, 1)
-        )
+        if out is None:
+            data = zstandard.ZstdDecompressor().decompress(
+                bytes(frame), max_output_size=max(expected, 1)
+            )
+            got = len(data)
+        else:
+            data = out[:expected]
+            got = _decompress_into(frame, data)
     except zstandard.ZstdError as exc:
         raise TvqError(f"zstd frame is damaged ({exc})") from None
-    if len(data) != expected:
-        raise TvqError(f"zstd frame decodes to {len(data)} bytes, expected {expected} (damaged)")
+    if got != expected:
+        raise TvqError(f"zstd frame decodes to {got} bytes, expected {expected} (damaged)")
     return data
 
 
-def decode(frame: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
-    """Inverse of `encode`; a damaged or foreign frame raises TvqError, never wrong codes."""
+def decode(
+    frame: np.ndarray | bytes, bits: int, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of `encode`; a damaged or foreign frame raises TvqError, never wrong codes.
+
+    With `out` (a reused buffer, as `unpack_bits` takes), the frame is also decompressed into
+    a reused buffer of this thread: merge decodes every tensor of every task in every pass,
+    and fresh multi-megabyte arrays cost more in page faults than the decompression itself.
+    """
+    expected = symbol_nbytes(count, bits)
     try:
-        data = decompress(frame, symbol_nbytes(count, bits))
+        data = decompress(frame, expected, None if out is None else _scratch(expected))
     except TvqError as exc:
         raise TvqError(f"entropy-coded codes: {exc}") from None
-    codes = unpack_bits(np.frombuffer(data, np.uint8), SYMBOL_BITS[bits], count)
+    symbols = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
+    codes = unpack_bits(symbols, SYMBOL_BITS[bits], count, out)
     if bits < SYMBOL_BITS[bits] and (codes >> bits).any():
         raise TvqError("entropy-coded codes hold out-of-range values (damaged)")
     return codes
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """This thread's reused buffer of `size` bytes."""
+    buffer = getattr(_local, "symbols", None)
+    if buffer is None or buffer.size < size:
+        buffer = _local.symbols = np.empty(size, np.uint8)
+    return buffer[:size]
+
+
+def _decompress_into(frame: np.ndarray | bytes, out: np.ndarray) -> int:
+    """Decompress one frame into `out`; returns its decoded size (more than `out` holds:
+    len(out) + 1). A stream reader stops quietly where its input ends, so the frame's extent
+    is checked first: then its checksum is checked when its end is read."""
+    if _frame_size(memoryview(frame).cast("B")) != len(frame):
+        raise zstandard.ZstdError("the frame is truncated or followed by other data")
+    view = memoryview(out)
+    got = 0
+    with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+        while got < len(view):
+            step = reader.readinto(view[got:])
+            if not step:
+                break
+            got += step
+        if reader.read(1):
+            got += 1
+    return got
+
+
+def _frame_size(frame: memoryview) -> int:
+    """The size of the zstd frame at the start of `frame`, from its header and block headers
+    (the format's own framing; RFC 8878, section 3.1.1); -1 where they run past its end."""
+    try:
+        at = zstandard.frame_header_size(frame)
+        checksum = zstandard.get_frame_parameters(frame).has_checksum
+    except zstandard.ZstdError:
+        return -1
+    while at + 3 <= len(frame):
+        header = frame[at] | frame[at + 1] << 8 | frame[at + 2] << 16
+        kind, size = (header >> 1) & 3, header >> 3
+        at += 3 + (1 if kind == 1 else size)  # RLE blocks store one byte
+        if header & 1:  # the last block
+            return at + 4 * checksum
+    return -1

@@ -7,6 +7,8 @@ set it to None to run the torch paths).
 
 from __future__ import annotations
 
+F32, BF16, F16, NONE = 0, 1, 2, 3  # value kinds of the kernels' raw inputs (NONE: no minus)
+
 try:
     from . import _native as lib
 except ImportError:  # built without a C compiler

@@ -25,6 +25,7 @@ import math
 import threading
 from functools import cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -168,7 +169,17 @@ def group_ranges(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's min-max range widened to include 0: (lo, hi)."""
     if native.lib is not None and groups.device.type == "cpu" and groups.is_contiguous():
         lo, hi = torch.empty(groups.shape[0]), torch.empty(groups.shape[0])
-        native.lib.ranges(groups.numpy(), groups.shape[1], lo.numpy(), hi.numpy())
+        x = groups.to(torch.float32).numpy()
+        native.lib.ranges(
+            x,
+            native.F32,
+            _NONE_F32,
+            native.NONE,
+            groups.shape[1],
+            lo.numpy(),
+            hi.numpy(),
+            _NONE_F32,
+        )
         return lo, hi
     return groups.amin(dim=1).clamp(max=0.0), groups.amax(dim=1).clamp(min=0.0)
 
@@ -223,9 +234,35 @@ def quantize_groups(
 
 
 @cache
-def _native_steps(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _native_steps(count: int) -> tuple[np.ndarray, np.ndarray]:
     coarse, fine = _steps(count)
-    return coarse.to(torch.int32), fine.to(torch.int32)
+    return coarse.to(torch.int32).numpy(), fine.to(torch.int32).numpy()
+
+
+_NONE_F32 = np.empty(0, np.float32)
+_NONE_I32 = np.empty(0, np.int32)
+_NONE_U8 = np.empty(0, np.uint8)
+
+
+def native_plan(spec: QuantSpec, fallback: float, top: float) -> tuple:
+    """The native kernel's search settings for one part (its `plan` argument): levels, the
+    candidates (shrink factors or step-code shifts), the step table, the coarse and fine
+    steps, the margin, the all-zero groups' scale and the scale cap."""
+    grid = _grid(spec.range == "search", spec.scale_bits)
+    coarse, fine = _native_steps(grid.numel())
+    compact = spec.scale_bits > 0
+    table = scale_codec.step_table(top, spec.scale_bits).numpy() if compact else _NONE_F32
+    return (
+        spec.levels,
+        _NONE_F32 if compact else grid.numpy(),
+        grid.numpy() if compact else _NONE_I32,
+        table,
+        coarse,
+        fine,
+        1 + MARGIN,
+        _flat_scale(fallback),
+        MAX_SCALE,
+    )
 
 
 def _quantize_native(
@@ -238,33 +275,29 @@ def _quantize_native(
 ) -> Quantized:
     """`quantize_groups` through the native kernel (whole groups, host memory)."""
     n, width = groups.shape
-    grid = _grid(spec.range == "search", spec.scale_bits)
-    coarse, fine = _native_steps(grid.numel())
     compact = spec.scale_bits > 0
-    none_f32, none_i32 = torch.empty(0), torch.empty(0, dtype=torch.int32)
-    table = scale_codec.step_table(top, spec.scale_bits) if compact else none_f32
     codes = torch.empty(n, width, dtype=torch.uint8)
     scales = torch.empty(n)
     zeros = torch.empty(n, dtype=torch.uint8)
     step_codes = torch.empty(n if compact else 0, dtype=torch.uint8)
-    native.lib.search(
+    native.lib.encode(
         groups.to(torch.float32).contiguous().numpy(),
+        native.F32,
+        _NONE_F32,
+        native.NONE,
         width,
         lo.contiguous().numpy(),
         hi.contiguous().numpy(),
-        spec.levels,
-        (none_f32 if compact else grid).numpy(),
-        (grid if compact else none_i32).numpy(),
-        table.numpy(),
-        coarse.numpy(),
-        fine.numpy(),
-        1 + MARGIN,
-        _flat_scale(fallback),
-        MAX_SCALE,
+        True,
+        native_plan(spec, fallback, top),
+        _NONE_F32,
+        _NONE_U8,
+        8,
         codes.numpy(),
         scales.numpy(),
         zeros.numpy(),
         step_codes.numpy(),
+        0,
     )
     if not compact:
         return Quantized(codes, scales, zeros)

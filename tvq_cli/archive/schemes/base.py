@@ -50,6 +50,8 @@ class Scheme:
     # Every decoded element lies between 0 and its true value (0 is on every grid and codes
     # are the nearest level), so a task vector is never farther from its fine-tune's than 0.
     within_task_vector: ClassVar[bool] = False
+    # role i quantizes input i as it is: pack then codes each input straight from its raw bytes
+    direct: ClassVar[bool] = False
 
     def roles(self, tasks: list[str]) -> list[str]:
         """The quantized roles of every quantized tensor, in storage order."""
@@ -80,8 +82,12 @@ class Scheme:
         scratch: torch.Tensor | None = None,
     ) -> None:
         """Hand every role's values to `code`, in storage order. `scratch`: a buffer of one
-        input's size the scheme may use for values of its own (RTVQ's base)."""
-        raise NotImplementedError
+        input's size the scheme may use for values of its own (RTVQ's base). Direct schemes
+        hand over each input as it is."""
+        if not self.direct:
+            raise NotImplementedError
+        for index, values in enumerate(inputs):
+            code(index, values)
 
     def anchor(self, dequantized: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
         """What a task added to an existing archive (`tvq add`) is stored against besides the

@@ -13,10 +13,7 @@ class FineTunedWeights(Scheme):
     name = "fq"
     task_prefix = "ft"
     subtracts_pretrained = False
-
-    def encode(self, inputs, code, error_correction, scratch=None) -> None:
-        for index, weights in enumerate(inputs):
-            code(index, weights)
+    direct = True
 
     def decode(self, task, dequantized, pretrained):
         if pretrained is None:

@@ -10,13 +10,10 @@ class TaskVectors(Scheme):
     name = "tvq"
     task_prefix = "task"
     within_task_vector = True
+    direct = True
 
     def sole_role(self, task: str) -> str | None:
         return self.task_role(task)
-
-    def encode(self, inputs, code, error_correction, scratch=None) -> None:
-        for index, tau in enumerate(inputs):
-            code(index, tau)
 
     def decode(self, task, dequantized, pretrained):
         return dequantized(self.task_role(task))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...quant import native
+from ...quant.kernel import coded_merge_into
 from ..base import MergeMethod, Option, register
 
 LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the summed task vectors.")
@@ -19,5 +21,12 @@ class TaskArithmetic(MergeMethod):
     takes_weights = True
     elementwise = True
 
+    @property
+    def merges_codes(self) -> bool:
+        return native.lib is not None
+
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
-        return self.values["lambda"] * self.weighted_sum(taus)
+        return self.weighted_sum(taus, self.values["lambda"])
+
+    def merge_codes(self, name, coded, first, base, out) -> bool:
+        return coded_merge_into(coded, first, base, out, self.ctx.weights, self.values["lambda"])

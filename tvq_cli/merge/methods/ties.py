@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 from ...errors import TvqError
+from ...quant import native
+from ...quant.kernel import coded_merge_into, coded_signs
 from ..base import MergeMethod, Option, broadcast, register
 from ..topk import StreamingKth
+
+_NONE = np.empty(0, np.float32)
 
 LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the merged task vector.")
 TOPK = Option(
@@ -78,8 +83,14 @@ class Ties(MergeMethod):
                 if kth.count and kth_rank(kth.count, self.values["topk"]) >= 1:
                     kth.observe_low(tau)
         else:
-            trimmed = self._trim(taus, self._thresholds)
-            signs = float(self._elect(trimmed).sum())  # a whole number: exact in any order
+            coded = None if isinstance(taus, torch.Tensor) else taus.coded
+            if coded is not None and native.lib is not None:  # straight from the codes
+                s = taus.s
+                weights = self.ctx.weights
+                signs = coded_signs(coded, s.start, s.stop - s.start, weights, self._thresholds)
+            else:
+                values = taus if isinstance(taus, torch.Tensor) else taus.values
+                signs = self._signs(values)  # a whole number: exact in any order
             with self._sign_lock:
                 self._sign_total += signs
 
@@ -112,19 +123,58 @@ class Ties(MergeMethod):
         # changes no sum, sign test or output below
         return torch.where(taus.abs() >= broadcast(thresholds, taus), taus, 0.0)
 
+    @property
+    def _unit(self) -> bool:
+        """Every weight is 1: products with them are skipped (x * 1.0 is x exactly)."""
+        return bool((self.ctx.weights == 1).all())
+
     def _weighted(self, values: torch.Tensor) -> torch.Tensor:
-        """w_t * values_t; skipped when every weight is 1 (x * 1.0 is x exactly)."""
-        weights = self.ctx.weights
-        if bool((weights == 1).all()):
+        """w_t * values_t."""
+        if self._unit:
             return values
-        return broadcast(weights.to(values.dtype), values) * values
+        return broadcast(self.ctx.weights.to(values.dtype), values) * values
 
     def _elect(self, trimmed: torch.Tensor) -> torch.Tensor:
-        return torch.sign(self._weighted(trimmed).sum(0))
+        return torch.sign(task_sum(self._weighted(trimmed)))
+
+    def _native(self, taus: torch.Tensor) -> bool:
+        """Whether the native kernel takes these task vectors (contiguous fp32 on the CPU)."""
+        return native.lib is not None and taus.dtype == torch.float32 and taus.is_contiguous()
+
+    def _signs(self, taus: torch.Tensor) -> float:
+        """The sum of the elected signs of a block (global top-k thresholds)."""
+        if self._native(taus):
+            return float(
+                native.lib.ties(
+                    taus.numpy(), taus.shape[0], self._thresholds.numpy(),
+                    self.ctx.weights.to(torch.float32).numpy(), self._unit, 0.0, 1.0, _NONE,
+                )
+            )  # fmt: skip
+        return float(self._elect(self._trim(taus, self._thresholds)).sum())
+
+    @property
+    def merges_codes(self) -> bool:
+        return self.is_global and native.lib is not None
+
+    def merge_codes(self, name, coded, first, base, out) -> bool:
+        ties = (self._thresholds, self._unit, self._majority)
+        return coded_merge_into(
+            coded, first, base, out, self.ctx.weights, self.values["lambda"], ties
+        )
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        """The reference arithmetic; the native kernel (global top-k) does the same ops, with
+        the same task-order sums, element by element."""
         if self.is_global:
             thresholds, majority = self._thresholds, self._majority
+            if self._native(taus):
+                out = torch.empty(taus.shape[1:])
+                native.lib.ties(
+                    taus.numpy(), taus.shape[0], thresholds.numpy(),
+                    self.ctx.weights.to(torch.float32).numpy(), self._unit, majority,
+                    self.values["lambda"], out.numpy(),
+                )  # fmt: skip
+                return out
             trimmed = self._trim(taus, thresholds)
             elected = self._elect(trimmed)
         else:
@@ -133,9 +183,18 @@ class Ties(MergeMethod):
             majority = float(torch.sign(elected.sum()))
         elected = torch.where(elected == 0, majority, elected)
         agree = (torch.sign(trimmed) == elected).logical_and_(trimmed != 0)
-        numerator = self._weighted(torch.where(agree, trimmed, 0.0)).sum(0)
-        denominator = self._weighted(agree.to(torch.float32)).sum(0)
+        numerator = task_sum(self._weighted(torch.where(agree, trimmed, 0.0)))
+        denominator = task_sum(self._weighted(agree.to(torch.float32)))
         merged = torch.where(
             denominator != 0, numerator / denominator.clamp_min(1e-30), torch.zeros(())
         )
         return self.values["lambda"] * merged
+
+
+def task_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over tasks (dim 0) in task order: torch's own reduction order changes with the
+    number of tasks and the tensor's size; this one is the native kernel's."""
+    total = values[0].clone()
+    for value in values[1:]:
+        total += value
+    return total
