@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tvq_cli
 from tvq_cli.pack import PackOptions
-from tvq_cli.quant import bitpack, kernel, native, range_search
+from tvq_cli.quant import bitpack, kernel, native, range_search, rans
 from tvq_cli.quant.spec import QuantSpec
 
 # Without a build, the comparisons below would compare the references with themselves: they are
@@ -21,9 +21,12 @@ from tvq_cli.quant.spec import QuantSpec
 NEEDS_NATIVE = pytest.mark.skipif(not native.built(), reason="the native kernels were not built")
 
 
-def test_native_kernel_is_built() -> None:
+def test_native_kernels_are_built() -> None:
     assert native.built(), (
         "tvq_cli.quant._native was not built: install with a C compiler (pip install -e .)"
+    )
+    assert rans.built(), (
+        "tvq_cli.quant._rans was not built: install with a C compiler (pip install -e .)"
     )
 
 
