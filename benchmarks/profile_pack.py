@@ -33,7 +33,7 @@ import torch
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
-from tvq_cli.quant.bitpack import packed_nbytes
+from tvq_cli.quant.sizes import SYMBOL_BITS, packed_nbytes
 from tvq_cli.quant.spec import QuantSpec
 
 
@@ -69,7 +69,7 @@ def main() -> int:
         spec, codec = QuantSpec(4, 0), "raw"
     else:
         spec, codec = QuantSpec(4, 128, "search", 6), "zstd"
-    width = entropy.SYMBOL_BITS[4] if codec == "zstd" else 4
+    width = SYMBOL_BITS[4] if codec == "zstd" else 4
     clock = Clock()
     elements = 0
     scratch = torch.empty(BLOCK_ELEMENTS)

@@ -17,8 +17,8 @@ from pathlib import PurePosixPath
 
 from ..dtypes import DTYPES, INPUT_FLOATS, itemsize
 from ..errors import TvqError
-from ..quant import entropy
-from ..quant.bitpack import packed_nbytes
+from ..quant import sizes
+from ..quant.sizes import packed_nbytes
 from ..quant.spec import RANGE_METHODS, QuantSpec, group_count
 from . import schemes
 
@@ -77,7 +77,7 @@ class Part:
         if len(rest) > 1 or not isinstance(extra, dict) or set(extra) - set(PART_DEFAULTS):
             raise TvqError(f"archive header part {role!r} is malformed")
         part = cls(str(role), int(bits), int(group), **extra)
-        if part.range not in RANGE_METHODS or part.codec not in entropy.CODECS:
+        if part.range not in RANGE_METHODS or part.codec not in sizes.CODECS:
             raise TvqError(f"archive header part {role!r} names an unknown method")
         if not isinstance(part.coded_nbytes, int) or part.coded_nbytes < 0:
             raise TvqError(f"archive header part {role!r} has a bad coded size")
@@ -87,7 +87,7 @@ class Part:
         """This part with the largest coded size it can have (what the writer reserves)."""
         if self.codec != "zstd":
             return self
-        return replace(self, coded_nbytes=entropy.compress_bound(numel, self.bits))
+        return replace(self, coded_nbytes=sizes.compress_bound(numel, self.bits))
 
     @property
     def task(self) -> str | None:

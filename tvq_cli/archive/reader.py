@@ -6,6 +6,9 @@ file), and each stored tensor's crc32 every time it is read. Damage raises TvqEr
 crash and never silently wrong numbers. Stored tensors are read with pread, not through a
 memory map: a file truncated under a map kills the process with SIGBUS, and touched pages of a
 map stay in the process's resident memory until it is closed.
+
+Opening an archive reads and checks its header only, with the standard library: numpy, torch
+and the decoders are imported by the methods that read tensors, so `tvq inspect` starts fast.
 """
 
 from __future__ import annotations
@@ -14,17 +17,11 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, to_torch
 from ..errors import TvqError
-from ..io.checkpoint import Checkpoint
 from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
-from ..quant import entropy
-from ..quant.quantizer import dequantize
-from ..quant.spec import Quantized
 from . import schemes
 from .container import INDEX_SUFFIX, crc32, decode_header, decode_index, decode_shard_header
 from .format import (
@@ -39,7 +36,13 @@ from .format import (
     rows_key,
 )
 from .format import shared_key as _shared_key
-from .parts import decode_part
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..io.checkpoint import Checkpoint
+    from ..quant.spec import Quantized
 
 
 def locate(path: Path) -> tuple[Path, bool]:
@@ -204,6 +207,8 @@ class Archive:
     def raw(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """The bytes of one stored tensor as a uint8 array, read now and checksum verified
         (into `out`, a reused buffer of at least `nbytes(key)` bytes, where given)."""
+        import numpy as np
+
         try:
             file_index, start, end = self._offsets[key]
         except KeyError:
@@ -263,6 +268,8 @@ class Archive:
     def added_rows(self, task: str, name: str) -> torch.Tensor | None:
         """The rows a task added past the pretrained tensor's (new tokens), exactly as in its
         checkpoint, in its dtype; None when it added none."""
+        import torch
+
         info = self.info(task)
         if name not in info.rows:
             return None
@@ -277,6 +284,8 @@ class Archive:
     def task_file(self, task: str, path: str) -> bytes:
         """One stored non-weight file of a task (config.json, tokenizer.json, ...), checked
         against its sha256."""
+        from ..quant import entropy
+
         sha = self.info(task).files.get(path)
         if sha is None:
             raise TvqError(f"{self.path}: task {task!r} has no stored file {path}")
@@ -316,9 +325,13 @@ class Archive:
             raise TvqError(f"{self.path}: archive has no tensor {name}") from None
 
     def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
+        from .parts import decode_part
+
         return decode_part(part, entry, self.raw, str(self.path))
 
     def _delta(self, task: str, entry: TensorEntry) -> np.ndarray:
+        import numpy as np
+
         key = delta_key(task, entry.name)
         delta = self.array(key, "F32", entry.shape)
         if not np.isfinite(delta).all():
@@ -326,10 +339,14 @@ class Archive:
         return delta
 
     def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
+        from ..quant.quantizer import dequantize
+
         return dequantize(self.quantized(part, entry), part.spec, entry.shape)
 
     def shared(self, name: str) -> torch.Tensor:
         """A non-float tensor stored once (identical in every input)."""
+        import torch
+
         entry = self.entry(name)
         tensor = torch.from_numpy(self.raw(_shared_key(name)))
         return tensor.view(to_torch(entry.dtype)).reshape(entry.shape)
@@ -341,6 +358,8 @@ class Archive:
 
         FQ archives store fine-tuned weights, so they need the pretrained tensor to subtract.
         """
+        import torch
+
         self._check_task(task)
         entry = self.entry(name)
         if entry.kind == "shared":

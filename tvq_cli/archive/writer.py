@@ -13,9 +13,7 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import InternalError, TvqError
 from ..io.atomic import AtomicFile, atomic_output
@@ -27,6 +25,9 @@ from .container import (
     encode_shard_header,
 )
 from .format import ArchiveHeader, StoredTensor, bound_header, layout, part_keys
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHARD_SUFFIX = ".tvq"
 
@@ -136,6 +137,8 @@ class ArchiveWriter:
 
     def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
         """Append the next stored tensor; keys must come in layout order with exact sizes."""
+        import numpy as np
+
         if self._next >= len(self.stored):
             raise InternalError(f"unexpected tensor {key}")
         expected = self.stored[self._next]
