@@ -61,6 +61,7 @@ SCHEMES = {
     "RTVQ 3+2-bit": ["--scheme", "rtvq", "--base-bits", "3", "--offset-bits", "2"],
     "TVQ 4-bit, paper settings": ["--scheme", "tvq", "--bits", "4", *PAPER_FLAGS],
     "TVQ 4-bit, raw codes": ["--scheme", "tvq", "--bits", "4", "--codec", "raw"],
+    "TVQ 4-bit, format 2's zstd": ["--scheme", "tvq", "--bits", "4", "--codec", "zstd"],
 }
 CHILD = (  # `tvq` with its run time and CPU time (after imports) and peak RSS on stderr
     "import sys, time\n"
@@ -256,9 +257,9 @@ def main() -> int:
         )
         print(
             "| scheme | command s | pack s | GB/s fp32-eq | pack CPU s | GB/s per 2 CPU-s "
-            "| peak RSS MiB | cat s | pack / cat | load |"
+            "| peak RSS MiB | archive MB | cat s | pack / cat | load |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         failed = False
         for name, args in SCHEMES.items():
             if opts.only and name not in opts.only:
@@ -270,10 +271,11 @@ def main() -> int:
             )
             failed |= peak > bound
             over = " (over bound)" if peak > bound else ""
+            size = (work / "out.tvq").stat().st_size
             print(
                 f"| {name} | {seconds:.1f} | {inside:.1f} | {fp32_bytes / inside / 1e9:.2f} | "
                 f"{cpu:.1f} | {2 * fp32_bytes / cpu / 1e9:.2f} | {peak / 2**20:.0f}{over} | "
-                f"{cat:.1f} | {inside / cat:.1f} | {os.getloadavg()[0]:.1f} |",
+                f"{size / 1e6:.1f} | {cat:.1f} | {inside / cat:.1f} | {os.getloadavg()[0]:.1f} |",
                 flush=True,
             )
         if opts.py_spy:

@@ -35,7 +35,7 @@ from tvq_cli.archive.format import part_keys
 from tvq_cli.archive.reader import Archive
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.merge.stream import column_blocks
-from tvq_cli.quant import entropy, kernel, native
+from tvq_cli.quant import entropy, kernel, native, sizes
 from tvq_cli.quant.bitpack import unpack_bits
 
 
@@ -96,11 +96,11 @@ def main() -> int:
                         stored = np.empty(archive.nbytes(key), np.uint8)
                     frame = archive.raw(key, stored)
                 if part.codec == "zstd":
-                    size = entropy.symbol_nbytes(entry.numel, part.bits)
+                    size = sizes.symbol_nbytes(entry.numel, part.bits)
                     symbols = entropy._scratch(size)
                     with clock("zstd decompression"):
                         entropy._decompress_into(frame, symbols)
-                    width = entropy.SYMBOL_BITS[part.bits]
+                    width = sizes.SYMBOL_BITS[part.bits]
                 else:
                     symbols, width = frame, part.bits
                 with clock("bit-unpacking"):

@@ -33,7 +33,7 @@ import torch
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
-from tvq_cli.quant.bitpack import packed_nbytes
+from tvq_cli.quant.sizes import CODED, DEFAULT_CODEC, SYMBOL_BITS, packed_nbytes
 from tvq_cli.quant.spec import QuantSpec
 
 
@@ -68,8 +68,8 @@ def main() -> int:
     if opts.paper:
         spec, codec = QuantSpec(4, 0), "raw"
     else:
-        spec, codec = QuantSpec(4, 128, "search", 6), entropy.DEFAULT_CODEC
-    width = entropy.SYMBOL_BITS[4] if codec in entropy.CODED else 4
+        spec, codec = QuantSpec(4, 128, "search", 6), DEFAULT_CODEC
+    width = SYMBOL_BITS[4] if codec in CODED else 4
     clock = Clock()
     elements = 0
     scratch = torch.empty(BLOCK_ELEMENTS)
@@ -128,7 +128,7 @@ def main() -> int:
                             zeros[g],
                             None if steps is None else steps[g],
                         )
-                if codec in entropy.CODED:
+                if codec in CODED:
                     with clock(f"zstd ({codec})"):
                         data = entropy.compress(out, codec)
                 else:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tvq_cli import PackOptions, TvqError, inspect_archive, pack  # noqa: E402
 from tvq_cli.archive.format import Part  # noqa: E402
 from tvq_cli.archive.parts import stored_codes  # noqa: E402
-from tvq_cli.quant import entropy, native  # noqa: E402
+from tvq_cli.quant import entropy, native, sizes  # noqa: E402
 from tvq_cli.quant.quantizer import dequantize, quantize  # noqa: E402
 from tvq_cli.quant.range_search import quantize_searched  # noqa: E402
 from tvq_cli.quant.spec import QuantSpec  # noqa: E402
@@ -125,7 +125,7 @@ def record(curves: dict, infeasible: dict, label: str, where: tuple, **options) 
 
 def coded_bytes(q, spec: QuantSpec, shape: tuple[int, ...]) -> int:
     """Bytes of a part's codes with the default codec (zstd-c)."""
-    part = Part("task:t", spec.bits, spec.group_size, codec=entropy.DEFAULT_CODEC)
+    part = Part("task:t", spec.bits, spec.group_size, codec=sizes.DEFAULT_CODEC)
     return len(stored_codes(part, shape, q))
 
 
@@ -186,7 +186,7 @@ def timings(x: torch.Tensor) -> list[tuple[str, float, float]]:
     for bits in (2, 3, 4):
         spec = QuantSpec(bits, 128, "search", 6)
         q = quantize(x, spec)
-        part = Part("task:t", bits, 128, codec=entropy.DEFAULT_CODEC)
+        part = Part("task:t", bits, 128, codec=sizes.DEFAULT_CODEC)
         shape = tuple(x.shape)
         frame = stored_codes(part, shape, q)
         enc = _best_seconds(lambda q=q, part=part, s=shape: stored_codes(part, s, q)) * per_m

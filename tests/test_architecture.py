@@ -85,6 +85,39 @@ def test_rooms_depend_one_way() -> None:
     assert not wrong, wrong
 
 
+# imported by the commands that read tensors, never at start-up (benchmarks/bench_startup.py)
+HEAVY = {"torch", "numpy", "safetensors", "zstandard", "transformers", "compressed_tensors"}
+
+
+def _heavy_imports(module: str) -> set[str]:
+    """The heavy modules `module` imports at module level (not in functions, not for types)."""
+    path = PACKAGE.parent / module.replace(".", "/")
+    file = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = set()
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.split(".")[0])
+    return found & HEAVY
+
+
+def test_the_command_line_starts_without_heavy_modules() -> None:
+    """What `tvq --help` and `tvq inspect` load imports no torch (nor numpy, safetensors,
+    zstandard) at module level: commands import the library where they call it."""
+    graph = _imports()
+    loaded, todo = set(), ["tvq_cli.__main__", "tvq_cli.cli"]
+    while todo:
+        module = todo.pop()
+        if module in loaded:
+            continue
+        loaded.add(module)
+        parents = [module.rsplit(".", n)[0] for n in range(1, module.count(".") + 1)]
+        todo += [*graph[module], *parents]
+    wrong = {m: sorted(_heavy_imports(m)) for m in sorted(loaded) if _heavy_imports(m)}
+    assert not wrong, wrong
+
+
 def test_every_method_option_is_a_cli_flag() -> None:
     flags = {p.default.param_decls[0] for p in coefficient_parameters()}
     options = {o.flag for cls in all_methods() for o in cls.options}

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvq_cli.errors import TvqError
-from tvq_cli.quant.bitpack import _CHUNK, pack_bits, packed_nbytes, unpack_bits
+from tvq_cli.quant.bitpack import _CHUNK, pack_bits, unpack_bits
+from tvq_cli.quant.sizes import packed_nbytes
 
 
 def reference_pack(codes: np.ndarray, bits: int) -> bytes:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tvq_cli import PackOptions, TvqError, open_archive, pack
 from tvq_cli.archive.format import Part, part_layout
 from tvq_cli.pack import dry_run
-from tvq_cli.quant import entropy, scale_codec
+from tvq_cli.quant import entropy, scale_codec, sizes
 from tvq_cli.quant.quantizer import dequantize, quantize
 from tvq_cli.quant.spec import QuantSpec, group_count
 
@@ -96,13 +96,13 @@ def test_compact_scales_are_stored_as_the_quantizer_used_them(tmp_path):
     count=st.integers(0, 3000),
     skew=st.floats(0.05, 1.0),
     seed=st.integers(0, 2**31 - 1),
-    codec=st.sampled_from(entropy.CODED),
+    codec=st.sampled_from(sizes.CODED),
 )
 def test_entropy_stage_round_trips_bit_exactly(bits, count, skew, seed, codec):
     rng = np.random.default_rng(seed)
     codes = np.minimum(rng.geometric(skew, count) - 1, (1 << bits) - 1).astype(np.uint8)
     frame = entropy.encode(codes, bits, codec)
-    assert len(frame) <= entropy.compress_bound(count, bits)
+    assert len(frame) <= sizes.compress_bound(count, bits)
     assert np.array_equal(entropy.decode(np.frombuffer(frame, np.uint8), bits, count), codes)
 
 
@@ -128,7 +128,7 @@ def test_centered_codes_are_undone_exactly(bits, rows, cols, group, seed):
         assert centered[group] == (int(codes[group]) - int(zeros[1])) % (1 << bits)
 
 
-@pytest.mark.parametrize("codec", entropy.CODED)
+@pytest.mark.parametrize("codec", sizes.CODED)
 def test_entropy_stage_detects_a_damaged_stream(codec):
     codes = (np.random.default_rng(0).geometric(0.6, 5000) - 1).clip(0, 3).astype(np.uint8)
     frame = bytearray(entropy.encode(codes, 2, codec))

@@ -5,7 +5,7 @@ import torch
 from helpers import finetune, make_checkpoints, run_cli, synthetic_model, write_checkpoint
 from safetensors.torch import save_file
 
-from tvq_cli.quant.entropy import DEFAULT_CODEC
+from tvq_cli.quant.sizes import DEFAULT_CODEC
 from tvq_cli.quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS
 
 

@@ -1,7 +1,8 @@
 """The `tvq` command (and `python -m tvq_cli`).
 
-Importing the command line takes a second or more (torch); a Ctrl-C meanwhile ends in the
-same one line as a Ctrl-C later, not in an import traceback.
+Importing the command line takes a tenth of a second (typer, rich; the commands import torch
+when they run); a Ctrl-C meanwhile ends in the same one line as a Ctrl-C later, not in an
+import traceback.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from pathlib import Path
 from .errors import TvqError
 from .report import inspect_archive
 from .report.render import human_bytes
-from .zoo import TASKS
 
 DEFAULT_DIR = Path("tvq-demo")
 METHODS = ("task_arithmetic", "ties")
@@ -66,6 +65,8 @@ class Steps:
 
 def run_demo(root: Path, run: Run, echo: Echo = print) -> list[DemoRow]:
     """Run the demo in `root` (zoo, archives and merges go there); returns the table rows."""
+    from .zoo import TASKS  # torch: imported when the demo runs, not with `tvq --help`
+
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise TvqError(f"{root}: exists and is not a folder")

@@ -14,13 +14,17 @@ import re
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, INPUT_FLOATS, itemsize
 from ..errors import TvqError
-from ..quant import dzans, entropy
-from ..quant.bitpack import packed_nbytes
+from ..quant import sizes
+from ..quant.sizes import packed_nbytes
 from ..quant.spec import RANGE_METHODS, QuantSpec, group_count
 from . import schemes
+
+if TYPE_CHECKING:
+    from ..quant import dzans
 
 FORMAT_NAME = "tvq-archive"
 FORMAT_VERSION = 3  # what this tool writes
@@ -105,7 +109,7 @@ class Part:
         if not {"setting"}.isdisjoint(extra):
             raise TvqError(f"archive header part {role!r} is malformed")
         part = cls(str(role), int(bits), int(group), **extra)
-        if part.range not in RANGE_METHODS or part.codec not in entropy.CODECS:
+        if part.range not in RANGE_METHODS or part.codec not in sizes.CODECS:
             raise TvqError(f"archive header part {role!r} names an unknown method")
         if not isinstance(part.coded_nbytes, int) or part.coded_nbytes < 0:
             raise TvqError(f"archive header part {role!r} has a bad coded size")
@@ -116,9 +120,9 @@ class Part:
         if not self.dense:
             framed = entry.numel < FRAMED_BELOW
             return replace(self, coded_nbytes=0 if framed else record_bound(entry))
-        if self.codec not in entropy.CODED:
+        if self.codec not in sizes.CODED:
             return self
-        return replace(self, coded_nbytes=entropy.compress_bound(entry.numel, self.bits))
+        return replace(self, coded_nbytes=sizes.compress_bound(entry.numel, self.bits))
 
     @property
     def task(self) -> str | None:
@@ -155,6 +159,8 @@ class TensorEntry:
 
 def record_bound(entry: TensorEntry) -> int:
     """The largest record of a low-rate part of `entry` (docs/format.md)."""
+    from ..quant import dzans  # numpy: not for header-only reads of dense archives
+
     return dzans.record_bound(entry.numel, entry.rows)
 
 
@@ -487,7 +493,7 @@ def part_layout(part: Part, entry: TensorEntry) -> list[StoredTensor]:
         return [StoredTensor(record_key(part, entry.name), "U8", (part.coded_nbytes,))]
     codes, scales, zeros = part_keys(part, entry.name)
     groups = group_count(entry.shape, part.group_size)
-    if part.codec in entropy.CODED:
+    if part.codec in sizes.CODED:
         stored = [StoredTensor(codes, "U8", (part.coded_nbytes,))]
     else:
         stored = [StoredTensor(codes, "U8", (packed_nbytes(entry.numel, part.bits),))]

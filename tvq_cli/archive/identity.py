@@ -8,9 +8,13 @@ nothing to compare (`inspect --against` also runs the statistical checks of
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import TvqError
-from ..io.task_source import TaskSource
 from .format import ArchiveHeader
+
+if TYPE_CHECKING:
+    from ..io.task_source import TaskSource
 
 
 def task_fingerprint(header: ArchiveHeader, task: str) -> str | None:

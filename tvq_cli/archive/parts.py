@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import TvqError
-from ..quant import entropy, scale_codec
+from ..quant import entropy, scale_codec, sizes
 from ..quant.bitpack import pack_bits, unpack_bits
 from ..quant.spec import Quantized, group_count
 from .format import Part, TensorEntry, part_keys, superscale_key
@@ -40,7 +40,7 @@ def stored_codes(part: Part, shape: tuple[int, ...], q: Quantized) -> np.ndarray
     codes = q.codes.numpy()
     if part.codec == "zstd-c":
         codes = entropy.center(codes, q.zeros.numpy(), shape, part.group_size, part.bits)
-    if part.codec in entropy.CODED:
+    if part.codec in sizes.CODED:
         return entropy.encode(codes, part.bits, part.codec)
     return pack_bits(codes, part.bits)
 
@@ -79,7 +79,7 @@ def decode_part(
     codes_key, scales_key, zeros_key = part_keys(part, entry.name)
     groups = group_count(entry.shape, part.group_size)
     zeros = unpack_bits(raw(zeros_key), part.bits, groups)
-    if part.codec in entropy.CODED:
+    if part.codec in sizes.CODED:
         try:
             codes = entropy.decode(raw(codes_key), part.bits, entry.numel, codes_out)
         except TvqError as exc:

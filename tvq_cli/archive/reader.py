@@ -6,6 +6,9 @@ file), and each stored tensor's crc32 every time it is read. Damage raises TvqEr
 crash and never silently wrong numbers. Stored tensors are read with pread, not through a
 memory map: a file truncated under a map kills the process with SIGBUS, and touched pages of a
 map stay in the process's resident memory until it is closed.
+
+Opening an archive reads and checks its header only, with the standard library: numpy, torch
+and the decoders are imported by the methods that read tensors, so `tvq inspect` starts fast.
 """
 
 from __future__ import annotations
@@ -15,17 +18,11 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, to_torch
 from ..errors import InternalError, TvqError
-from ..io.checkpoint import Checkpoint
 from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
-from ..quant import dzans, entropy
-from ..quant.quantizer import dequantize
-from ..quant.spec import Quantized
 from . import schemes
 from .container import INDEX_SUFFIX, crc32, decode_header, decode_index, decode_shard_header
 from .format import (
@@ -43,7 +40,14 @@ from .format import (
     rows_key,
 )
 from .format import shared_key as _shared_key
-from .parts import decode_part
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ..io.checkpoint import Checkpoint
+    from ..quant import dzans
+    from ..quant.spec import Quantized
 
 
 def locate(path: Path) -> tuple[Path, bool]:
@@ -210,6 +214,8 @@ class Archive:
     def raw(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """The bytes of one stored tensor as a uint8 array, read now and checksum verified
         (into `out`, a reused buffer of at least `nbytes(key)` bytes, where given)."""
+        import numpy as np
+
         try:
             file_index, start, end = self._offsets[key]
         except KeyError:
@@ -272,6 +278,8 @@ class Archive:
     def added_rows(self, task: str, name: str) -> torch.Tensor | None:
         """The rows a task added past the pretrained tensor's (new tokens), exactly as in its
         checkpoint, in its dtype; None when it added none."""
+        import torch
+
         info = self.info(task)
         if name not in info.rows:
             return None
@@ -286,6 +294,8 @@ class Archive:
     def task_file(self, task: str, path: str) -> bytes:
         """One stored non-weight file of a task (config.json, tokenizer.json, ...), checked
         against its sha256."""
+        from ..quant import entropy
+
         sha = self.info(task).files.get(path)
         if sha is None:
             raise TvqError(f"{self.path}: task {task!r} has no stored file {path}")
@@ -326,12 +336,16 @@ class Archive:
 
     def quantized(self, part: Part, entry: TensorEntry) -> Quantized:
         """A dense part's codes, scales and zero-points."""
+        from .parts import decode_part
+
         if not part.dense:
             raise InternalError(f"{part.role} of {entry.name} is low-rate: it has no dense codes")
         return decode_part(part, entry, self.raw, str(self.path))
 
     def record(self, part: Part, entry: TensorEntry) -> dzans.RecordInfo:
         """A low-rate part's parsed record (side information and streams, checked on decode)."""
+        from ..quant import dzans
+
         if entry.framed:
             return self._frame(part.role)[entry.name]
         key = record_key(part, entry.name)
@@ -343,6 +357,8 @@ class Archive:
 
     def _frame(self, role: str) -> dict[str, dzans.RecordInfo]:
         """The records of a role's frame by tensor name, read and parsed once."""
+        from ..quant import dzans
+
         with self._frames_lock:
             if role not in self._frames:
                 key = frame_key(role)
@@ -365,6 +381,10 @@ class Archive:
             raise TvqError(f"{self.path}: {key}: {exc}") from None
 
     def _low_rate(self, part: Part, entry: TensorEntry) -> torch.Tensor:
+        import torch
+
+        from ..quant import dzans
+
         info = self.record(part, entry)
         cols = entry.shape[-1] if entry.shape else 1
         where = frame_key(part.role) if entry.framed else record_key(part, entry.name)
@@ -372,6 +392,8 @@ class Archive:
         return torch.from_numpy(values).reshape(entry.shape)
 
     def _delta(self, task: str, entry: TensorEntry) -> np.ndarray:
+        import numpy as np
+
         key = delta_key(task, entry.name)
         delta = self.array(key, "F32", entry.shape)
         if not np.isfinite(delta).all():
@@ -380,12 +402,16 @@ class Archive:
 
     def dequantized(self, part: Part, entry: TensorEntry) -> torch.Tensor:
         """A part's fp32 values, in the entry's shape."""
+        from ..quant.quantizer import dequantize
+
         if not part.dense:
             return self._low_rate(part, entry)
         return dequantize(self.quantized(part, entry), part.spec, entry.shape)
 
     def shared(self, name: str) -> torch.Tensor:
         """A non-float tensor stored once (identical in every input)."""
+        import torch
+
         entry = self.entry(name)
         tensor = torch.from_numpy(self.raw(_shared_key(name)))
         return tensor.view(to_torch(entry.dtype)).reshape(entry.shape)
@@ -397,6 +423,8 @@ class Archive:
 
         FQ archives store fine-tuned weights, so they need the pretrained tensor to subtract.
         """
+        import torch
+
         self._check_task(task)
         entry = self.entry(name)
         if entry.kind == "shared":

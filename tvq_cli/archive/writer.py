@@ -13,13 +13,11 @@ import contextlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import InternalError, TvqError
 from ..io.atomic import AtomicFile, atomic_output
-from ..quant import entropy
+from ..quant import sizes
 from .container import (
     INDEX_SUFFIX,
     crc32,
@@ -36,6 +34,9 @@ from .format import (
     part_keys,
     record_key,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHARD_SUFFIX = ".tvq"
 
@@ -108,7 +109,7 @@ class ArchiveWriter:
             (part_keys(p, t.name)[0] if p.dense else record_key(p, t.name)): (i, j)
             for i, t in enumerate(header.tensors)
             for j, p in enumerate(t.parts)
-            if p.codec in entropy.CODED or not (p.dense or t.framed)
+            if p.codec in sizes.CODED or not (p.dense or t.framed)
         }
         self._coded.update({frame_key(role): role for role in header.frames})
         self._sizes: dict[str, int] = {}
@@ -148,6 +149,8 @@ class ArchiveWriter:
 
     def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
         """Append the next stored tensor; keys must come in layout order with exact sizes."""
+        import numpy as np
+
         if self._next >= len(self.stored):
             raise InternalError(f"unexpected tensor {key}")
         expected = self.stored[self._next]

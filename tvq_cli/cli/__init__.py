@@ -1,7 +1,9 @@
 """The `tvq` command line: a thin Typer layer over the library API, one module per command.
 
 Every user error is one line on stderr and a non-zero exit code, never a traceback; a bug
-(`InternalError`, or any other exception) keeps its traceback.
+(`InternalError`, or any other exception) keeps its traceback. Command modules import the
+library inside their command functions, so `tvq --version`, `--help` and `tvq inspect` (without
+`--against`) start without torch (docs/architecture.md).
 """
 
 from __future__ import annotations

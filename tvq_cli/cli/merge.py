@@ -14,10 +14,9 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
-from ..merge import MergeRequest, list_methods, merge
+from ..merge import list_methods
 from ..merge.base import Option
 from ..merge.methods import all_methods
-from ..merge.sources import parse_task_list
 from ..report.render import render_merge, render_methods
 from .common import show_progress, stdout
 
@@ -78,6 +77,9 @@ def merge_command(
     **coefficients: object,
 ) -> None:
     """Merge task vectors from ARCHIVES into a model (dense or packed) or a quantized archive."""
+    from ..merge import MergeRequest, merge
+    from ..merge.sources import parse_task_list
+
     if list_methods_flag:
         methods = list_methods()
         if as_json:

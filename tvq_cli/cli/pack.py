@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..errors import UsageError
-from ..pack import PackOptions, PackResult, dry_run, pack
-from ..quant import native
-from ..quant.entropy import DEFAULT_CODEC
+from ..quant.sizes import DEFAULT_CODEC
 from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS
 from ..report import quantization_settings
 from ..report.render import human_bytes
 from .common import app, print_notes, show_progress, stderr, stdout
+
+if TYPE_CHECKING:
+    from ..pack import PackResult
 
 
 def parse_names(pairs: list[str]) -> dict[str, str]:
@@ -89,6 +91,9 @@ def pack_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize the task vectors of FINETUNED checkpoints or LoRA adapters into one archive."""
+    from ..pack import PackOptions, dry_run, pack
+    from ..quant import native
+
     options = PackOptions(
         scheme=scheme,
         bits=bits,

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import typer
 
-from ..archive.edit import remove_tasks
-from ..merge import extract
-from ..pack import add_tasks
 from ..report.render import human_bytes, render_extract
 from .common import app, echo_plain, print_notes, stdout
 from .pack import parse_names
@@ -30,6 +27,8 @@ def add_command(
     ),
 ) -> None:
     """Append tasks to ARCHIVE in place, without re-encoding the tasks already in it."""
+    from ..pack import add_tasks
+
     result = add_tasks(
         archive,
         pretrained,
@@ -54,6 +53,8 @@ def remove_command(
     task: list[str] = typer.Option(..., "--task", help="A task to remove (repeatable)."),
 ) -> None:
     """Drop tasks from ARCHIVE in place; the others are kept exactly as stored."""
+    from ..archive.edit import remove_tasks
+
     header = remove_tasks(archive, task)
     echo_plain(
         f"removed {', '.join(task)} from {archive}: now {len(header.tasks)} tasks "
@@ -79,6 +80,8 @@ def extract_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Rebuild one task's fine-tune from ARCHIVE: its dtypes, added tokens, config, tokenizer."""
+    from ..merge import extract
+
     report = extract(
         archive,
         task,

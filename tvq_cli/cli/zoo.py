@@ -12,9 +12,7 @@ from pathlib import Path
 import typer
 
 from ..errors import TvqError
-from ..merge.sources import parse_task_list
 from ..report.render import render_accuracy, render_zoo
-from ..zoo import Zoo, build_zoo, evaluate, mean_accuracy
 from .common import stdout
 
 zoo_app = typer.Typer(
@@ -30,6 +28,8 @@ def build_command(
     force: bool = typer.Option(False, "--force", help="Rebuild even if a current zoo is there."),
 ) -> None:
     """Build the zoo: pretrained/, one folder per task, heads/ and zoo.json."""
+    from ..zoo import build_zoo
+
     if out.exists() and not out.is_dir():
         raise TvqError(f"{out}: exists and is not a folder")
     zoo = build_zoo(out, seed=seed, force=force)
@@ -46,6 +46,9 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Per-task test accuracy of CHECKPOINT, each task through its own head."""
+    from ..merge.sources import parse_task_list
+    from ..zoo import Zoo, evaluate, mean_accuracy
+
     zoo = Zoo.load(zoo_dir)
     accuracy = evaluate(checkpoint, zoo, parse_task_list(tasks))
     report = {

@@ -9,15 +9,32 @@ Methods live one per module in `tvq_cli.merge.methods`, registered by name (`lis
 compressed-tensors folder, a `.tvq` archive; `rounding` puts values on a grid), `run` ties
 them together. `rebuild` gives one task's fine-tune back (`tvq extract`, and a stream of its
 tensors for serving code).
+
+The registry (`base`, `methods`) imports no torch, so `tvq merge --help` and `--list-methods`
+start fast; the pipeline's names load on first use.
 """
+
+import importlib
 
 from .base import MergeMethod, Option
 from .methods import all_methods, method_class
-from .rebuild import extract, task_tensors
-from .request import MergeRequest
-from .run import run_merge
 
-merge = run_merge
+_LAZY = {  # name -> (module, attribute): the pipeline, which imports torch
+    "MergeRequest": (".request", "MergeRequest"),
+    "extract": (".rebuild", "extract"),
+    "merge": (".run", "run_merge"),
+    "run_merge": (".run", "run_merge"),
+    "task_tensors": (".rebuild", "task_tensors"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
 
 
 def list_methods() -> list[dict]:

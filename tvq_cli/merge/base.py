@@ -17,12 +17,14 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UsageError
-from ..quant.kernel import CodedTasks, weighted_sum
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..quant.kernel import CodedTasks
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ class MergeMethod:
     # --- helpers shared by methods -----------------------------------------------------------
     def weighted_sum(self, taus: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """scale * sum_t w_t tau_t, summed in task order (`quant.kernel.weighted_sum`)."""
+        from ..quant.kernel import weighted_sum
+
         return weighted_sum(taus, self.ctx.weights, scale)
 
     def rng(self, name: str, task: str, stream: str) -> torch.Generator:
@@ -183,6 +187,8 @@ class MergeMethod:
 
 def derive_generator(seed: int, *keys: str) -> torch.Generator:
     """A torch generator seeded from --seed and names, independent of processing order."""
+    import torch
+
     text = "\0".join([str(seed), *keys]).encode()
     derived = int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
     return torch.Generator().manual_seed(derived)
@@ -206,6 +212,8 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
 
 def parse_weights(text: str | None, n_tasks: int) -> torch.Tensor | None:
     """`--weights 1,0.5,2` into a tensor (None when not given)."""
+    import torch
+
     if text is None:
         return None
     try:

@@ -33,9 +33,9 @@ from ..archive.parts import stored_codes
 from ..archive.writer import archive_size
 from ..errors import InternalError, TvqError, UsageError
 from ..io.checkpoint import Checkpoint
-from ..quant import entropy
-from ..quant.entropy import DEFAULT_CODEC
+from ..quant import sizes
 from ..quant.quantizer import dequantize, quantize
+from ..quant.sizes import DEFAULT_CODEC
 from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, Quantized
 from . import lowrate
 from .lowrate import Option
@@ -77,7 +77,7 @@ class Allocation:
 
 def _sized(part: Part, entry: TensorEntry, q: Quantized) -> tuple[Part, int]:
     """The part with its coded size filled in, and the bytes it adds to the archive."""
-    if part.codec in entropy.CODED:
+    if part.codec in sizes.CODED:
         part = replace(part, coded_nbytes=len(stored_codes(part, entry.shape, q)))
     return part, sum(s.nbytes for s in part_layout(part, entry)) + header_cost(part, entry)
 

@@ -34,8 +34,8 @@ from ..archive.parts import store_part
 from ..archive.schemes import Scheme
 from ..concurrency import WorkerPool
 from ..quant import entropy, kernel, range_search
-from ..quant.bitpack import packed_nbytes
 from ..quant.groups import row_group_size
+from ..quant.sizes import CODED, SYMBOL_BITS, packed_nbytes
 from ..quant.spec import group_count
 from ..tensors import not_finite
 from .prefetch import TensorInputs
@@ -134,9 +134,7 @@ class _Parts:
             replace(p, group_size=row_group_size(p.group_size, self.cols)) for p in entry.parts
         ]
         parts = self.parts
-        self.width = [
-            entropy.SYMBOL_BITS[p.bits] if p.codec in entropy.CODED else p.bits for p in parts
-        ]
+        self.width = [SYMBOL_BITS[p.bits] if p.codec in CODED else p.bits for p in parts]
         self.packed = [np.empty(packed_nbytes(entry.numel, w), np.uint8) for w in self.width]
         groups = [group_count(entry.shape, p.group_size) for p in parts]
         self.scales = [torch.empty(g) for g in groups]
@@ -281,7 +279,7 @@ class BlockedRoute:
         def compress(i: int) -> None:
             codes[i] = entropy.compress(parts.packed[i], entry.parts[i].codec)
 
-        coded = [i for i, p in enumerate(entry.parts) if p.codec in entropy.CODED]
+        coded = [i for i, p in enumerate(entry.parts) if p.codec in CODED]
         self._pool.map(compress, coded)
         out: list[Output] = []
         for i in range(len(entry.parts)):

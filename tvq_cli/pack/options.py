@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..archive import schemes
 from ..archive.format import Part
 from ..errors import TvqError, usage_errors
-from ..quant.entropy import CODECS, DEFAULT_CODEC
+from ..quant.sizes import CODECS, DEFAULT_CODEC
 from ..quant.spec import DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, QuantSpec
 
 WEIGHTINGS = ("params", "uniform")

@@ -37,7 +37,7 @@ from ..io.model_writer import parse_size
 from ..io.target import check_target, claim_output
 from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
-from ..quant import entropy
+from ..quant import sizes
 from .alloc import Allocation, allocate
 from .frames import Frames
 from .options import PackOptions
@@ -138,7 +138,7 @@ def _measure_coded(
     frames = dict.fromkeys(header.frames, 0)
 
     def measured(part) -> bool:
-        return not part.dense or (part.codec in entropy.CODED and not low_rate_only)
+        return not part.dense or (part.codec in sizes.CODED and not low_rate_only)
 
     for entry in header.tensors:
         if entry.kind != "quantized" or not any(measured(p) for p in entry.parts):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import TvqError
 from . import native
+from .sizes import packed_nbytes
 
 # Step i merges two lanes of `width` bits: the high lane's codes move down next to the low
 # lane's codes, which sit in the low `bits << i` bits of the lane.
@@ -32,11 +33,6 @@ _STEPS = (
 _ALL = (1 << 64) - 1
 _LANES = {1: np.uint8, 2: np.uint16, 4: np.uint32}  # a packed block that fills one lane
 _CHUNK = 1 << 17  # codes per block of work: the buffers stay in cache
-
-
-def packed_nbytes(count: int, bits: int) -> int:
-    """Bytes needed for `count` codes of `bits` bits."""
-    return (count * bits + 7) // 8
 
 
 def _check_bits(bits: int) -> None:

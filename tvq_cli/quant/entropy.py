@@ -20,11 +20,9 @@ import numpy as np
 import zstandard
 
 from ..errors import TvqError
-from .bitpack import pack_bits, packed_nbytes, unpack_bits
+from .bitpack import pack_bits, unpack_bits
+from .sizes import SYMBOL_BITS, symbol_nbytes
 
-CODECS = ("raw", "zstd", "zstd-c")  # dense codecs; "zstd" is format 2's, kept readable
-CODED = ("zstd", "zstd-c")  # the entropy-coded ones (a stored frame of measured size)
-DEFAULT_CODEC = "zstd-c"
 LEVEL = 3  # zstd: format 2's codes, and the small files
 # zstd's fast strategy with a target length of 0 keeps literal (Huffman) compression on; the
 # tiny hash and chain tables make its match search all but free (python-zstandard cannot force
@@ -39,19 +37,6 @@ CENTERED_PARAMS = dict(
     window_log=20,
     write_checksum=True,
 )
-SYMBOL_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
-
-
-def symbol_nbytes(count: int, bits: int) -> int:
-    """Bytes of the byte-aligned layout that is fed to zstd."""
-    return packed_nbytes(count, SYMBOL_BITS[bits])
-
-
-def compress_bound(count: int, bits: int) -> int:
-    """zstd's worst-case frame size (ZSTD_COMPRESSBOUND) plus its 4-byte checksum and header."""
-    size = symbol_nbytes(count, bits)
-    slack = (128 * 1024 - size) >> 11 if size < 128 * 1024 else 0
-    return size + (size >> 8) + slack + 32
 
 
 def encode(codes: np.ndarray, bits: int, codec: str) -> bytes:

@@ -15,20 +15,6 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import TvqError
-
-MIN_SCALE_BITS = 4
-MAX_SCALE_BITS = 8
-
-
-def check_scale_bits(scale_bits: int) -> None:
-    """0 means fp32 scales; otherwise 4..8 bits per step code."""
-    if scale_bits != 0 and not MIN_SCALE_BITS <= scale_bits <= MAX_SCALE_BITS:
-        raise TvqError(
-            f"scale bits must be 0 (fp32 scales) or {MIN_SCALE_BITS}-{MAX_SCALE_BITS}, "
-            f"got {scale_bits}"
-        )
-
 
 def codes_per_octave(scale_bits: int) -> int:
     return 1 << (scale_bits - 4)

@@ -7,17 +7,20 @@ and 6-bit compact scales.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import TvqError
-from .scale_codec import check_scale_bits
+
+if TYPE_CHECKING:
+    import torch
 
 RANGE_METHODS = ("minmax", "search")
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_RANGE = "search"
 DEFAULT_SCALE_BITS = 6
 MAX_SCALE = 2.0**100  # finer steps buy nothing, and their inverses overflow float32
+MIN_SCALE_BITS = 4  # compact scales (scale_codec): 4-8 bits per step code
+MAX_SCALE_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,12 @@ def group_count(shape: tuple[int, ...], group_size: int) -> int:
         return 1
     cols = shape[-1]
     return (numel // cols) * -(-cols // group_size)
+
+
+def check_scale_bits(scale_bits: int) -> None:
+    """0 means fp32 scales; otherwise 4..8 bits per step code."""
+    if scale_bits != 0 and not MIN_SCALE_BITS <= scale_bits <= MAX_SCALE_BITS:
+        raise TvqError(
+            f"scale bits must be 0 (fp32 scales) or {MIN_SCALE_BITS}-{MAX_SCALE_BITS}, "
+            f"got {scale_bits}"
+        )

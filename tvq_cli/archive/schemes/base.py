@@ -12,14 +12,15 @@ the whole-tensor route, the blocked route and the allocator implement in their o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sized
-from typing import ClassVar, Protocol
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ...errors import TvqError
 
+if TYPE_CHECKING:  # a scheme's declaration (`tvq inspect` reads it) needs no torch
+    import torch
 
-class Inputs(Iterable[torch.Tensor], Sized, Protocol):
+
+class Inputs(Iterable["torch.Tensor"], Sized, Protocol):
     """One tensor's fp32 values in every input, in task order: task vectors, or fine-tuned
     weights when the scheme does not subtract the pretrained model. Iterable more than once;
     each item may be modified in place and is valid until the next one is taken."""

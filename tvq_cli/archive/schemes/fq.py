@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import TvqError
 from .base import Scheme, register
 
@@ -16,6 +14,8 @@ class FineTunedWeights(Scheme):
     direct = True
 
     def decode(self, task, dequantized, pretrained):
+        import torch
+
         if pretrained is None:
             raise TvqError("an FQ archive needs the pretrained weights to form task vectors")
         return dequantized(self.task_role(task)).sub_(pretrained.to(torch.float32))

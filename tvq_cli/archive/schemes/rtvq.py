@@ -7,10 +7,12 @@ quantization error is absorbed by the offsets: `tau_t = deQ(base) + deQ(offset_t
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from .base import Scheme, get, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def task_mean(inputs: Iterable[torch.Tensor], count: int, out: torch.Tensor | None = None):

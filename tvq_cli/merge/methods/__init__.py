@@ -1,7 +1,8 @@
 """One module per merge method; importing this package registers them all.
 
 A new method is one module here with a `@register`ed `MergeMethod` subclass, imported below:
-its options reach `tvq merge` and `--list-methods` from the registry.
+its options reach `tvq merge` and `--list-methods` from the registry. The command line reads
+the registry at start-up, so a method imports torch inside the functions that compute.
 """
 
 from ...errors import UsageError

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import TvqError
 from ..base import MergeMethod, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register

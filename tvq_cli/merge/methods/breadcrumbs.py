@@ -8,14 +8,19 @@ position (stable sort).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import TvqError
 from ..base import MergeMethod, Option, register
 
+if TYPE_CHECKING:
+    import torch
+
 
 def breadcrumbs_mask(tau: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
     """Bool mask of the kept elements of one task vector."""
+    import torch
+
     if tau.dim() == 0:
         return torch.ones_like(tau, dtype=torch.bool)
     n = tau.shape[-1]
@@ -45,6 +50,8 @@ class Breadcrumbs(MergeMethod):
             raise TvqError("breadcrumbs: --beta plus --gamma must be at most 1")
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        import torch
+
         gamma, beta = self.values["gamma"], self.values["beta"]
         kept = torch.stack([tau * breadcrumbs_mask(tau, gamma, beta) for tau in taus])
         return self.values["lambda"] * self.weighted_sum(kept)

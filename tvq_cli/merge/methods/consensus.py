@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import TvqError
 from ..base import MergeMethod, Option, register
 from .tall import MASK_LAMBDA, tall_masks
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register

@@ -8,12 +8,15 @@ every pass (TIES' statistics passes, noise-sampled rounding).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import TvqError
 from ..base import MergeMethod, Option, register
 from .task_arithmetic import TaskArithmetic
 from .ties import SCOPE, TOPK, Ties
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -79,6 +82,8 @@ class Dare(MergeMethod):
         return {k: self.values[k] for k in ("p", "then", "lambda")}
 
     def sparsify(self, name: str, taus: torch.Tensor) -> torch.Tensor:
+        import torch
+
         p = self.values["p"]
         out = torch.empty_like(taus)
         for t, task in enumerate(self.ctx.tasks):

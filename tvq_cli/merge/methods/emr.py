@@ -5,13 +5,18 @@ The rescalers are whole-model statistics, computed in one streaming pass.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..base import MergeMethod, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def elect(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """flag = sign(sum_t tau_t) (0 counts as -1); tau_uni = flag * max |tau_t| over agreeing t."""
+    import torch
+
     flag = torch.where(taus.sum(0) > 0, 1.0, -1.0)
     agreeing = (taus * flag) > 0
     tau_uni = flag * (taus.abs() * agreeing).amax(0)
@@ -31,6 +36,8 @@ class Emr(MergeMethod):
     per_task = True
 
     def validate(self) -> None:
+        import torch
+
         self._own = torch.zeros(self.ctx.n_tasks, dtype=torch.float64)
         self._masked = torch.zeros(self.ctx.n_tasks, dtype=torch.float64)
         self.rescalers = torch.ones(self.ctx.n_tasks, dtype=torch.float64)
@@ -47,6 +54,8 @@ class Emr(MergeMethod):
         self._masked += (masks * tau_uni).reshape(taus.shape[0], -1).double().abs().sum(1)
 
     def end_pass(self, pass_index: int) -> None:
+        import torch
+
         self.rescalers = torch.where(
             self._masked > 0, self._own / self._masked.clamp_min(1e-300), torch.ones(())
         )

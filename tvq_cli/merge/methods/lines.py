@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..base import MergeMethod, Option, register
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|resblocks|blocks|block|h)\.(\d+)\.")
 

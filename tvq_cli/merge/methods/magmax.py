@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..base import MergeMethod, Option, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..base import MergeMethod, Option, register
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_LAMBDA = Option(
     "mask_lambda", 0.6, "lambda_t of the mask |tau_t| > lambda_t |sum_s tau_s - tau_t|.", low=0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ...quant import native
-from ...quant.kernel import coded_merge_into
 from ..base import MergeMethod, Option, register
+
+if TYPE_CHECKING:
+    import torch
 
 LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the summed task vectors.")
 
@@ -29,4 +31,6 @@ class TaskArithmetic(MergeMethod):
         return self.weighted_sum(taus, self.values["lambda"])
 
     def merge_codes(self, name, coded, first, base, out) -> bool:
+        from ...quant.kernel import coded_merge_into
+
         return coded_merge_into(coded, first, base, out, self.ctx.weights, self.values["lambda"])

@@ -9,17 +9,14 @@ elements where the election is a tie (sum exactly zero), again as the paper's co
 from __future__ import annotations
 
 import threading
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ...errors import TvqError
 from ...quant import native
-from ...quant.kernel import coded_merge_into, coded_signs
 from ..base import MergeMethod, Option, broadcast, register
-from ..topk import StreamingKth
 
-_NONE = np.empty(0, np.float32)
+if TYPE_CHECKING:
+    import torch
 
 LAMBDA = Option("lambda", 0.3, "Scaling coefficient of the merged task vector.")
 TOPK = Option(
@@ -53,6 +50,8 @@ class Ties(MergeMethod):
     takes_weights = True
 
     def validate(self) -> None:
+        from ..topk import StreamingKth
+
         if bool((self.ctx.weights <= 0).any()):
             raise TvqError(f"{self.name}: --weights must be positive (they weight a disjoint mean)")
         self._kth = [StreamingKth() for _ in self.ctx.tasks]
@@ -75,6 +74,10 @@ class Ties(MergeMethod):
         return self.is_global
 
     def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
+        import torch
+
+        from ...quant.kernel import coded_signs
+
         if pass_index == 0:
             for kth, tau in zip(self._kth, taus, strict=True):
                 kth.observe_high(tau)
@@ -95,6 +98,8 @@ class Ties(MergeMethod):
                 self._sign_total += signs
 
     def end_pass(self, pass_index: int) -> None:
+        import torch
+
         if pass_index == 0:
             for kth in self._kth:
                 k = kth_rank(kth.count, self.values["topk"])
@@ -111,6 +116,8 @@ class Ties(MergeMethod):
 
     def tensor_thresholds(self, taus: torch.Tensor) -> torch.Tensor:
         """Per-task cut-offs computed on this tensor alone."""
+        import torch
+
         flat = taus.reshape(taus.shape[0], -1).abs()
         k = kth_rank(flat.shape[1], self.values["topk"])
         if k < 1:
@@ -119,6 +126,8 @@ class Ties(MergeMethod):
 
     @staticmethod
     def _trim(taus: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        import torch
+
         # where(), not a product with the mask: trimmed values are +0 instead of -0, which
         # changes no sum, sign test or output below
         return torch.where(taus.abs() >= broadcast(thresholds, taus), taus, 0.0)
@@ -135,19 +144,27 @@ class Ties(MergeMethod):
         return broadcast(self.ctx.weights.to(values.dtype), values) * values
 
     def _elect(self, trimmed: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.sign(task_sum(self._weighted(trimmed)))
 
     def _native(self, taus: torch.Tensor) -> bool:
         """Whether the native kernel takes these task vectors (contiguous fp32 on the CPU)."""
+        import torch
+
         return native.lib is not None and taus.dtype == torch.float32 and taus.is_contiguous()
 
     def _signs(self, taus: torch.Tensor) -> float:
         """The sum of the elected signs of a block (global top-k thresholds)."""
+        import numpy as np
+        import torch
+
         if self._native(taus):
             return float(
                 native.lib.ties(
                     taus.numpy(), taus.shape[0], self._thresholds.numpy(),
-                    self.ctx.weights.to(torch.float32).numpy(), self._unit, 0.0, 1.0, _NONE,
+                    self.ctx.weights.to(torch.float32).numpy(), self._unit, 0.0, 1.0,
+                    np.empty(0, np.float32),
                 )
             )  # fmt: skip
         return float(self._elect(self._trim(taus, self._thresholds)).sum())
@@ -157,6 +174,8 @@ class Ties(MergeMethod):
         return self.is_global and native.lib is not None
 
     def merge_codes(self, name, coded, first, base, out) -> bool:
+        from ...quant.kernel import coded_merge_into
+
         ties = (self._thresholds, self._unit, self._majority)
         return coded_merge_into(
             coded, first, base, out, self.ctx.weights, self.values["lambda"], ties
@@ -165,6 +184,8 @@ class Ties(MergeMethod):
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         """The reference arithmetic; the native kernel (global top-k) does the same ops, with
         the same task-order sums, element by element."""
+        import torch
+
         if self.is_global:
             thresholds, majority = self._thresholds, self._majority
             if self._native(taus):
