@@ -85,7 +85,7 @@ def decode_part(
         except TvqError as exc:
             raise TvqError(f"{where}: {codes_key}: {exc}") from None
         if part.codec == "zstd-c":
-            codes = entropy.center(codes, zeros, entry.shape, part.group_size, part.bits, True)
+            codes = entropy.uncenter(codes, zeros, entry.shape, part.group_size, part.bits)
     else:
         codes = unpack_bits(raw(codes_key), part.bits, entry.numel, codes_out)
     step_codes = None

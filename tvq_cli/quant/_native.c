@@ -1271,6 +1271,46 @@ done:
     return result;
 }
 
+/* codes[i] = (codes[i] + zeros[i / width]) mod 2^bits: codec zstd-c's stored codes back. */
+MULTIVERSION
+static void uncenter_codes(uint8_t *codes, Py_ssize_t n, Py_ssize_t width, const uint8_t *zeros,
+                           int bits) {
+    const uint8_t mask = (uint8_t)((1u << bits) - 1);
+    for (Py_ssize_t g = 0; g < n / width; g++) {
+        const uint8_t zero = zeros[g];
+        uint8_t *c = codes + g * width;
+        for (Py_ssize_t i = 0; i < width; i++)
+            c[i] = (uint8_t)(c[i] + zero) & mask;
+    }
+}
+
+PyDoc_STRVAR(uncenter_doc, "uncenter(codes, width, zeros, bits)\n\n"
+                           "In place, codes[i] = (codes[i] + zeros[i // width]) mod 2**bits "
+                           "(entropy.center undone), for groups of `width` codes that tile them.");
+
+static PyObject *py_uncenter(PyObject *self, PyObject *args) {
+    Py_buffer codes, zeros;
+    Py_ssize_t width;
+    int bits;
+    if (!PyArg_ParseTuple(args, "w*ny*i:uncenter", &codes, &width, &zeros, &bits))
+        return NULL;
+    PyObject *result = NULL;
+    if (width <= 0 || codes.len % width || bits < 1 || bits > 8) {
+        PyErr_SetString(PyExc_ValueError, "uncenter: groups must tile the codes, bits 1-8");
+        goto done;
+    }
+    if (!check_size(&zeros, codes.len / width, 1, "zeros"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    uncenter_codes(codes.buf, codes.len, width, zeros.buf, bits);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&zeros);
+    return result;
+}
+
 PyDoc_STRVAR(unpack_doc, "unpack(stream, bits, codes)\n\n"
                          "Inverse of pack: len(codes) (a multiple of 8) codes from `stream`.");
 
@@ -1662,6 +1702,7 @@ static PyMethodDef methods[] = {
     {"scaled_sum", py_scaled_sum, METH_VARARGS, scaled_sum_doc},
     {"simd", py_simd, METH_VARARGS, simd_doc},
     {"ties", py_ties, METH_VARARGS, ties_doc},
+    {"uncenter", py_uncenter, METH_VARARGS, uncenter_doc},
     {"unpack", py_unpack, METH_VARARGS, unpack_doc},
     {"widen", py_widen, METH_VARARGS, widen_doc},
     {NULL, NULL, 0, NULL},

@@ -20,6 +20,7 @@ import numpy as np
 import zstandard
 
 from ..errors import TvqError
+from . import native
 from .bitpack import pack_bits, unpack_bits
 from .sizes import SYMBOL_BITS, symbol_nbytes
 
@@ -54,18 +55,34 @@ def compress(data: np.ndarray | bytes, codec: str = "zstd") -> bytes:
 
 
 def center(
-    codes: np.ndarray,
-    zeros: np.ndarray,
-    shape: tuple[int, ...],
-    group_size: int,
-    bits: int,
-    undo: bool = False,
+    codes: np.ndarray, zeros: np.ndarray, shape: tuple[int, ...], group_size: int, bits: int
 ) -> np.ndarray:
     """`zstd-c`'s stored codes, `(code - zero) mod 2^bits` with each element's group
-    zero-point (`undo`: the codes back, `(stored + zero) mod 2^bits`). Groups as in
-    docs/format.md: per row of `shape`'s last dimension, `group_size` (0: one per tensor).
-    uint8 arithmetic wraps modulo 256, so masking the low bits gives the modulus."""
-    op = np.add if undo else np.subtract
+    zero-point. Groups as in docs/format.md: per row of `shape`'s last dimension, `group_size`
+    (0: one per tensor)."""
+    return _shift(np.subtract, codes, zeros, shape, group_size, bits)
+
+
+def uncenter(
+    codes: np.ndarray, zeros: np.ndarray, shape: tuple[int, ...], group_size: int, bits: int
+) -> np.ndarray:
+    """The codes back from `center`'s, `(stored + zero) mod 2^bits`, in place in `codes` (a
+    decode's own buffer): merge decodes every tensor of every task, and a new array per tensor
+    costs more in page faults than the addition. One native pass where the groups tile the
+    tensor (a group longer than a row is the row)."""
+    codes = codes.reshape(-1)
+    per_tensor = group_size == 0 or not shape
+    width = codes.size if per_tensor else min(group_size, shape[-1])
+    if native.lib is not None and codes.size and (per_tensor or shape[-1] % width == 0):
+        native.lib.uncenter(codes, width, zeros, bits)
+        return codes
+    codes[:] = _shift(np.add, codes, zeros, shape, group_size, bits)
+    return codes
+
+
+def _shift(op, codes, zeros, shape, group_size, bits) -> np.ndarray:
+    """`op(code, zero) mod 2^bits` per group, as a new array. uint8 arithmetic wraps modulo
+    256, so masking the low bits gives the modulus."""
     mask = np.uint8((1 << bits) - 1)
     codes = codes.reshape(-1)
     if group_size == 0 or len(shape) == 0 or codes.size == 0:
