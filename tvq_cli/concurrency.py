@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -78,6 +79,23 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class StateLock:
+    """A lock guarding state that may be sent to another process: it pickles as a new,
+    unlocked lock (a merge method's statistics go to Ray workers, `merge.distributed`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple:
+        return (StateLock, ())
 
 
 class WorkerPool:

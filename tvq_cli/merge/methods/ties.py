@@ -8,11 +8,10 @@ elements where the election is a tie (sum exactly zero), again as the paper's co
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
+from ...concurrency import StateLock
 from ...errors import TvqError
 from ...quant import native
 from ...quant.kernel import coded_merge_into, coded_signs
@@ -58,7 +57,7 @@ class Ties(MergeMethod):
         self._kth = [StreamingKth() for _ in self.ctx.tasks]
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0.0
-        self._sign_lock = threading.Lock()
+        self._sign_lock = StateLock()
         self._majority: float | None = None
 
     @property
