@@ -36,12 +36,14 @@ import torch
 from safetensors.torch import save_file
 
 COLS = 4096
+PACK = ["pack", "{fts}", "--pretrained", "{pre}"]
+MERGE = ["merge", "{dir}/tvq.tvq", "--pretrained", "{pre}", "-m"]
 COMMANDS = {
-    "pack tvq": ["pack", "{fts}", "--pretrained", "{pre}", "-o", "{dir}/tvq.tvq"],
-    "pack rtvq": ["pack", "{fts}", "--pretrained", "{pre}", "-o", "{dir}/rtvq.tvq", "--scheme", "rtvq"],
-    "merge ta": ["merge", "{dir}/tvq.tvq", "--pretrained", "{pre}", "-m", "task_arithmetic", "-o", "{dir}/ta.safetensors"],
-    "merge ties": ["merge", "{dir}/tvq.tvq", "--pretrained", "{pre}", "-m", "ties", "-o", "{dir}/ties.safetensors"],
-}  # fmt: skip
+    "pack tvq": [*PACK, "-o", "{dir}/tvq.tvq"],
+    "pack rtvq": [*PACK, "-o", "{dir}/rtvq.tvq", "--scheme", "rtvq"],
+    "merge ta": [*MERGE, "task_arithmetic", "-o", "{dir}/ta.safetensors"],
+    "merge ties": [*MERGE, "ties", "-o", "{dir}/ties.safetensors"],
+}
 
 
 def random_bf16(rows: int, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -118,7 +120,9 @@ def main() -> None:
     sweeps = ["tasks", "size"] if args.sweep == "both" else [args.sweep]
     rows_of = {"tasks": args.rows or [8192], "size": args.rows or [8192, 32768, 128256]}
     print(f"torch {torch.__version__}; peak RSS (GB) / wall (s) of each command")
-    print(f"{'rows x 4096':>12} {'T':>3} {'GB in':>6} " + " ".join(f"{c:>16}" for c in args.commands))
+    print(
+        f"{'rows x 4096':>12} {'T':>3} {'GB in':>6} " + " ".join(f"{c:>16}" for c in args.commands)
+    )
     for sweep in sweeps:
         cases = (
             [(rows_of[sweep][0], t) for t in args.tasks]
