@@ -128,3 +128,22 @@ def test_ray_refuses_what_it_cannot_split(tmp_path, cluster):
     )  # fmt: skip
     assert code == 2 and "folder" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_command_line_flags_reach_ray(tmp_path, cluster):
+    pre, fts = make_checkpoints(tmp_path, 2)
+    one, two = outputs(tmp_path, "tasks.tvq")
+    for out, extra in [(one, []), (two, ["--ray", "local"])]:
+        code, _, err = run_cli(
+            "pack", *fts, "--pretrained", pre, "-o", out, "--max-shard-size", "3KB", "-q", *extra
+        )
+        assert code == 0, err
+    assert files(two) == files(one)
+    merged = [tmp_path / "one" / "merged", tmp_path / "two" / "merged"]
+    for out, extra in zip(merged, [[], ["--ray", "local"]], strict=True):
+        code, _, err = run_cli(
+            "merge", one, "--pretrained", pre, "-m", "task_arithmetic", "-o", out,
+            "--max-shard-size", "4KB", "-q", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+    assert files(merged[1]) == files(merged[0])
