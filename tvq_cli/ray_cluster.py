@@ -8,6 +8,7 @@ tasks receive paths and small descriptions, never tensors, and send back checksu
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -63,10 +64,11 @@ def ray_session(address: str) -> Iterator[Any]:
                 object_store_memory=OBJECT_STORE_BYTES,
                 include_dashboard=False,
                 log_to_driver=False,
+                logging_level=logging.WARNING,  # no "Started a local Ray instance" line
                 _temp_dir=temp,
             )
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError, ...
         where = "start a local Ray cluster" if address == LOCAL else f"reach Ray at {address}"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
