@@ -11,10 +11,9 @@ import contextlib
 import ctypes
 import gc
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import torch
 
 from .errors import UsageError
 
@@ -72,12 +71,31 @@ def check_threads(threads: int | None) -> int:
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """Set torch's intra-op thread count for a block, and restore it after."""
+    import torch  # here: the merge methods' locks come from this module, and need no torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class StateLock:
+    """A lock guarding state that may be sent to another process: it pickles as a new,
+    unlocked lock (a merge method's statistics go to Ray workers, `merge.distributed`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple:
+        return (StateLock, ())
 
 
 class WorkerPool:

@@ -77,10 +77,83 @@ def shard_names(folder: Path, count: int) -> tuple[list[str], str]:
 
 
 @dataclass
-class _Shard:
+class ShardTarget:
+    """One shard file of a sharded archive being written: its stored tensors in order (coded
+    sizes at their bound), the keys among them that are entropy-coded (shorter allowed), and
+    the bytes reserved for its header."""
+
     path: Path
-    keys: list[str]
+    stored: list[StoredTensor]
+    coded: frozenset[str]
     reserve: int
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.stored]
+
+
+def checked_view(
+    key: str, data: np.ndarray | bytes | memoryview, expected: StoredTensor, coded: bool
+) -> memoryview:
+    """`data` as bytes, checked to be the stored tensor `expected` (an entropy-coded one may be
+    shorter than its bound)."""
+    import numpy as np  # not at import: header-only commands load this module's package
+
+    view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
+    view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
+    size_ok = view.nbytes <= expected.nbytes if coded else view.nbytes == expected.nbytes
+    if key != expected.key or not size_ok:
+        raise InternalError(
+            f"wrote {key} ({view.nbytes} bytes), expected {expected.key} ({expected.nbytes} bytes)"
+        )
+    return view
+
+
+class ShardWriter:
+    """One shard of a sharded archive written on its own, e.g. by a worker of a distributed
+    pack (`pack.distributed`): its stored tensors after the reserved header, which the
+    `ArchiveWriter` that planned the shard writes once every shard is written (`adopt`).
+    Stored tensors of other shards handed to `write` are skipped."""
+
+    def __init__(self, target: ShardTarget):
+        self.target = target
+        self.checksums: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self._keys = set(target.keys)
+        self._next = 0
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> ShardWriter:
+        try:
+            self._file = open(self.target.path, "wb")  # noqa: SIM115 - closed in __exit__
+            self._file.write(b"\0" * self.target.reserve)
+        except OSError as exc:
+            raise TvqError(f"cannot write {self.target.path}: {exc.strerror}") from None
+        return self
+
+    def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
+        if key not in self._keys:
+            return
+        if self._next >= len(self.target.stored):
+            raise InternalError(f"unexpected tensor {key}")
+        view = checked_view(key, data, self.target.stored[self._next], key in self.target.coded)
+        self.checksums[key] = crc32(view)
+        self.sizes[key] = view.nbytes
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise TvqError(f"cannot write {self.target.path}: {exc.strerror}") from None
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        if exc_type is None and self._next != len(self.target.stored):
+            missing = self.target.stored[self._next].key
+            raise InternalError(f"shard {self.target.path.name} incomplete, {missing} missing")
 
 
 class ArchiveWriter:
@@ -118,7 +191,7 @@ class ArchiveWriter:
         self._file: BinaryIO | None = None
         self._target: AtomicFile | None = None
         self._folder: contextlib.AbstractContextManager | None = None  # sharded: staged
-        self._shards: list[_Shard] = []
+        self._shards: list[ShardTarget] = []
         self._shard_of: list[int] = []
         self._replace = replace
 
@@ -144,37 +217,43 @@ class ArchiveWriter:
         names, _ = shard_names(self.path, len(planned))
         for number, (name, stored) in enumerate(zip(names, planned, strict=True), start=1):
             header = encode_shard_header(stored, {}, number, len(planned), 0)
-            self._shards.append(_Shard(staged / name, [s.key for s in stored], len(header)))
+            coded = frozenset(s.key for s in stored if s.key in self._coded)
+            self._shards.append(ShardTarget(staged / name, stored, coded, len(header)))
             self._shard_of += [number - 1] * len(stored)
 
     def write(self, key: str, data: np.ndarray | bytes | memoryview) -> None:
         """Append the next stored tensor; keys must come in layout order with exact sizes."""
-        import numpy as np
 
         if self._next >= len(self.stored):
             raise InternalError(f"unexpected tensor {key}")
-        expected = self.stored[self._next]
-        view = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data)
-        view = view.cast("B") if view.ndim != 1 or view.format != "B" else view
-        size_ok = (
-            view.nbytes <= expected.nbytes if key in self._coded else view.nbytes == expected.nbytes
-        )
-        if key != expected.key or not size_ok:
-            raise InternalError(
-                f"wrote {key} ({view.nbytes} bytes), "
-                f"expected {expected.key} ({expected.nbytes} bytes)"
-            )
+        view = checked_view(key, data, self.stored[self._next], key in self._coded)
         self._checksums[key] = crc32(view)
         self._sizes[key] = view.nbytes
         try:
-            if self._shards and self._shards[self._shard_of[self._next]].keys[0] == key:
+            if self._shards and self._shards[self._shard_of[self._next]].stored[0].key == key:
                 self._start_shard(self._shards[self._shard_of[self._next]])
             self._file.write(view)
         except OSError as exc:
             raise TvqError(f"cannot write {self.path}: {exc.strerror}") from None
         self._next += 1
 
-    def _start_shard(self, shard: _Shard) -> None:
+    @property
+    def shards(self) -> list[ShardTarget]:
+        """The shards of a sharded archive, for writers of their own (`ShardWriter`)."""
+        if self.max_shard_bytes is None:
+            raise InternalError("only a sharded archive is written shard by shard")
+        return self._shards
+
+    def adopt(self, checksums: dict[str, int], sizes: dict[str, int]) -> None:
+        """Every shard was written by a `ShardWriter` of `shards`: take their checksums and
+        sizes, so that finishing writes the headers and the index."""
+        missing = [s.key for s in self.stored if s.key not in checksums or s.key not in sizes]
+        if self._next or missing:
+            raise InternalError(f"shards incomplete: {missing[:3]} not written")
+        self._checksums, self._sizes = dict(checksums), dict(sizes)
+        self._next = len(self.stored)
+
+    def _start_shard(self, shard: ShardTarget) -> None:
         self._close_file()
         self._file = open(shard.path, "wb")  # noqa: SIM115 - closed in _close_file
         self._file.write(b"\0" * shard.reserve)

@@ -71,8 +71,16 @@ def merge_command(
     list_methods_flag: bool = typer.Option(False, "--list-methods", help="List the methods."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        help="Merge the shards of a model folder in Ray tasks: local, or a Ray cluster's "
+        "address; inputs and output on storage every node shares.",
+    ),
     threads: int = typer.Option(
-        None, "--threads", help="Worker threads (default: all cores this process may use)."
+        None,
+        "--threads",
+        help="Worker threads (default: all cores this process may use; with --ray, 1 per task).",
     ),
     **coefficients: object,
 ) -> None:
@@ -116,6 +124,7 @@ def merge_command(
         samples=samples,
         tie_tolerance=tie_tolerance,
         threads=threads,
+        ray=ray,
         quantize=quantize,
         symmetric=symmetric,
         quantize_ignore=quantize_ignore or None,

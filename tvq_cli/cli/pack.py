@@ -80,10 +80,18 @@ def pack_command(
         help="Write a sharded archive: the folder --out, of NAME-0000k-of-0000n.tvq shards of "
         "at most this size (e.g. 5GB) and NAME.tvq.index.json.",
     ),
+    ray: str = typer.Option(
+        None,
+        "--ray",
+        help="Write the shards of a sharded archive (--max-shard-size) in Ray tasks: local, or "
+        "a Ray cluster's address; inputs and output on storage every node shares.",
+    ),
     dry: bool = typer.Option(False, "--dry-run", help="Report the exact size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing archive."),
     threads: int = typer.Option(
-        None, "--threads", help="Worker threads (default: all cores this process may use)."
+        None,
+        "--threads",
+        help="Worker threads (default: all cores this process may use; with --ray, 1 per task).",
     ),
     device: str = typer.Option(
         "cpu", "--device", help="Where to quantize: cpu, or cuda when a GPU is present."
@@ -132,6 +140,7 @@ def pack_command(
         threads=threads,
         device=device,
         max_shard_size=max_shard_size,
+        ray=ray,
     )
     print_notes(result.notes)
     tasks = result.header.tasks

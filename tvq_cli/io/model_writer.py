@@ -115,7 +115,7 @@ class ModelWriter:
         """`copy_from`: a folder whose companion files the output folder gets; `dtype`: the
         floats' dtype, when it differs from that folder's (config.json is updated)."""
         self.path = path
-        metadata = {"format": "pt"}
+        self.metadata = {"format": "pt"}
         self._where: dict[str, SafetensorsStream] = {}
         self.files: list[Path] = []  # the weight files and the index
         if not folder:
@@ -139,7 +139,6 @@ class ModelWriter:
             if len(shards) > 1
             else None
         )
-        self._metadata = metadata
         self._total = sum(s.nbytes for s in specs.values())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -150,14 +149,29 @@ class ModelWriter:
             file, shard = self._pending.pop(0)
             if self._streams:
                 self._streams[-1].close()
-            self._streams.append(SafetensorsStream(file, shard, self._metadata))
+            self._streams.append(SafetensorsStream(file, shard, self.metadata))
             self.files.append(file)
         self._streams[-1].write(name, tensor)
 
+    @property
+    def shards(self) -> list[tuple[Path, dict[str, TensorSpec]]]:
+        """Every weight file still to write and its tensors, for writers of their own (a
+        `SafetensorsStream` each, e.g. in the workers of a distributed merge: `adopt`)."""
+        return list(self._pending)
+
+    def adopt(self) -> None:
+        """Every file of `shards` was written by a writer of its own: finishing writes the
+        index."""
+        if self._streams:
+            raise InternalError("a model is written either here or shard by shard elsewhere")
+        self.files += [file for file, _ in self._pending]
+        self._pending = []
+
     def finish(self) -> None:
-        if self._pending or not self._streams or not self._streams[-1].complete:
+        if self._pending or not self.files or (self._streams and not self._streams[-1].complete):
             raise InternalError("the merged model is incomplete")
-        self._streams[-1].close()
+        if self._streams:
+            self._streams[-1].close()
         if self._index is not None:
             doc = {"metadata": {"total_size": self._total}, "weight_map": self._index}
             index = self.path / INDEX_FILE

@@ -71,6 +71,15 @@ class TaskSource:
         """`load` in fp32, refusing NaN and Inf."""
         return require_finite(self.load(name).to(torch.float32), self.path, name)
 
+    def read_digests(self) -> dict[str, bytes]:
+        """The fingerprint's digests of the tensors read so far, for a process that reads the
+        rest (`adopt_digests`); none where the fingerprint is not made of read tensors."""
+        return {}
+
+    def adopt_digests(self, digests: dict[str, bytes]) -> None:
+        """Digests another process took of this fine-tune's tensors (`read_digests`): those
+        tensors need not be read again for `fingerprint`."""
+
     def fingerprint(self) -> str:
         """sha256 over its tensors as stored (sorted names, dtypes, shapes, bytes): the same
         function as the pretrained fingerprint, so `Checkpoint(path).fingerprint()` equals it."""
@@ -133,6 +142,12 @@ class CheckpointTask(TaskSource):
     def settle(self) -> None:
         self._digests.settle()
 
+    def read_digests(self) -> dict[str, bytes]:
+        return dict(self._digests.result())
+
+    def adopt_digests(self, digests: dict[str, bytes]) -> None:
+        self._digests.update(digests)
+
     def fingerprint(self) -> str:
         for name in self.checkpoint.names:
             if name not in self._digests:
@@ -179,6 +194,11 @@ class Digests:
     def result(self) -> dict[str, bytes]:
         self.settle()
         return self._done
+
+    def update(self, digests: dict[str, bytes]) -> None:
+        """Digests taken elsewhere of the same tensors."""
+        with self._lock:
+            self._done.update(digests)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -8,6 +8,7 @@ complete (`io.atomic`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -17,7 +18,7 @@ from ..dtypes import OUTPUT_DTYPES, itemsize, to_torch
 from ..errors import TvqError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import TensorSpec, combine_digests, tensor_digest
-from ..io.model_writer import ModelWriter
+from ..io.model_writer import ModelWriter, SafetensorsStream
 from .engine import Engine
 from .request import Merge
 
@@ -33,8 +34,13 @@ def output_specs(merge: Merge) -> dict[str, TensorSpec]:
     return specs
 
 
-def write_models(merge: Merge, engine: Engine) -> dict:
-    """Write one model (or one per target task) and describe what was written."""
+# merges and writes every tensor through the writers; returns the pretrained tensors' digests
+Streamer = Callable[[Merge, Engine, list[ModelWriter], dict[str, TensorSpec]], dict[str, bytes]]
+
+
+def write_models(merge: Merge, engine: Engine, stream: Streamer | None = None) -> dict:
+    """Write one model (or one per target task) and describe what was written. `stream`: who
+    merges and writes the tensors (default: this process, `stream_all`)."""
     specs = output_specs(merge)
     out, pre = merge.out, merge.pretrained
     pre_is_folder = pre.path.is_dir()
@@ -64,7 +70,10 @@ def write_models(merge: Merge, engine: Engine) -> dict:
                         dtype=dtype,
                     )
                 )
-            _stream(merge, engine, writers, specs)
+            digests = (stream or stream_all)(merge, engine, writers, specs)
+            merge.sources.check_fingerprint(combine_digests(digests))
+            for writer in writers:
+                writer.finish()
         except BaseException as exc:
             for writer in writers:
                 writer.abort()
@@ -82,16 +91,27 @@ def write_models(merge: Merge, engine: Engine) -> dict:
     }
 
 
-def _stream(
+def stream_all(
     merge: Merge, engine: Engine, writers: list[ModelWriter], specs: dict[str, TensorSpec]
-) -> None:
-    """Merge and write every tensor in file order, reading ahead and writing behind."""
+) -> dict[str, bytes]:
+    """Every tensor merged here and written in file order."""
+    return stream_tensors(merge, engine, writers, specs, merge.pretrained.names)
+
+
+def stream_tensors(
+    merge: Merge,
+    engine: Engine,
+    writers: list[ModelWriter | SafetensorsStream],
+    specs: dict[str, TensorSpec],
+    names: list[str],
+) -> dict[str, bytes]:
+    """Merge and write the tensors `names` in order, reading ahead and writing behind;
+    returns the digests of the pretrained tensors read (for its fingerprint)."""
     pre = merge.pretrained
-    names = pre.names
     float_names = set(merge.float_names)
     bar = engine.bar("merge")
     blocked = merge.method.elementwise and not merge.method.per_task
-    largest = max((specs[n].nbytes for n in merge.float_names), default=1)
+    largest = max((specs[n].nbytes for n in names if n in float_names), default=1)
     outs = [torch.empty(largest, dtype=torch.uint8) for _ in range(2 if blocked else 0)]
     reader = ThreadPoolExecutor(1, thread_name_prefix="tvq-read")
     writer = Writer()
@@ -132,6 +152,4 @@ def _stream(
         bar.close()
         writer.close()
         reader.shutdown(wait=True, cancel_futures=True)
-    merge.sources.check_fingerprint(combine_digests(digests))
-    for w in writers:
-        w.finish()
+    return digests

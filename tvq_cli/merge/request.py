@@ -52,6 +52,7 @@ class MergeRequest:
     quantize: str | None = None  # "w4" / "w8": a compressed-tensors (pack-quantized) folder
     symmetric: bool | None = None
     quantize_ignore: list[str] | None = None  # module-name globs kept in full precision
+    ray: str | None = None  # "local" or a Ray address: the folder's shards merged in Ray tasks
 
     @property
     def writes_archive(self) -> bool:
@@ -107,12 +108,24 @@ class Merge:
 def check_request(request: MergeRequest) -> Merge:
     """Open and check everything a merge needs; raises TvqError on the first problem, and
     checks what the command line alone decides (`UsageError`s) before reading a file."""
+    merge = open_merge(request)
+    check_target(merge.out, request.force, merge.inputs, request.folder_output)
+    if request.writes_archive or request.writes_packed:
+        merge.sources.check_fingerprint(merge.pretrained.fingerprint())
+    return merge
+
+
+def open_merge(request: MergeRequest) -> Merge:
+    """The merge `request` asks for, its inputs opened and checked, its output not (a worker
+    of a distributed merge writes into a folder the driver checked)."""
     cls = method_class(request.method)
     _check_output_options(request)
     _check_task_flags(request, cls)
     with usage_errors():
         max_shard = parse_size(request.max_shard_size)
-    threads = check_threads(request.threads)
+    threads = check_threads(
+        1 if request.ray is not None and request.threads is None else request.threads
+    )
     pre = Checkpoint(request.pretrained)
     sources = Sources(request.archives, pre, request.tasks, request.allow_different_base)
     tasks = sources.tasks
@@ -128,13 +141,9 @@ def check_request(request: MergeRequest) -> Merge:
     )
     with usage_errors():  # the method checks its coefficients
         method = cls(dict(request.options), ctx)
-    merge = Merge(
+    return Merge(
         request, Path(request.out), pre, sources, method, weights is not None, threads, max_shard
     )
-    check_target(merge.out, request.force, merge.inputs, request.folder_output)
-    if request.writes_archive or request.writes_packed:
-        sources.check_fingerprint(pre.fingerprint())
-    return merge
 
 
 def _check_task_flags(request: MergeRequest, cls: type[MergeMethod]) -> None:
@@ -159,6 +168,11 @@ def _targets(request: MergeRequest, cls: type[MergeMethod], tasks: list[str]) ->
 
 
 def _check_output_options(request: MergeRequest) -> None:
+    if request.ray is not None:
+        if request.writes_archive or request.writes_packed or request.all_tasks:
+            raise UsageError("--ray writes one dense model: not a .tvq, --quantize or --all-tasks")
+        if not request.folder_output:
+            raise UsageError("--ray writes the shards of a model folder: give --out a folder")
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise UsageError(f"--dtype must be fp32, fp16 or bf16, got {request.dtype!r}")
     if request.writes_archive:

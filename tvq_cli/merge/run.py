@@ -42,6 +42,10 @@ def run_merge(
                 output, rounded = archive_output.write(engine.tensors("merge"))
             elif packed_output is not None:
                 output, rounded = packed_output.write(engine)
+            elif request.ray is not None:
+                from .distributed import stream_on_ray  # Ray only when asked for
+
+                output, rounded = write_models(merge, engine, stream_on_ray(request.ray)), None
             else:
                 output, rounded = write_models(merge, engine), None
     finally:

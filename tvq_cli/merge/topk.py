@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import torch
 
+from ..concurrency import StateLock
 from ..quant import native
 
 BINS = 1 << 16
@@ -35,7 +36,7 @@ class StreamingKth:
         self._low = torch.zeros(BINS, dtype=torch.int64)
         self._bin: int | None = None
         self._rank = 0
-        self._lock = threading.Lock()
+        self._lock = StateLock()
         self._tables: dict[int, np.ndarray] = {}  # per thread, native counting only
 
     def _table(self) -> np.ndarray:

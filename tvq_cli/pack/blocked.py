@@ -41,7 +41,8 @@ from ..tensors import not_finite
 from .prefetch import TensorInputs
 
 BLOCK_ELEMENTS = 1 << 19  # elements per block of rows (2 MiB fp32 buffers): fewer Python steps
-Output = tuple[str, np.ndarray | memoryview | bytes]
+StoredBytes = np.ndarray | memoryview | bytes
+Output = tuple[str, StoredBytes]
 
 
 def block_rows(cols: int) -> int:

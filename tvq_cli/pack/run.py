@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..archive.format import ArchiveHeader, file_key
+from ..archive.format import ArchiveHeader, TensorEntry, file_key
 from ..archive.parts import stored_codes
 from ..archive.reader import Archive
 from ..archive.writer import ArchiveWriter, archive_size
@@ -39,6 +40,7 @@ from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..quant import sizes
 from .alloc import Allocation, allocate
+from .blocked import StoredBytes
 from .frames import Frames
 from .options import PackOptions
 from .packer import TensorPacker, added_rows
@@ -171,19 +173,24 @@ def pack(
     threads: int | None = None,
     device: str = "cpu",
     max_shard_size: int | str | None = None,
+    ray: str | None = None,
 ) -> PackResult:
     """Pack fine-tuned checkpoints of one pretrained model into an archive at `out`.
 
     Fine-tunes are model checkpoints or PEFT LoRA adapter folders (docs/cli.md, "Inputs").
     `threads`: worker threads (default: every core this process may use); `device`: where
     quantization runs ("cpu", or "cuda" when a GPU is present); `max_shard_size` (e.g. "5GB"):
-    write a sharded archive, the folder `out` (docs/format.md).
+    write a sharded archive, the folder `out` (docs/format.md); `ray` ("local" or a Ray
+    cluster's address): write its shards in Ray tasks, `threads` cores each (default 1), the
+    same bytes (`distributed.py`).
     """
     options = options or PackOptions()
     torch_device = resolve_device(device)
-    threads = check_threads(threads)
+    threads = check_threads(1 if ray is not None and threads is None else threads)
     with usage_errors():
         max_shard = None if max_shard_size is None else parse_size(max_shard_size)
+    if ray is not None and max_shard is None:
+        raise UsageError("--ray writes a sharded archive: give --max-shard-size too")
     out = Path(out)
     finetuned = [Path(p) for p in finetuned]
     tasks, notes = task_names(finetuned, names)
@@ -196,9 +203,30 @@ def pack(
         plan = plan_archive(pre, fts, tasks, options)
         allocation = _allocate(plan.header, pre, fts, options)
         with claim_output(out, overwrite, inputs, folder):
-            unchanged = write_archive(
-                plan, pre, fts, out, options, torch_device, threads, progress, max_shard, overwrite
-            )
+            if ray is None:
+                unchanged = write_archive(
+                    plan,
+                    pre,
+                    fts,
+                    out,
+                    options,
+                    torch_device,
+                    threads,
+                    progress,
+                    max_shard,
+                    overwrite,
+                )
+            else:
+                if plan.header.frames:
+                    raise UsageError(
+                        "--ray cannot write this archive yet: its small tensors' low-rate "
+                        "records share one frame per role, across shards (pack it without --ray)"
+                    )
+                from .distributed import write_archive_on_ray  # Ray only when asked for
+
+                unchanged = write_archive_on_ray(
+                    ray, plan, pre, fts, out, options, device, threads, max_shard, overwrite
+                )
     finally:
         _close(pre, fts)
     for index in unchanged:
@@ -229,20 +257,40 @@ def write_archive(
     pretrained and task fingerprints are taken from the bytes as they are read. Returns the
     tasks whose task vector is all zero."""
     header = plan.header
-    tasks = header.tasks
-    largest = max(t.numel * itemsize(t.dtype) for t in header.tensors)
+    with ArchiveWriter(out, header, max_shard, replace) as writer:
+        digests, unchanged = code_tensors(
+            header, header.tensors, pre, fts, options, device, threads, progress, writer.write
+        )
+        for sha in sorted(header.files):
+            writer.write(file_key(sha), plan.files.frames[sha])
+        header.pretrained_fingerprint = combine_digests(digests)
+        for task, source in zip(header.tasks, fts, strict=True):
+            header.task_info[task].fingerprint = source.fingerprint()
+    return unchanged
+
+
+def code_tensors(
+    header: ArchiveHeader,
+    entries: list[TensorEntry],
+    pre: Checkpoint,
+    fts: list[TaskSource],
+    options: PackOptions,
+    device: torch.device,
+    threads: int,
+    progress: bool,
+    write: Callable[[str, StoredBytes], None],
+) -> tuple[dict[str, bytes], list[int]]:
+    """Read and quantize the tensors `entries` of `header`, handing their stored tensors in
+    order to `write` on a background thread. Returns the pretrained tensors' digests and the
+    tasks whose task vector is all zero in every one of them."""
+    largest = max((t.numel * itemsize(t.dtype) for t in entries), default=1)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
-    with (
-        ArchiveWriter(out, header, max_shard, replace) as writer,
-        torch_threads(1),
-        collector_paused(),
-        contextlib.ExitStack() as stack,
-    ):
+    with torch_threads(1), collector_paused(), contextlib.ExitStack() as stack:
         packer = TensorPacker(
             options.rules,
             options.error_correction,
-            tasks,
+            header.tasks,
             pre.path,
             [c.path for c in fts],
             device,
@@ -251,12 +299,12 @@ def write_archive(
         stack.callback(packer.close)
         background = Writer()
         stack.callback(background.close)
-        reader = Prefetcher(header.tensors, pre, fts, budget=largest * (1 + len(fts)))
+        reader = Prefetcher(entries, pre, fts, budget=largest * (1 + len(fts)))
         stack.callback(reader.close)
         reader.start()
         bar = tqdm(
             reader,
-            total=len(header.tensors),
+            total=len(entries),
             desc="pack",
             unit="tensor",
             disable=not progress,
@@ -267,18 +315,15 @@ def write_archive(
         for inputs in bar:
             digests[inputs.entry.name] = inputs.digest
             unchanged.see(inputs)
-            outputs = frames.split(packer.outputs(inputs)) + added_rows(header, tasks, inputs)
+            outputs = frames.split(packer.outputs(inputs)) + added_rows(
+                header, header.tasks, inputs
+            )
             reader.release(inputs)
-            background.submit(lambda outputs=outputs: _write_all(writer, outputs))
+            background.submit(lambda outputs=outputs: [write(k, data) for k, data in outputs])
         background.wait()
-        _write_all(writer, frames.stored())
-        _write_all(
-            writer, [(file_key(sha), plan.files.frames[sha]) for sha in sorted(header.files)]
-        )
-        header.pretrained_fingerprint = combine_digests(digests)
-        for task, source in zip(tasks, fts, strict=True):
-            header.task_info[task].fingerprint = source.fingerprint()
-    return unchanged.tasks
+        for key, data in frames.stored():
+            write(key, data)
+    return digests, unchanged.tasks
 
 
 def archive_bytes(path: Path) -> int:
@@ -305,8 +350,3 @@ class UnchangedTasks:
             for t in self.tasks
             if inputs.finetuned[t].dtype == pre.dtype and torch.equal(inputs.finetuned[t], pre)
         ]
-
-
-def _write_all(writer: ArchiveWriter, outputs: list) -> None:
-    for key, data in outputs:
-        writer.write(key, data)

@@ -8,9 +8,9 @@ elements where the election is a tie (sum exactly zero), again as the paper's co
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
+from ...concurrency import StateLock
 from ...errors import TvqError
 from ...quant import native
 from ..base import MergeMethod, Option, broadcast, register
@@ -57,7 +57,7 @@ class Ties(MergeMethod):
         self._kth = [StreamingKth() for _ in self.ctx.tasks]
         self._thresholds: torch.Tensor | None = None
         self._sign_total = 0.0
-        self._sign_lock = threading.Lock()
+        self._sign_lock = StateLock()
         self._majority: float | None = None
 
     @property
