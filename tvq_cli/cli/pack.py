@@ -118,7 +118,7 @@ def pack_command(
     )
     names = parse_names(name)
     if dry:
-        result = dry_run(pretrained, finetuned, options, names)
+        result = dry_run(pretrained, finetuned, options, names, show_progress(quiet))
         print_notes(result.notes)
         stdout.print(
             f"dry run: {result.size_bytes} bytes ({human_bytes(result.size_bytes)}) for "

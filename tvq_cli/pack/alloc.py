@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import heapq
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from itertools import product
 
 import torch
+from tqdm import tqdm
 
 from ..archive import schemes
 from ..archive.format import ArchiveHeader, Part, TensorEntry, layout, part_layout
@@ -322,8 +324,11 @@ def allocate(
     budget_bpw: float,
     weighting: str = "params",
     groups: tuple[int, ...] = (),
+    progress: bool = False,
 ) -> Allocation:
-    """Set every quantized tensor's parts in `header` to fit `budget_bpw`; least error."""
+    """Set every quantized tensor's parts in `header` to fit `budget_bpw`; least error.
+    Measuring every setting of every tensor is pack's longest stage under a budget (minutes
+    for a model of tens of millions of weights), hence its own progress bar."""
     if weighting not in WEIGHTINGS:
         raise UsageError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if not budget_bpw > 0:
@@ -335,9 +340,15 @@ def allocate(
     model = model or Part(
         "", 4, DEFAULT_GROUP_SIZE, DEFAULT_RANGE, DEFAULT_SCALE_BITS, DEFAULT_CODEC
     )
-    for index, entry in enumerate(header.tensors):
-        if entry.kind != "quantized":
-            continue
+    quantized = [(i, t) for i, t in enumerate(header.tensors) if t.kind == "quantized"]
+    bar = tqdm(
+        quantized,
+        desc="measure settings",
+        unit="tensor",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    for index, entry in bar:
         pre = pretrained.load_float(entry.name)
         grid = groups or (model.group_size,)
         args = (entry, index, pre, finetuned, header, grid, weighting, model)

@@ -97,6 +97,7 @@ def dry_run(
     finetuned: list[Path | str],
     options: PackOptions | None = None,
     names: dict[str, str] | None = None,
+    progress: bool = False,
 ) -> PackResult:
     """The exact archive size for these inputs and settings.
 
@@ -110,7 +111,7 @@ def dry_run(
     try:
         plan = plan_archive(pre, fts, tasks, options)
         header = plan.header
-        allocation = _allocate(header, pre, fts, options)
+        allocation = _allocate(header, pre, fts, options, progress)
         _measure_coded(header, pre, fts, options, low_rate_only=allocation is not None)
     finally:
         _close(pre, fts)
@@ -119,11 +120,17 @@ def dry_run(
 
 
 def _allocate(
-    header: ArchiveHeader, pre: Checkpoint, fts: list[TaskSource], options: PackOptions
+    header: ArchiveHeader,
+    pre: Checkpoint,
+    fts: list[TaskSource],
+    options: PackOptions,
+    progress: bool = False,
 ) -> Allocation | None:
     if options.budget is None:
         return None
-    return allocate(header, pre, fts, options.budget, options.weighting, options.budget_groups)
+    return allocate(
+        header, pre, fts, options.budget, options.weighting, options.budget_groups, progress
+    )
 
 
 def _measure_coded(
@@ -201,7 +208,7 @@ def pack(
         check_target(out, overwrite, inputs, folder)
         start = time.perf_counter()
         plan = plan_archive(pre, fts, tasks, options)
-        allocation = _allocate(plan.header, pre, fts, options)
+        allocation = _allocate(plan.header, pre, fts, options, progress)
         with claim_output(out, overwrite, inputs, folder):
             if ray is None:
                 unchanged = write_archive(
