@@ -405,6 +405,14 @@ INLINE void evaluate(const float *xg, Py_ssize_t width, const float *cand, const
         err[pending[i]] = group_error(xg, width, cand[pending[i]], inv[pending[i]], zero, levels);
 }
 
+/* With two candidates a register (AVX-512) and at most EVERY_AT_ONCE of them, every
+ * candidate's error is taken in one sweep over the group, four pairs abreast, before the
+ * choice reads the ones it needs (the same numbers): the coarse pass alone takes three sweeps
+ * with a slot left empty, the fine pass mostly one more, so the unused ones cost no more work,
+ * and one sweep with four independent chains runs about 10% faster than three and one. */
+#define EVERY_AT_ONCE 8
+static const int EVERY[EVERY_AT_ONCE] = {0, 1, 2, 3, 4, 5, 6, 7};
+
 /* Search and quantize whole groups of float32 `x`; see range_search.quantize_groups. */
 INLINE void search_body(const float *x, Py_ssize_t groups, Py_ssize_t width, const float *lo,
                         const float *hi, const Search *s, uint8_t *codes, float *scales,
@@ -453,6 +461,8 @@ INLINE void search_body(const float *x, Py_ssize_t groups, Py_ssize_t width, con
                 err[c] = -1.0f; /* not evaluated yet */
             for (Py_ssize_t i = 0; i < s->n_coarse; i++)
                 coarse[i] = s->coarse[i];
+            if (wide && s->count <= EVERY_AT_ONCE)
+                evaluate(xg, width, cand, inv, zero, levels, EVERY, s->count, err, wide);
             evaluate(xg, width, cand, inv, zero, levels, coarse, s->n_coarse, err, wide);
             float best_err = 0.0f;
             for (Py_ssize_t i = 0; i < s->n_coarse; i++) {
