@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from stage_clock import Clock  # benchmarks/ is the script folder
 
 from tvq_cli.archive.format import part_keys
 from tvq_cli.archive.reader import Archive
@@ -37,24 +37,6 @@ from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.merge.stream import column_blocks
 from tvq_cli.quant import entropy, kernel, native, sizes
 from tvq_cli.quant.bitpack import unpack_bits
-
-
-class Clock:
-    """Adds the CPU time of this thread in each `with clock("stage"):` block to that stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._stage = ""
-
-    def __call__(self, stage: str) -> Clock:
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.thread_time()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] += time.thread_time() - self._start
 
 
 def startup_seconds() -> float:

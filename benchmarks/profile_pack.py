@@ -23,37 +23,18 @@ import hashlib
 import os
 import sys
 import tempfile
-import time
 import zlib
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from stage_clock import Clock  # benchmarks/ is the script folder
 
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
 from tvq_cli.quant.sizes import CODED, DEFAULT_CODEC, SYMBOL_BITS, packed_nbytes
 from tvq_cli.quant.spec import QuantSpec
-
-
-class Clock:
-    """Adds the CPU time of this thread in each `with clock("stage"):` block to that stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._stage = ""
-
-    def __call__(self, stage: str) -> Clock:
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.thread_time()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] += time.thread_time() - self._start
 
 
 def main() -> int:

@@ -251,9 +251,10 @@ class BlockedRoute:
     """Codes whole quantized tensors in blocks of rows on a pool of `threads` workers.
 
     The packed codes of entropy-coded parts are only read by their compression, so their
-    buffers are used again for later tensors (`io.buffers`): fresh ones cost a page fault per
-    4 KiB, about a tenth of pack's CPU time on a 1B model (docs/performance.md). The pool
-    keeps at most one tensor's worth, the most one tensor uses anyway."""
+    buffers are used again for later tensors (`io.buffers`): a fresh one costs a page fault
+    per 4 KiB written, and page faults were a large share of pack's system time
+    (docs/performance.md, "Pack speed round"). The pool keeps at most the largest tensor's
+    worth, which that tensor needs anyway."""
 
     def __init__(
         self,
