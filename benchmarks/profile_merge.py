@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from profile_pack import Clock  # a sibling script: benchmarks/ is on the path
+from stage_clock import Clock  # benchmarks/ is the script folder
 
 from tvq_cli.archive.format import part_keys
 from tvq_cli.archive.reader import Archive

@@ -5,9 +5,10 @@ Usage (inputs as built by bench_pack.py --inputs DIR, or any pretrained + fine-t
     PYTHONPATH=$PWD python benchmarks/profile_pack.py /tmp/tvq-bench/m [--tensors 30] [--paper]
 
 Runs the stages `pack` overlaps one after the other on the first N weight matrices,
-single-threaded, so their costs add up: reading the raw tensors (pread), hashing the pretrained
-ones (fingerprint), then TVQ 4-bit with the default settings (or `--paper`: one min-max range
-per tensor, fp32 scale, raw codes) through the functions `pack` calls, block by block: the
+single-threaded, so their costs add up: reading the raw tensors (pread), hashing them (every
+input's fingerprint, as pack takes them), then TVQ 4-bit with the default settings (or
+`--paper`: one min-max range per tensor, fp32 scale, raw codes) through the functions `pack`
+calls, block by block: the
 ranges pass (widen, subtract, finite check and every group's range, in one native pass), the
 coding pass (widen, subtract, range search, quantization and bit-packing, in one native pass),
 zstd (today's entropy stage; skipped with `--paper`), and checksumming plus writing the output.
@@ -22,37 +23,18 @@ import hashlib
 import os
 import sys
 import tempfile
-import time
 import zlib
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from stage_clock import Clock  # benchmarks/ is the script folder
 
 from tvq_cli.io.checkpoint import Checkpoint
 from tvq_cli.pack.blocked import BLOCK_ELEMENTS, block_rows
 from tvq_cli.quant import entropy, kernel, native, range_search
 from tvq_cli.quant.sizes import CODED, DEFAULT_CODEC, SYMBOL_BITS, packed_nbytes
 from tvq_cli.quant.spec import QuantSpec
-
-
-class Clock:
-    """Adds the CPU time of this thread in each `with clock("stage"):` block to that stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._stage = ""
-
-    def __call__(self, stage: str) -> Clock:
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self._start = time.thread_time()
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds[self._stage] += time.thread_time() - self._start
 
 
 def main() -> int:
@@ -79,8 +61,9 @@ def main() -> int:
         for name in names:
             with clock("read (pread)"):
                 raws = [c.load(name) for c in (pre, *fts)]
-            with clock("sha256 fingerprint"):
-                hashlib.sha256(raws[0].view(torch.uint8).numpy()).digest()
+            with clock("sha256 fingerprints (every input)"):
+                for raw in raws:
+                    hashlib.sha256(raw.view(torch.uint8).numpy()).digest()
             cols = raws[0].shape[-1]
             rows = block_rows(cols)
             flat = [r.view(-1, cols) for r in raws]

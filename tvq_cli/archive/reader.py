@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, to_torch
 from ..errors import InternalError, TvqError
-from ..io.safetensors_file import MAX_HEADER_BYTES, pread_into
+from ..io.safetensors_file import pread_into, read_prefix
 from . import schemes
 from .container import INDEX_SUFFIX, crc32, decode_header, decode_index, decode_shard_header
 from .format import (
@@ -129,7 +129,7 @@ class Archive:
             raise TvqError(f"{path}: cannot read ({exc.strerror})") from None
         try:
             size = os.fstat(handle.fileno()).st_size
-            prefix = _read_prefix(handle, min(size, 8 + MAX_HEADER_BYTES))
+            prefix = read_prefix(handle, size)
         except OSError as exc:
             handle.close()
             raise TvqError(f"{path}: cannot read ({exc.strerror})") from None
@@ -443,18 +443,6 @@ def _about(path: Path, decode, *args):
         return decode(*args)
     except TvqError as exc:
         raise TvqError(f"{path}: {exc}") from None
-
-
-def _read_prefix(file, size: int) -> bytes:
-    """The first `size` bytes (fewer only if the file shrank meanwhile: the checks catch it)."""
-    chunks, done = [], 0
-    while done < size:
-        chunk = file.read(size - done)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        done += len(chunk)
-    return b"".join(chunks)
 
 
 def open_archive(path: Path | str) -> Archive:

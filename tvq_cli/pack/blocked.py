@@ -33,6 +33,7 @@ from ..archive.format import Part, TensorEntry
 from ..archive.parts import store_part
 from ..archive.schemes import Scheme
 from ..concurrency import WorkerPool
+from ..io.buffers import BufferPool
 from ..quant import entropy, kernel, range_search
 from ..quant.groups import row_group_size
 from ..quant.sizes import CODED, SYMBOL_BITS, packed_nbytes
@@ -127,7 +128,7 @@ class _Parts:
     codes, scales or step codes, zero codes; for two-pass parts every group's range, gathered
     in a first pass; and the state of each part across passes."""
 
-    def __init__(self, entry: TensorEntry):
+    def __init__(self, entry: TensorEntry, spare: BufferPool):
         self.entry = entry
         self.cols = entry.shape[-1]
         # as coded: a group longer than a row is the row (the same groups and stored bytes)
@@ -136,7 +137,10 @@ class _Parts:
         ]
         parts = self.parts
         self.width = [SYMBOL_BITS[p.bits] if p.codec in CODED else p.bits for p in parts]
-        self.packed = [np.empty(packed_nbytes(entry.numel, w), np.uint8) for w in self.width]
+        self.packed = [
+            _packed_buffer(spare if p.codec in CODED else None, packed_nbytes(entry.numel, w))
+            for p, w in zip(parts, self.width, strict=True)
+        ]
         groups = [group_count(entry.shape, p.group_size) for p in parts]
         self.scales = [torch.empty(g) for g in groups]
         self.zeros = [torch.empty(g, dtype=torch.uint8) for g in groups]
@@ -236,8 +240,22 @@ class _Parts:
         )
 
 
+def _packed_buffer(spare: BufferPool | None, nbytes: int) -> np.ndarray:
+    """A part's packed codes: from `spare` where they are compressed before they leave
+    (given back then), else fresh, since the writer still holds them after."""
+    if spare is None:
+        return np.empty(nbytes, np.uint8)
+    return spare.take(nbytes).numpy()
+
+
 class BlockedRoute:
-    """Codes whole quantized tensors in blocks of rows on a pool of `threads` workers."""
+    """Codes whole quantized tensors in blocks of rows on a pool of `threads` workers.
+
+    The packed codes of entropy-coded parts are only read by their compression, so their
+    buffers are used again for later tensors (`io.buffers`): a fresh one costs a page fault
+    per 4 KiB written, and page faults were a large share of pack's system time
+    (docs/performance.md, "Pack speed round"). The pool keeps at most the largest tensor's
+    worth, which that tensor needs anyway."""
 
     def __init__(
         self,
@@ -253,13 +271,15 @@ class BlockedRoute:
         self.finetuned = finetuned
         self._pool = WorkerPool(threads, "tvq-quant")
         self._local = threading.local()
+        self._spare = BufferPool(0)  # budget set per tensor (`outputs`)
 
     def close(self) -> None:
         self._pool.close()
 
     def outputs(self, inputs: TensorInputs) -> list[Output]:
         entry = inputs.entry
-        parts = _Parts(entry)
+        self._spare.budget = max(self._spare.budget, _coded_nbytes(entry))
+        parts = _Parts(entry, self._spare)
         rows = entry.numel // parts.cols
         step = block_rows(parts.cols)
         while not all(parts.done):
@@ -282,6 +302,8 @@ class BlockedRoute:
 
         coded = [i for i, p in enumerate(entry.parts) if p.codec in CODED]
         self._pool.map(compress, coded)
+        for i in coded:
+            self._spare.give(torch.from_numpy(parts.packed[i]))
         out: list[Output] = []
         for i in range(len(entry.parts)):
             out += parts.stored(i, codes[i])
@@ -328,6 +350,13 @@ class BlockedRoute:
 
         with contextlib.suppress(_NotReady):  # the rest of the block waits for the next pass
             self.scheme.encode(block, code, self.error_correction, ws.shared[:count])
+
+
+def _coded_nbytes(entry: TensorEntry) -> int:
+    """Bytes of the packed codes of `entry`'s entropy-coded parts, before compression."""
+    return sum(
+        packed_nbytes(entry.numel, SYMBOL_BITS[p.bits]) for p in entry.parts if p.codec in CODED
+    )
 
 
 def _code_raw(

@@ -48,10 +48,23 @@ def encode(codes: np.ndarray, bits: int, codec: str) -> bytes:
 def compress(data: np.ndarray | bytes, codec: str = "zstd") -> bytes:
     """One zstd frame (content checksum on) of `data`: codes already laid out byte-aligned
     (`SYMBOL_BITS` per code) with `codec`'s parameters, or a stored file ("zstd")."""
-    if codec == "zstd-c":
-        params = zstandard.ZstdCompressionParameters(**CENTERED_PARAMS)
-        return zstandard.ZstdCompressor(compression_params=params).compress(data)
-    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(data)
+    return _compressor(codec).compress(data)
+
+
+def _compressor(codec: str) -> zstandard.ZstdCompressor:
+    """This thread's compressor for `codec` (one may not be used by two threads at once):
+    made once, since setting up its context cost about 5% of compressing a tensor's codes.
+    A compressor starts every frame afresh, so its frames are the same bytes."""
+    compressors = getattr(_local, "compressors", None)
+    if compressors is None:
+        compressors = _local.compressors = {}
+    if codec not in compressors:
+        if codec == "zstd-c":
+            params = zstandard.ZstdCompressionParameters(**CENTERED_PARAMS)
+            compressors[codec] = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            compressors[codec] = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
+    return compressors[codec]
 
 
 def center(
