@@ -77,7 +77,7 @@ def main() -> int:
                     if stored.size < archive.nbytes(key):
                         stored = np.empty(archive.nbytes(key), np.uint8)
                     frame = archive.raw(key, stored)
-                if part.codec == "zstd":
+                if part.codec in sizes.CODED:
                     size = sizes.symbol_nbytes(entry.numel, part.bits)
                     symbols = entropy._scratch(size)
                     with clock("zstd decompression"):
@@ -87,6 +87,12 @@ def main() -> int:
                     symbols, width = frame, part.bits
                 with clock("bit-unpacking"):
                     unpack_bits(symbols, width, entry.numel, buffer)
+                if part.codec == "zstd-c":
+                    zeros = archive.quantized(part, entry).zeros.numpy()  # small; not timed
+                    with clock("zstd-c: codes uncentered (in place)"):
+                        entropy.uncenter(
+                            buffer[: entry.numel], zeros, entry.shape, part.group_size, part.bits
+                        )
                 keys = part_keys(part, name)
                 q.append((part, buffer, keys))
             with clock("read + fingerprint the pretrained tensor"):
