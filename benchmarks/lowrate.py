@@ -12,7 +12,7 @@ docs/rd_lowrate_{zoo,minilm}.png, and every number to WORK/lowrate_{data}.json.
 Usage:
   PYTHONPATH=. python benchmarks/lowrate.py --data zoo [--work DIR]       # ~10 min, 2 cores
   PYTHONPATH=. python benchmarks/lowrate.py --data minilm --work DIR      # ~1.5 h, 2 cores
-  PYTHONPATH=. python benchmarks/lowrate.py --data minilm --work DIR --quick  # ~40 min
+  PYTHONPATH=. python benchmarks/lowrate.py --data minilm --work DIR --quick  # ~30 min
 `--quick` runs tvq's own archives (TVQ at 0.25-2 bpw, RTVQ at the accuracy rates), BitDelta per
 row and ComPEFT at 0.5 bpw, and leaves out the ablations, the other references and the other
 rates; its section says so. MiniLM's fine-tunes are built in DIR by minilm_fidelity.build when
