@@ -288,8 +288,10 @@ def code_tensors(
     write: Callable[[str, StoredBytes], None],
 ) -> tuple[dict[str, bytes], list[int]]:
     """Read and quantize the tensors `entries` of `header`, handing their stored tensors in
-    order to `write` on a background thread. Returns the pretrained tensors' digests and the
-    tasks whose task vector is all zero in every one of them."""
+    order to `write` on a background thread, then the frames of their small low-rate records
+    (`pack.frames`; a run over some of the entries only is refused where the header has frames).
+    Returns the pretrained tensors' digests and the tasks whose task vector is all zero in
+    every one of them."""
     largest = max((t.numel * itemsize(t.dtype) for t in entries), default=1)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
