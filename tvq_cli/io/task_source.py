@@ -12,6 +12,7 @@ and the fingerprint of the files they were read from, computed from the bytes as
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .model_files import Companions, read_companions
 from .names import Renaming
 
 
-class TaskSource:
+class TaskSource(ABC):
     """One fine-tune, read tensor by tensor under the pretrained names."""
 
     kind = "checkpoint"
@@ -41,18 +42,18 @@ class TaskSource:
         self.renamed = Renaming()
         self.notes: list[str] = []  # what was mapped or assumed, for people
 
+    @abstractmethod
     def load_full(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name` with any rows it added, in a float dtype of the input (its own, or
         fp32 where it is computed); read into `out` (uint8, `stored_nbytes(name)` bytes, a
         reused buffer) where given."""
-        raise NotImplementedError
 
     def stored_nbytes(self, name: str) -> int | None:
         """The bytes of `load_full(name)` where it is read as stored (a caller may hand a
         buffer of that size); None where it is computed."""
         return None
 
-    def settle(self) -> None:
+    def settle(self) -> None:  # noqa: B027 - optional hook
         """Wait until no work on a tensor handed out is left (its hash): its buffer may be
         reused."""
 
@@ -76,21 +77,22 @@ class TaskSource:
         rest (`adopt_digests`); none where the fingerprint is not made of read tensors."""
         return {}
 
-    def adopt_digests(self, digests: dict[str, bytes]) -> None:
+    def adopt_digests(self, digests: dict[str, bytes]) -> None:  # noqa: B027 - optional hook
         """Digests another process took of this fine-tune's tensors (`read_digests`): those
         tensors need not be read again for `fingerprint`."""
 
+    @abstractmethod
     def fingerprint(self) -> str:
         """sha256 over its tensors as stored (sorted names, dtypes, shapes, bytes): the same
         function as the pretrained fingerprint, so `Checkpoint(path).fingerprint()` equals it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def companions(self) -> Companions:
         """Its config, tokenizer and other small files (none for a bare .safetensors file)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close its files (and stop reading ahead)."""
 
     @property
     def dtypes(self) -> dict[str, str]:

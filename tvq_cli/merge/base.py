@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import UsageError
+from ..errors import InternalError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +98,7 @@ class MergeContext:
         return len(self.tasks)
 
 
-class MergeMethod:
+class MergeMethod(ABC):
     """Base class: subclasses set the class attributes and implement `merge`."""
 
     name: ClassVar[str]
@@ -127,7 +128,7 @@ class MergeMethod:
                 self.values[option.name] = default(self) if callable(default) else default
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook
         """Checks that involve several options or the number of tasks."""
 
     @property
@@ -154,20 +155,20 @@ class MergeMethod:
         rounded to out's dtype, straight from coded task vectors, with the values `merge`
         gives (`quant.kernel.coded_merge_into`); returns whether `base` is finite. Called
         only where `merges_codes`."""
-        raise NotImplementedError
+        raise InternalError(f"{self.name} says it merges codes but has no merge_codes")
 
-    def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:
+    def observe(self, pass_index: int, name: str, taus: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """See one tensor's task vectors during statistics pass `pass_index`. Elementwise
         methods see column blocks as a `stream.TaskBlock` (`.values` is the [T, block]
         tensor; `block[t]` one task's columns, which `topk.StreamingKth` counts from the
         codes), others the whole [T, *shape] tensor."""
 
-    def end_pass(self, pass_index: int) -> None:
+    def end_pass(self, pass_index: int) -> None:  # noqa: B027 - optional hook
         """All tensors have been observed in pass `pass_index`."""
 
+    @abstractmethod
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The merged task vector of one tensor (per-task methods: one per target)."""
-        raise NotImplementedError
 
     def coefficients(self) -> dict[str, Any]:
         """The resolved coefficients, for the report."""

@@ -22,6 +22,7 @@ rounding with cosine selection (HDRQ, section 4.3).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -88,22 +89,24 @@ class Rounding:
         return self.samples if self.mode == "noise" else 0
 
 
-class Grid:
+class Grid(ABC):
     """An integer grid, codes in [low, high]; a subclass says where a value falls (`position`)
     and what a code stands for (`value`)."""
 
     low: int
     high: int
 
+    @abstractmethod
     def position(self, values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Where each value falls on the grid, in code units."""
 
+    @abstractmethod
     def value(self, codes: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """What each code stands for."""
 
+    @abstractmethod
     def at(self, where: torch.Tensor) -> Grid:
         """The grid of the elements selected by the mask `where`."""
-        raise NotImplementedError
 
     def nearest(self, values: torch.Tensor) -> torch.Tensor:
         return torch.round(self.position(values)).clamp_(self.low, self.high)

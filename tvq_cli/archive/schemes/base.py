@@ -11,10 +11,11 @@ the whole-tensor route, the blocked route and the allocator implement in their o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sized
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from ...errors import TvqError
+from ...errors import InternalError, TvqError
 
 if TYPE_CHECKING:  # a scheme's declaration (`tvq inspect` reads it) needs no torch
     import torch
@@ -40,7 +41,7 @@ class BitSettings(Protocol):
     offset_bits: int
 
 
-class Scheme:
+class Scheme(ABC):
     """Base class; subclasses set the class attributes and implement `encode` and `decode`."""
 
     name: ClassVar[str]
@@ -86,7 +87,7 @@ class Scheme:
         input's size the scheme may use for values of its own (RTVQ's base). Direct schemes
         hand over each input as it is."""
         if not self.direct:
-            raise NotImplementedError
+            raise InternalError(f"scheme {self.name} is not direct and has no encode of its own")
         for index, values in enumerate(inputs):
             code(index, values)
 
@@ -101,6 +102,7 @@ class Scheme:
         """The scheme that codes added tasks' own roles, each on its own."""
         return self
 
+    @abstractmethod
     def decode(
         self,
         task: str,
@@ -109,7 +111,6 @@ class Scheme:
     ) -> torch.Tensor:
         """Task `task`'s fp32 task vector from its roles' dequantized values (`pretrained`,
         fp32, only where the scheme does not subtract it at pack time)."""
-        raise NotImplementedError
 
 
 REGISTRY: dict[str, Scheme] = {}
