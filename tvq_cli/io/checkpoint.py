@@ -133,6 +133,40 @@ class Checkpoint:
             raise TvqError(f"{file}: cannot read tensor {name} ({exc.strerror})") from None
         return buffer.view(to_torch(spec.dtype)).reshape(spec.shape)
 
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one row (one index of the first dimension) of tensor `name`."""
+        spec = self.specs[name]
+        rows = spec.shape[0] if spec.shape else 1
+        return spec.nbytes // max(rows, 1)
+
+    def load_rows(
+        self, name: str, first: int, end: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows [first, end) of tensor `name` (its first dimension) in its stored dtype, read
+        on their own: a tensor too large to hold once per input is read a block of rows at a
+        time. `out`: a reused uint8 buffer of at least those rows' bytes."""
+        try:
+            file, start, nbytes = self._where[name]
+        except KeyError:
+            raise TvqError(f"{self.path}: no tensor named {name}") from None
+        spec = self.specs[name]
+        rows = spec.shape[0] if spec.shape else 1
+        if not 0 <= first <= end <= rows:
+            raise TvqError(f"{self.path}: tensor {name} has no rows {first}:{end}")
+        size = self.row_bytes(name)
+        count = (end - first) * size
+        buffer = torch.empty(count, dtype=torch.uint8) if out is None else out[:count]
+        try:
+            pread_into(self._open(file).fileno(), memoryview(buffer.numpy()), start + first * size)
+        except EOFError:
+            raise TvqError(
+                f"{file}: ended while reading tensor {name} "
+                "(the file was truncated or replaced while being read)"
+            ) from None
+        except OSError as exc:
+            raise TvqError(f"{file}: cannot read tensor {name} ({exc.strerror})") from None
+        return buffer.view(to_torch(spec.dtype)).reshape(end - first, *spec.shape[1:])
+
     def _open(self, file: Path):
         handle = self._files.get(file)
         if handle is None:
@@ -177,7 +211,13 @@ def combine_digests(digests: dict[str, bytes]) -> str:
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     """One tensor's contribution to a checkpoint fingerprint."""
-    spec = f"{name}\0{from_torch(tensor.dtype)}\0{list(tensor.shape)}\0"
-    digest = hashlib.sha256(spec.encode())
+    digest = digest_start(name, from_torch(tensor.dtype), tensor.shape)
     digest.update(tensor_bytes(tensor))
     return digest.digest()
+
+
+def digest_start(name: str, dtype: str, shape) -> hashlib._Hash:
+    """`tensor_digest`'s hash before the tensor's bytes: fed its rows in order (`update`), it
+    ends in the same digest, for a tensor read a block of rows at a time."""
+    spec = f"{name}\0{dtype}\0{list(shape)}\0"
+    return hashlib.sha256(spec.encode())
