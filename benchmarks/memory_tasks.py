@@ -18,9 +18,13 @@ settings (TVQ 4-bit), `tvq pack --scheme rtvq`, and `tvq merge` of the default a
 arithmetic and by TIES into a .safetensors file.
 
 Disk: T fine-tunes of the full 128256-row tensor take (T + 1) GB (51 GB at T = 50, more than the
-machine this was written on had free), so the task sweep (`--sweep tasks`, T = 2, 10, 50) runs
-at a fixed smaller row count, and the size sweep (`--sweep size`, T = 2) shows the growth with
-the tensor's size up to the full 128256 rows.
+machine this was written on had free). `--distinct N` writes N distinct fine-tunes and makes the
+others hard links of them under their own names: tvq reads each task's file as it would any
+other (the page cache may hold a file read before, which RSS does not count), so T = 50 of the
+full tensor needs N + 1 GB:
+
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 128256 \
+        --tasks 50 --distinct 5
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def random_bf16(rows: int, std: float, generator: torch.Generator) -> torch.Tens
     return out
 
 
-def build(folder: Path, rows: int, tasks: int) -> tuple[Path, list[Path]]:
-    """The pretrained checkpoint and `tasks` fine-tunes of it, one file each."""
+def build(folder: Path, rows: int, tasks: int, distinct: int | None) -> tuple[Path, list[Path]]:
+    """The pretrained checkpoint and `tasks` fine-tunes of it, one file each (all but the first
+    `distinct` hard links of those)."""
     generator = torch.Generator().manual_seed(0)
     pre = {
         "embed.weight": random_bf16(rows, 0.02, generator),
@@ -68,6 +73,10 @@ def build(folder: Path, rows: int, tasks: int) -> tuple[Path, list[Path]]:
     save_file(pre, str(pre_path))
     paths = []
     for t in range(tasks):
+        if distinct is not None and t >= distinct:
+            paths.append(folder / f"ft{t:02d}.safetensors")
+            paths[-1].hardlink_to(paths[t % distinct])
+            continue
         ft = {}
         for name, tensor in pre.items():
             if tensor.dtype == torch.bfloat16:
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
     parser.add_argument("--root", type=Path, default=None, help="where to build the inputs")
+    parser.add_argument(
+        "--distinct", type=int, default=None, help="distinct fine-tunes (the rest hard links)"
+    )
     args = parser.parse_args()
     sweeps = ["tasks", "size"] if args.sweep == "both" else [args.sweep]
     rows_of = {"tasks": args.rows or [8192], "size": args.rows or [8192, 32768, 128256]}
@@ -137,9 +149,9 @@ def main() -> None:
                 if built is None or built[0] != rows:
                     for f in folder.glob("*.safetensors"):
                         f.unlink()
-                    pre, fts = build(folder, rows, needed)
+                    pre, fts = build(folder, rows, needed, args.distinct)
                     built = (rows, needed)
-                gb_in = sum(p.stat().st_size for p in [pre, *fts[:tasks]]) / 1e9
+                gb_in = sum(p.stat().st_size for p in [pre, *fts[:tasks]]) / 1e9  # as read
                 results = run_case(folder, pre, fts[:tasks], args.commands)
                 cells = " ".join(f"{r:>7.2f} /{s:>6.1f}s" for r, s in results.values())
                 print(f"{rows:>12} {tasks:>3} {gb_in:>6.1f} {cells}", flush=True)

@@ -69,36 +69,39 @@ def _expected(pre: Path, fts: list[Path], options: PackOptions, name: str) -> di
 PAPER = dict(range="minmax", scale_bits=0, codec="raw")
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        PackOptions(scheme="tvq", bits=4, group_size=3),  # the defaults: search, 6-bit, zstd
-        PackOptions(scheme="tvq", bits=3, group_size=9),
-        PackOptions(scheme="tvq", bits=2, group_size=3, scale_bits=0),
-        PackOptions(scheme="tvq", bits=4, group_size=3, range="minmax", codec="raw"),
-        PackOptions(scheme="fq", bits=5, group_size=3),
-        PackOptions(scheme="rtvq", group_size=3),
-        PackOptions(scheme="rtvq", group_size=3, error_correction=False),
-        PackOptions(scheme="rtvq", group_size=9, codec="raw"),
-        PackOptions(scheme="rtvq", group_size=3, range="minmax", scale_bits=0),
-        PackOptions(scheme="tvq", bits=4, group_size=0),
-        PackOptions(scheme="tvq", bits=4, group_size=1000),  # longer than a row: the row
-        PackOptions(scheme="rtvq", group_size=1000, codec="raw"),
-        PackOptions(scheme="tvq", bits=3, group_size=0, range="minmax"),  # blocked, compact
-        PackOptions(scheme="rtvq", group_size=0, range="minmax"),
-        PackOptions(scheme="tvq", bits=4, group_size=3, **PAPER),
-        PackOptions(scheme="tvq", bits=3, group_size=9, **PAPER),
-        PackOptions(scheme="tvq", bits=2, group_size=0, **PAPER),
-        PackOptions(scheme="fq", bits=5, group_size=3, **PAPER),
-        PackOptions(scheme="rtvq", group_size=3, **PAPER),
-        PackOptions(scheme="rtvq", group_size=3, error_correction=False, **PAPER),
-        PackOptions(scheme="rtvq", group_size=0, **PAPER),
-    ],
-    ids=lambda o: (
+OPTIONS = [
+    PackOptions(scheme="tvq", bits=4, group_size=3),  # the defaults: search, 6-bit, zstd
+    PackOptions(scheme="tvq", bits=3, group_size=9),
+    PackOptions(scheme="tvq", bits=2, group_size=3, scale_bits=0),
+    PackOptions(scheme="tvq", bits=4, group_size=3, range="minmax", codec="raw"),
+    PackOptions(scheme="fq", bits=5, group_size=3),
+    PackOptions(scheme="rtvq", group_size=3),
+    PackOptions(scheme="rtvq", group_size=3, error_correction=False),
+    PackOptions(scheme="rtvq", group_size=9, codec="raw"),
+    PackOptions(scheme="rtvq", group_size=3, range="minmax", scale_bits=0),
+    PackOptions(scheme="tvq", bits=4, group_size=0),
+    PackOptions(scheme="tvq", bits=4, group_size=1000),  # longer than a row: the row
+    PackOptions(scheme="rtvq", group_size=1000, codec="raw"),
+    PackOptions(scheme="tvq", bits=3, group_size=0, range="minmax"),  # blocked, compact
+    PackOptions(scheme="rtvq", group_size=0, range="minmax"),
+    PackOptions(scheme="tvq", bits=4, group_size=3, **PAPER),
+    PackOptions(scheme="tvq", bits=3, group_size=9, **PAPER),
+    PackOptions(scheme="tvq", bits=2, group_size=0, **PAPER),
+    PackOptions(scheme="fq", bits=5, group_size=3, **PAPER),
+    PackOptions(scheme="rtvq", group_size=3, **PAPER),
+    PackOptions(scheme="rtvq", group_size=3, error_correction=False, **PAPER),
+    PackOptions(scheme="rtvq", group_size=0, **PAPER),
+]
+
+
+def options_id(o: PackOptions) -> str:
+    return (
         f"{o.scheme}-b{o.bits}-g{o.group_size}-ec{int(o.error_correction)}"
         f"-{o.range}-s{o.scale_bits}-{o.codec}"
-    ),
-)
+    )
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
 def test_archive_matches_whole_tensor_quantize(tmp_path: Path, options) -> None:
     assert block_rows(9) == 112 and block_rows(256) == 8
     pre, fts = _models(tmp_path, tasks=5, dtype=torch.bfloat16)

@@ -53,6 +53,14 @@ class TaskSource(ABC):
         buffer of that size); None where it is computed."""
         return None
 
+    def row_source(self, name: str) -> tuple[Checkpoint, str] | None:
+        """Where tensor `name` is stored as it is read (the checkpoint, and its name there),
+        for a reader of a block of rows at a time (`Checkpoint.load_rows`); None where it is
+        computed; the pretrained checkpoint where the fine-tune lacks the tensor. Rows past the
+        pretrained's are the ones it added. Such a reader feeds the fingerprint's digest of a
+        tensor of the fine-tune's own files itself (`adopt_digests`)."""
+        return None
+
     def settle(self) -> None:  # noqa: B027 - optional hook
         """Wait until no work on a tensor handed out is left (its hash): its buffer may be
         reused."""
@@ -140,6 +148,12 @@ class CheckpointTask(TaskSource):
             spec = self.pretrained.specs.get(name)
             return None if spec is None else spec.nbytes
         return self.checkpoint.specs[own].nbytes
+
+    def row_source(self, name: str) -> tuple[Checkpoint, str] | None:
+        own = self._own.get(name)
+        if own is None:
+            return (self.pretrained, name) if name in self.pretrained.specs else None
+        return self.checkpoint, own
 
     def settle(self) -> None:
         self._digests.settle()

@@ -62,6 +62,11 @@ def blockable(part: Part, cols: int) -> bool:
     return cols % row_group_size(part.group_size, cols) == 0
 
 
+def code_width(part: Part) -> int:
+    """Bits per code as packed: byte-aligned symbols where zstd compresses them."""
+    return SYMBOL_BITS[part.bits] if part.codec in CODED else part.bits
+
+
 def _two_pass(part: Part) -> bool:
     """Whether a part needs every group's range before any block is coded: compact scales
     (the grid's top is the tensor's largest step) and one range per tensor."""
@@ -126,43 +131,63 @@ class _Workspace:
 class _Parts:
     """The growing stored tensors of one quantized tensor: packed (or byte-aligned, for zstd)
     codes, scales or step codes, zero codes; for two-pass parts every group's range, gathered
-    in a first pass; and the state of each part across passes."""
+    in a first pass; and the state of each part across passes. A part's buffers are made when
+    it is opened (`open`): all at once for the blocked route, one role at a time for a tensor
+    read by rows (`rows.py`), which closes each once it is stored."""
 
-    def __init__(self, entry: TensorEntry, spare: BufferPool):
+    def __init__(self, entry: TensorEntry, spare: BufferPool, opened: bool = True):
         self.entry = entry
+        self.spare = spare
         self.cols = entry.shape[-1]
         # as coded: a group longer than a row is the row (the same groups and stored bytes)
         self.parts = [
             replace(p, group_size=row_group_size(p.group_size, self.cols)) for p in entry.parts
         ]
         parts = self.parts
-        self.width = [SYMBOL_BITS[p.bits] if p.codec in CODED else p.bits for p in parts]
-        self.packed = [
-            _packed_buffer(spare if p.codec in CODED else None, packed_nbytes(entry.numel, w))
-            for p, w in zip(parts, self.width, strict=True)
-        ]
-        groups = [group_count(entry.shape, p.group_size) for p in parts]
-        self.scales = [torch.empty(g) for g in groups]
-        self.zeros = [torch.empty(g, dtype=torch.uint8) for g in groups]
-        self.steps = [
-            torch.empty(g, dtype=torch.uint8) if p.scale_bits else None
-            for g, p in zip(groups, parts, strict=True)
-        ]
+        count = len(parts)
+        self.width = [code_width(p) for p in parts]
+        self.packed: list[np.ndarray | None] = [None] * count
+        self.scales: list[torch.Tensor | None] = [None] * count
+        self.zeros: list[torch.Tensor | None] = [None] * count
+        self.steps: list[torch.Tensor | None] = [None] * count
+        self.lo: list[torch.Tensor | None] = [None] * count
+        self.hi: list[torch.Tensor | None] = [None] * count
         two_pass = [_two_pass(p) for p in parts]
-        # ranges start empty (0, 0): a per-tensor range is the union of its blocks' ranges
-        self.lo = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
-        self.hi = [torch.zeros(g) if t else None for g, t in zip(groups, two_pass, strict=True)]
         self.coders = [
             None if t else kernel.BlockCoder(p.spec, 1.0, 1.0, w, p.codec == "zstd-c")
             for p, t, w in zip(parts, two_pass, self.width, strict=True)
         ]  # per part, once its grid_top (fallback, top) is known
         self.ready = [not t for t in two_pass]  # ranges known: the part can be coded
-        self.done = [False] * len(parts)  # coded in an earlier pass
-        self.kept: list[torch.Tensor | None] = [None] * len(parts)  # codes, for reconstruction
+        self.done = [False] * count  # coded in an earlier pass
+        self.kept: list[torch.Tensor | None] = [None] * count  # codes, for reconstruction
+        self.keep: set[int] = set()  # parts whose codes are kept whatever the passes to come
         self.ranged: set[int] = set()  # parts whose ranges were recorded in this pass
         self.coded: set[int] = set()  # parts coded in this pass
         self.more_passes = False  # whether a pass follows this one
         self._lock = threading.Lock()
+        for index in range(count) if opened else ():
+            self.open(index)
+
+    def open(self, index: int) -> None:
+        """Make part `index`'s buffers."""
+        part = self.parts[index]
+        coded = part.codec in CODED
+        nbytes = packed_nbytes(self.entry.numel, self.width[index])
+        self.packed[index] = _packed_buffer(self.spare if coded else None, nbytes)
+        groups = group_count(self.entry.shape, part.group_size)
+        self.scales[index] = torch.empty(groups)
+        self.zeros[index] = torch.empty(groups, dtype=torch.uint8)
+        self.steps[index] = torch.empty(groups, dtype=torch.uint8) if part.scale_bits else None
+        if _two_pass(part):
+            # ranges start empty (0, 0): a per-tensor range is the union of its blocks' ranges
+            self.lo[index], self.hi[index] = torch.zeros(groups), torch.zeros(groups)
+
+    def close(self, index: int) -> None:
+        """Drop part `index`'s buffers once stored; a kept part keeps what reconstructs it
+        (codes, scales, zero codes) for later roles."""
+        self.packed[index] = self.steps[index] = self.lo[index] = self.hi[index] = None
+        if index not in self.keep:
+            self.scales[index] = self.zeros[index] = None
 
     def groups(self, index: int, first: int, count: int) -> slice:
         """The groups of part `index` in the block of `count` elements from row `first`."""
@@ -201,9 +226,11 @@ class _Parts:
             self.ranged.add(index)
         return finite
 
-    def start_pass(self) -> None:
+    def start_pass(self, active: list[int] | None = None) -> None:
+        """A pass over the blocks of the parts `active` (default: every part)."""
         self.ranged, self.coded = set(), set()
-        self.more_passes = not all(r or d for r, d in zip(self.ready, self.done, strict=True))
+        active = range(len(self.parts)) if active is None else active
+        self.more_passes = not all(self.ready[i] or self.done[i] for i in active)
 
     def end_pass(self) -> None:
         for i in self.ranged:
@@ -215,13 +242,35 @@ class _Parts:
         for i in self.coded:
             self.done[i] = True
 
-    def kept_codes(self, index: int) -> torch.Tensor:
-        """Part `index`'s codes, kept for a later pass's reconstruction."""
+    def keep_codes(self, index: int, first: int, codes: torch.Tensor) -> None:
+        """Keep a block's codes (from row `first`) of part `index` for a later pass's
+        reconstruction: two to a byte where they fit in 4 bits (a kept part holds the whole
+        tensor's codes; RTVQ's base in `rows.py` for every task). Blocks start on a multiple
+        of 8 rows, so no byte is shared by two blocks."""
+        nibbles = self.parts[index].bits <= 4
         with self._lock:
             if self.kept[index] is None:
-                self.kept[index] = torch.empty(self.entry.numel, dtype=torch.uint8)
+                numel = self.entry.numel
+                size = (numel + 1) // 2 if nibbles else numel
+                self.kept[index] = torch.empty(size, dtype=torch.uint8)
             self.coded.add(index)
-            return self.kept[index]
+        kept, offset, count = self.kept[index], first * self.cols, codes.numel()
+        if not nibbles:
+            kept[offset : offset + count] = codes
+            return
+        start = offset // 2
+        kept[start : start + (count + 1) // 2] = codes[0::2]
+        kept[start : start + count // 2] |= codes[1::2] << 4
+
+    def kept_block(self, index: int, first: int, count: int, scratch: torch.Tensor):
+        """The kept codes of `count` values from row `first` (unpacked into `scratch`)."""
+        kept, offset = self.kept[index], first * self.cols
+        if self.parts[index].bits > 4:
+            return kept[offset : offset + count]
+        start, out = offset // 2, scratch[:count]
+        out[0::2] = kept[start : start + (count + 1) // 2] & 15
+        out[1::2] = kept[start : start + count // 2] >> 4
+        return out
 
     def mark_coded(self, index: int) -> None:
         with self._lock:
@@ -329,9 +378,7 @@ class BlockedRoute:
         minus = pre_raw if self.scheme.subtracts_pretrained else None
         if self.scheme.direct and minus is not None:  # the pretrained block is checked with each
             for index, (path, raw) in enumerate(sources):
-                if not _code_raw(ws, parts, index, raw, minus, first):
-                    pre_finite = kernel.widen_into(pre_raw, ws.pre[:count])
-                    raise not_finite(path if pre_finite else self.pretrained, name)
+                code_direct(ws, parts, index, (path, raw), (self.pretrained, pre_raw), first)
             return
         pre = ws.pre[:count].view(-1, cols)
         if not kernel.widen_into(pre_raw, pre):
@@ -341,15 +388,52 @@ class BlockedRoute:
                 if not _code_raw(ws, parts, index, raw, None, first):
                     raise not_finite(path, name)
             return
-        tasks = len(sources) if self.scheme.coupled else 1
-        rows = ws.x[: tasks * count].view(tasks, count)
-        block = _BlockInputs(name, sources, rows, pre if minus is not None else None)
+        pre = pre if minus is not None else None
+        encode_block(self.scheme, self.error_correction, ws, parts, sources, pre, first)
 
-        def code(index: int, values: torch.Tensor, reconstruct: bool = False):
-            return _code(ws, parts, index, values, first, reconstruct)
 
-        with contextlib.suppress(_NotReady):  # the rest of the block waits for the next pass
-            self.scheme.encode(block, code, self.error_correction, ws.shared[:count])
+def code_direct(
+    ws: _Workspace,
+    parts: _Parts,
+    index: int,
+    source: tuple[Path, torch.Tensor],
+    pretrained: tuple[Path, torch.Tensor | None],
+    first: int,
+) -> None:
+    """A direct scheme's role `index` in this pass from a block of its input, less the
+    pretrained one where given (each `(path, raw rows)`); non-finite values are blamed on the
+    right file."""
+    (path, raw), (pre_path, pre_raw) = source, pretrained
+    if not _code_raw(ws, parts, index, raw, pre_raw, first):
+        pre_finite = pre_raw is None or kernel.widen_into(pre_raw, ws.pre[: pre_raw.numel()])
+        raise not_finite(path if pre_finite else pre_path, parts.entry.name)
+
+
+def encode_block(
+    scheme: Scheme,
+    error_correction: bool,
+    ws: _Workspace,
+    parts: _Parts,
+    sources: list[tuple[Path, torch.Tensor]],
+    pre: torch.Tensor | None,
+    first: int,
+    roles: int | None = None,
+) -> None:
+    """The scheme's `encode` on a block of rows of every input (`(path, raw rows)`, less the
+    widened pretrained block `pre` where given), in this pass; only the first `roles` roles
+    where given (`rows.py` codes the shared roles before the tasks')."""
+    count = sources[0][1].numel()
+    tasks = len(sources) if scheme.coupled else 1
+    rows = ws.x[: tasks * count].view(tasks, count)
+    block = _BlockInputs(parts.entry.name, sources, rows, pre)
+
+    def code(index: int, values: torch.Tensor, reconstruct: bool = False):
+        if roles is not None and index >= roles:
+            raise _NotReady
+        return _code(ws, parts, index, values, first, reconstruct)
+
+    with contextlib.suppress(_NotReady):  # the rest of the block waits for the next pass
+        scheme.encode(block, code, error_correction, ws.shared[:count])
 
 
 def _coded_nbytes(entry: TensorEntry) -> int:
@@ -391,10 +475,9 @@ def _code(
     if parts.done[index]:
         if not reconstruct:
             return None
-        offset = first * parts.cols
         groups = parts.groups(index, first, count)
         kernel.dequantize_into(
-            parts.kept[index][offset : offset + count],
+            parts.kept_block(index, first, count, ws.codes),
             parts.parts[index].spec,
             parts.scales[index][groups],
             parts.zeros[index][groups],
@@ -453,8 +536,7 @@ def _emit(
         codes = torch.from_numpy(out) if width == 8 and not coder.center else ws.codes[:count]
         scales, zeros = parts.scales[index][groups], parts.zeros[index][groups]
         kernel.dequantize_into(codes, part.spec, scales, zeros, anchor)
-        if parts.more_passes:
-            offset = first * parts.cols
-            parts.kept_codes(index)[offset : offset + count] = codes
+        if parts.more_passes or index in parts.keep:
+            parts.keep_codes(index, first, codes)
     parts.mark_coded(index)
     return finite

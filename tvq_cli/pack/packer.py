@@ -120,9 +120,19 @@ def coded_outputs(part: Part, entry: TensorEntry, coded: Coded) -> list[Output]:
 def added_rows(header: ArchiveHeader, tasks: list[str], inputs: TensorInputs) -> list[Output]:
     """The rows each of `tasks` (those of `inputs`) added to this tensor (new tokens), kept
     exactly in its dtype."""
-    entry = inputs.entry
+    return added_outputs(header, tasks, inputs.entry, inputs.paths, inputs.added)
+
+
+def added_outputs(
+    header: ArchiveHeader,
+    tasks: list[str],
+    entry: TensorEntry,
+    paths: list[Path],
+    added: list[torch.Tensor | None],
+) -> list[Output]:
+    """The stored tensors of the rows (None: none) each task added to `entry`."""
     out: list[Output] = []
-    for task, path, rows in zip(tasks, inputs.paths, inputs.added, strict=True):
+    for task, path, rows in zip(tasks, paths, added, strict=True):
         if rows is not None:
             dtype = to_torch(header.info(task).dtype_of(entry))
             rows = require_finite(rows, path, entry.name).to(dtype, copy=True)  # buffers reused

@@ -26,7 +26,8 @@ from ..io.task_source import TaskSource
 @dataclass
 class TensorInputs:
     """The raw (stored-dtype) values of one tensor in every input, in the pretrained shape;
-    the rows each fine-tune added past it (None: none); and the pretrained tensor's digest."""
+    the rows each fine-tune added past it (None: none); and the pretrained tensor's digest.
+    Empty for a tensor the reader skips."""
 
     entry: TensorEntry
     pretrained: torch.Tensor
@@ -55,8 +56,10 @@ class Prefetcher:
         pretrained: Checkpoint,
         finetuned: list[TaskSource],
         budget: int,
+        skip: frozenset[str] = frozenset(),
     ):
         self._entries = entries
+        self._skip = skip  # tensors read elsewhere (`rows.py`): handed out unread
         self._pretrained = pretrained
         self._finetuned = finetuned
         self._budget = budget
@@ -75,6 +78,9 @@ class Prefetcher:
         models = 1 + len(self._finetuned)
         try:
             for entry in self._entries:
+                if entry.name in self._skip:
+                    self._ready.put(TensorInputs(entry, torch.empty(0), [], [], [], b"", 0, []))
+                    continue
                 size = _input_bytes(entry, models)
                 with self._room:
                     while self._held and self._held + size > self._budget and not self._stop:

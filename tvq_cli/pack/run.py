@@ -3,8 +3,9 @@
 Tensors are processed one at a time, in three overlapping stages: a reader thread reads the
 next tensor of every input (`prefetch.py`) while the current one is quantized in blocks of rows
 on a thread pool (`packer.py`), and a writer thread checksums and writes the previous one.
-Peak memory is bounded by (T + 3) times the largest tensor in fp32 plus a constant, whatever the
-number of tensors (docs/performance.md has the measurements).
+A tensor too large to hold once per input is read and coded by blocks of rows, one role at a
+time (`rows.py`), so peak memory stays within a bound set by `rows.ROWS_ABOVE`, whatever the
+number of tasks or tensors (docs/performance.md has the measurements).
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from ..io.task_source import TaskSource
 from ..io.tasks import open_tasks
 from ..quant import sizes
 from .alloc import Allocation, allocate
-from .blocked import StoredBytes
+from .blocked import Output, StoredBytes
 from .frames import Frames
 from .options import PackOptions
 from .packer import TensorPacker, added_rows
 from .plan import PackPlan, plan_archive, task_names
 from .prefetch import Prefetcher, TensorInputs
+from .rows import RowsRoute, by_rows
 from .values import TaskValues
 from .whole import encode_whole
 
@@ -292,7 +294,14 @@ def code_tensors(
     (`pack.frames`; a run over some of the entries only is refused where the header has frames).
     Returns the pretrained tensors' digests and the tasks whose task vector is all zero in
     every one of them."""
-    largest = max((t.numel * itemsize(t.dtype) for t in entries), default=1)
+    scheme = options.rules
+    by_rows_names = frozenset(
+        e.name
+        for e in entries
+        if device.type == "cpu" and by_rows(e, scheme, options.error_correction, fts)
+    )
+    held = [e for e in entries if e.name not in by_rows_names]
+    largest = max((t.numel * itemsize(t.dtype) for t in held), default=1)
     digests: dict[str, bytes] = {}
     fixed_mmap_threshold()
     with torch_threads(1), collector_paused(), contextlib.ExitStack() as stack:
@@ -308,7 +317,9 @@ def code_tensors(
         stack.callback(packer.close)
         background = Writer()
         stack.callback(background.close)
-        reader = Prefetcher(entries, pre, fts, budget=largest * (1 + len(fts)))
+        rows = RowsRoute(scheme, options.error_correction, header, pre, fts, threads)
+        stack.callback(rows.close)
+        reader = Prefetcher(entries, pre, fts, largest * (1 + len(fts)), by_rows_names)
         stack.callback(reader.close)
         reader.start()
         bar = tqdm(
@@ -321,14 +332,24 @@ def code_tensors(
         )
         unchanged = UnchangedTasks(len(fts))
         frames = Frames(header)
+
+        def emit(outputs: list[Output]) -> None:
+            background.submit(lambda: [write(k, data) for k, data in outputs])
+
         for inputs in bar:
+            if inputs.entry.name in by_rows_names:
+                reader.release(inputs)
+                result = rows.pack(inputs.entry, emit)
+                digests[inputs.entry.name] = result.digest
+                unchanged.keep(result.unchanged)
+                continue
             digests[inputs.entry.name] = inputs.digest
             unchanged.see(inputs)
             outputs = frames.split(packer.outputs(inputs)) + added_rows(
                 header, header.tasks, inputs
             )
             reader.release(inputs)
-            background.submit(lambda outputs=outputs: [write(k, data) for k, data in outputs])
+            emit(outputs)
         background.wait()
         for key, data in frames.stored():
             write(key, data)
@@ -349,6 +370,10 @@ class UnchangedTasks:
 
     def __init__(self, count: int):
         self.tasks = list(range(count))
+
+    def keep(self, tasks: set[int]) -> None:
+        """Of the tasks so far unchanged, keep those in `tasks`."""
+        self.tasks = [t for t in self.tasks if t in tasks]
 
     def see(self, inputs: TensorInputs) -> None:
         if inputs.entry.kind == "shared":  # non-float tensors equal the pretrained ones anyway
