@@ -118,3 +118,38 @@ def test_non_finite_pretrained_values_name_the_pretrained(monkeypatch, tmp_path:
     for scheme in ("tvq", "rtvq", "fq"):
         with pytest.raises(TvqError, match=f"{pre}: tensor wide.weight contains NaN or Inf"):
             tvq_cli.pack(pre, fts, tmp_path / f"{scheme}.tvq", PackOptions(scheme=scheme))
+
+
+def test_which_tensors_go_by_rows(monkeypatch, tmp_path: Path) -> None:
+    """Past the bound, 2-D tensors of parts coded by blocks, from fine-tunes stored as read and
+    under a scheme whose task roles follow from the shared ones' reconstruction."""
+    from tvq_cli.pack.plan import plan_archive
+    from tvq_cli.pack.run import open_inputs
+
+    pre, fts = _models(tmp_path, tasks=2, dtype=torch.bfloat16)
+    opened, sources = open_inputs(pre, fts)
+    try:
+
+        def chosen(options: PackOptions, sources=sources) -> list[str]:
+            header = plan_archive(opened, sources, ["a", "b"], options).header
+            scheme, ec = options.rules, options.error_correction
+            return [e.name for e in header.tensors if rows.by_rows(e, scheme, ec, sources)]
+
+        options = PackOptions(group_size=3)
+        assert chosen(options) == []  # under the bound: held
+        monkeypatch.setattr(rows, "ROWS_ABOVE", 0)
+        assert chosen(options) == ["odd.weight"]  # 256 columns are not groups of 3
+        assert chosen(PackOptions(group_size=0, range="minmax")) == ["odd.weight", "wide.weight"]
+        assert chosen(PackOptions(scheme="rtvq", group_size=3, error_correction=False)) == []
+
+        class Computed(type(sources[0])):
+            def row_source(self, name):  # as a LoRA adapter's weights
+                return None
+
+        computed = [sources[0], Computed(fts[1], opened)]
+        assert chosen(options, computed) == []
+        computed[1].close()
+    finally:
+        for source in sources:
+            source.close()
+        opened.close()

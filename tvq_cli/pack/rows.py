@@ -133,21 +133,30 @@ class RowsRoute:
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._pool.close()
 
-    def pack(self, entry: TensorEntry, emit: Callable[[list[Output]], None]) -> RowsResult:
+    def pack(
+        self,
+        entry: TensorEntry,
+        emit: Callable[[list[Output]], None],
+        status: Callable[[str], None] = lambda text: None,
+    ) -> RowsResult:
         """Code `entry`, handing each role's stored tensors to `emit` in storage order, then
-        the rows each fine-tune added."""
+        the rows each fine-tune added; `status` is told which role is being coded (a long
+        tensor's progress)."""
         parts = _Parts(entry, self._spare, opened=False)
         self._spare.budget = max(self._spare.budget, _largest_coded(parts))
         pre = _Input(self.pretrained.path, self.pretrained, entry.name)
         pre.digest = digest_start(entry.name, entry.dtype, entry.shape)
         fts = [self._input(source, entry) for source in self.finetuned]
         shared = len(self.scheme.shared_roles)
+        roles = len(parts.parts)
         if shared:
+            status(f"{entry.name} by rows: {', '.join(self.scheme.shared_roles)}")
             parts.keep = set(range(shared))
             self._passes(parts, range(shared), [pre, *fts], self._shared_block(parts, shared))
             emit([out for index in range(shared) for out in self._store(parts, index)])
         for task, ft in enumerate(fts):
             index = shared + task
+            status(f"{entry.name} by rows: {parts.parts[index].role} ({index + 1}/{roles})")
             self._passes(parts, [index], [pre, ft], self._task_block(parts, index, shared))
             emit(self._store(parts, index))
         paths, added = [ft.path for ft in fts], [ft.added for ft in fts]

@@ -339,7 +339,8 @@ def code_tensors(
         for inputs in bar:
             if inputs.entry.name in by_rows_names:
                 reader.release(inputs)
-                result = rows.pack(inputs.entry, emit)
+                result = rows.pack(inputs.entry, emit, bar.set_postfix_str)
+                bar.set_postfix_str("")
                 digests[inputs.entry.name] = result.digest
                 unchanged.keep(result.unchanged)
                 continue
