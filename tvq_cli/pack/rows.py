@@ -54,8 +54,10 @@ from .blocked import (
 from .packer import added_outputs
 
 # Bytes the blocked route would hold for one tensor (every input's raw tensor and every role's
-# codes) past which the tensor is read by rows instead: its peak memory is then about this.
-ROWS_ABOVE = 512 << 20
+# codes) past which the tensor is read by rows instead. The reader reads the next held tensor
+# while one goes by rows, so the peak is about this route's own (1 GB for a 128256 x 4096 bf16
+# tensor at 4 bits) plus this bound.
+ROWS_ABOVE = 256 << 20
 BATCH_BYTES = 64 << 20  # rows read per batch, over every input a pass reads
 
 
