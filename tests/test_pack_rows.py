@@ -30,9 +30,9 @@ def _pack_both(monkeypatch, tmp_path, pre, fts, options, **kwargs) -> tuple[Path
     coded: list[str] = []
     original = rows.RowsRoute.pack
 
-    def spy(self, entry, emit):
+    def spy(self, entry, emit, status):
         coded.append(entry.name)
-        return original(self, entry, emit)
+        return original(self, entry, emit, status)
 
     by_rows = tmp_path / "rows.tvq"
     with monkeypatch.context() as patch:
