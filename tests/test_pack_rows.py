@@ -32,13 +32,16 @@ def _pack_both(monkeypatch, tmp_path, pre, fts, options, **kwargs) -> tuple[Path
 
     def spy(self, entry, emit, status):
         coded.append(entry.name)
-        return original(self, entry, emit, status)
+        return original(self, entry, emit, lambda text: (said.append(text), status(text)))
+
+    said: list[str] = []
 
     by_rows = tmp_path / "rows.tvq"
     with monkeypatch.context() as patch:
         patch.setattr(rows, "ROWS_ABOVE", 0)
         patch.setattr(rows.RowsRoute, "pack", spy)
         tvq_cli.pack(pre, fts, by_rows, options, **kwargs)
+    assert len(said) == len(coded) * len(options.rules.roles(["t"] * len(fts)))
     return held, by_rows, coded
 
 
