@@ -94,17 +94,23 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 
 def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> dict:
+    """Each command's (peak RSS, wall); merges need the TVQ archive, packed first (unmeasured)
+    when "pack tvq" is not among the commands."""
     out = folder / "out"
     out.mkdir()
-    results = {}
-    for name in commands:
-        argv = []
+
+    def argv(name: str) -> list[str]:
+        args = []
         for arg in COMMANDS[name]:
             if arg == "{fts}":
-                argv += [str(p) for p in fts]
+                args += [str(p) for p in fts]
             else:
-                argv.append(arg.format(pre=pre, dir=out))
-        results[name] = measure(argv)
+                args.append(arg.format(pre=pre, dir=out))
+        return args
+
+    if "pack tvq" not in commands and any(c.startswith("merge") for c in commands):
+        measure(argv("pack tvq"))
+    results = {name: measure(argv(name)) for name in commands}
     shutil.rmtree(out)
     return results
 
