@@ -5,6 +5,8 @@ Usage (from the repository root; builds its inputs under a temporary folder and 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py                # both sweeps
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --tasks 2 10 --rows 8192
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 8192 128256
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 128256 \
+        --tasks 10 --commands "merge ta" "merge ties" --grow-archive
 
 The model is one large bf16 tensor of ROWS x 4096 (128256 x 4096 is Llama-3's embedding, 1 GB
 in bf16) plus two small tensors (a 4096 x 4096 bf16 weight and a 4096 fp32 norm). The
@@ -93,9 +95,12 @@ def measure(argv: list[str]) -> tuple[float, float]:
     return int(kb) / 1e6, float(seconds)
 
 
-def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> dict:
-    """Each command's (peak RSS, wall); merges need the TVQ archive, packed first (unmeasured)
-    when "pack tvq" is not among the commands."""
+def run_case(
+    folder: Path, pre: Path, fts: list[Path], commands: list[str], grow: bool = False
+) -> dict:
+    """Each command's (peak RSS, wall); merges need the TVQ archive, made first (unmeasured)
+    when "pack tvq" is not among the commands: packed, or with `grow` packed from two
+    fine-tunes and grown by `tvq add` one at a time."""
     out = folder / "out"
     out.mkdir()
 
@@ -109,7 +114,13 @@ def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> d
         return args
 
     if "pack tvq" not in commands and any(c.startswith("merge") for c in commands):
-        measure(argv("pack tvq"))
+        if grow:  # pack two, add the others one by one: pack's memory grows with T
+            archive, pretrained = f"{out}/tvq.tvq", ["--pretrained", str(pre)]
+            measure(["pack", *map(str, fts[:2]), *pretrained, "-o", archive])
+            for ft in fts[2:]:
+                measure(["add", archive, str(ft), *pretrained])
+        else:
+            measure(argv("pack tvq"))
     results = {name: measure(argv(name)) for name in commands}
     shutil.rmtree(out)
     return results
@@ -122,6 +133,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
     parser.add_argument("--root", type=Path, default=None, help="where to build the inputs")
+    parser.add_argument(
+        "--grow-archive",
+        action="store_true",
+        help="merges only: build their archive by packing two fine-tunes and adding the others "
+        "one at a time (`tvq pack`'s peak memory grows with T: 128256 rows at T = 10 would "
+        "take more than this machine's 24 GB)",
+    )
     args = parser.parse_args()
     sweeps = ["tasks", "size"] if args.sweep == "both" else [args.sweep]
     rows_of = {"tasks": args.rows or [8192], "size": args.rows or [8192, 32768, 128256]}
@@ -146,7 +164,7 @@ def main() -> None:
                     pre, fts = build(folder, rows, needed)
                     built = (rows, needed)
                 gb_in = sum(p.stat().st_size for p in [pre, *fts[:tasks]]) / 1e9
-                results = run_case(folder, pre, fts[:tasks], args.commands)
+                results = run_case(folder, pre, fts[:tasks], args.commands, args.grow_archive)
                 cells = " ".join(f"{r:>7.2f} /{s:>6.1f}s" for r, s in results.values())
                 print(f"{rows:>12} {tasks:>3} {gb_in:>6.1f} {cells}", flush=True)
 
