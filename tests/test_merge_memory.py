@@ -151,7 +151,7 @@ def frame_reader(frame: np.ndarray):
 
 
 def decode_in_blocks(frame: np.ndarray, bits: int, count: int, block: int) -> np.ndarray:
-    decoder = entropy.FrameDecoder(frame_reader(frame), frame.size, bits, count)
+    decoder = entropy.FrameDecoder(frame_reader(frame), frame.size, bits, count, "frame")
     out = np.empty(block + 8, np.uint8)
     codes = [decoder.next(min(block, count - a), out).copy() for a in range(0, count, block)]
     decoder.close()

@@ -7,6 +7,7 @@ The single place that knows how a `Quantized` is laid out on disk for each part 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from ..quant.bitpack import pack_bits, unpack_bits
 from ..quant.sizes import packed_nbytes
 from ..quant.spec import Quantized, group_count
 from .format import Part, TensorEntry, part_keys, superscale_key
+
+if TYPE_CHECKING:
+    from .reader import StoredStream
 
 
 def encode_part(
@@ -90,7 +94,7 @@ def decode_part(
     else:
         codes = unpack_bits(raw(codes_key), part.bits, entry.numel, codes_out)
     top = superscale(part, entry, raw, where) if part.scale_bits else 1.0
-    scales, step_codes = _scales(part, raw(scales_key), groups, top, f"{where}: {scales_key}")
+    scales, step_codes = _scales(part, raw(scales_key), groups, top, where, scales_key)
     return Quantized(torch.from_numpy(codes), scales, torch.from_numpy(zeros), step_codes, top)
 
 
@@ -106,7 +110,7 @@ def superscale(
 
 
 def _scales(
-    part: Part, stored: np.ndarray, groups: int, top: float, where: str
+    part: Part, stored: np.ndarray, groups: int, top: float, where: str, key: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`groups` scales from their stored bytes (step codes, or fp32), checked; and the step
     codes where compact."""
@@ -117,10 +121,10 @@ def _scales(
     else:
         scales_np = stored.view(np.float32)
         if scales_np.size != groups:
-            raise TvqError(f"{where} has the wrong size (damaged archive)")
+            raise TvqError(f"{where}: {key} has the wrong size (damaged archive)")
         scales = torch.from_numpy(scales_np.copy())
     if not torch.isfinite(scales).all() or (scales <= 0).any():
-        raise TvqError(f"{where}: invalid scales (damaged archive)")
+        raise TvqError(f"{where}: invalid scales in {key} (damaged archive)")
     return scales, step_codes
 
 
@@ -135,7 +139,7 @@ class PartRows:
         self,
         part: Part,
         entry: TensorEntry,
-        stream: Callable[[str], object],
+        stream: Callable[[str], StoredStream],
         raw: Callable[[str], np.ndarray],
         where: str,
     ):
@@ -148,7 +152,8 @@ class PartRows:
         self._frame = None
         if part.codec in sizes.CODED:
             read, stored = self._codes.read, self._codes.left
-            self._frame = entropy.FrameDecoder(read, stored, part.bits, entry.numel)
+            where_codes = f"{where}: {self.codes_key}"
+            self._frame = entropy.FrameDecoder(read, stored, part.bits, entry.numel, where_codes)
         self._top = superscale(part, entry, raw, where) if part.scale_bits else 1.0
         self._rows = 0  # rows decoded so far
 
@@ -159,12 +164,11 @@ class PartRows:
         zeros = unpack_bits(self._zeros.read(packed_nbytes(groups, part.bits)), part.bits, groups)
         scale_bytes = packed_nbytes(groups, part.scale_bits) if part.scale_bits else 4 * groups
         stored_scales = self._scales.read(scale_bytes)
-        scales, step_codes = _scales(part, stored_scales, groups, self._top, self._where_scales)
+        scales, step_codes = _scales(
+            part, stored_scales, groups, self._top, self.where, self.scales_key
+        )
         if self._frame is not None:
-            try:
-                codes = self._frame.next(count, codes_out)
-            except TvqError as exc:
-                raise TvqError(f"{self.where}: {self.codes_key}: {exc}") from None
+            codes = self._frame.next(count, codes_out)
             if part.codec == "zstd-c":
                 shape = (rows, self.cols)
                 codes = entropy.uncenter(codes, zeros, shape, part.group_size, part.bits)
@@ -178,15 +182,8 @@ class PartRows:
             torch.from_numpy(codes), scales, torch.from_numpy(zeros), step_codes, self._top
         )
 
-    @property
-    def _where_scales(self) -> str:
-        return f"{self.where}: {self.scales_key}"
-
     def _close(self) -> None:
         if self._frame is not None:
-            try:
-                self._frame.close()
-            except TvqError as exc:
-                raise TvqError(f"{self.where}: {self.codes_key}: {exc}") from None
+            self._frame.close()
         if self._codes.left or self._scales.left or self._zeros.left:
             raise InternalError(f"{self.entry.name}: rows decoded, but stored bytes are left")

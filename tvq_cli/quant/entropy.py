@@ -152,7 +152,11 @@ def decode(
     except TvqError as exc:
         raise TvqError(f"entropy-coded codes: {exc}") from None
     symbols = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-    codes = unpack_bits(symbols, SYMBOL_BITS[bits], count, out)
+    return _in_range(unpack_bits(symbols, SYMBOL_BITS[bits], count, out), bits)
+
+
+def _in_range(codes: np.ndarray, bits: int) -> np.ndarray:
+    """`codes`, checked: unpacked from SYMBOL_BITS-wide symbols, each must be < 2**bits."""
     if bits < SYMBOL_BITS[bits] and (codes >> bits).any():
         raise TvqError("entropy-coded codes hold out-of-range values (damaged)")
     return codes
@@ -275,22 +279,14 @@ class FrameDecoder:
     codes in range, and at `close` that the frame decoded to exactly its codes and ended where
     its stored bytes do (zstd checks its content checksum there)."""
 
-    def __init__(self, read: Callable[[int], np.ndarray], stored: int, bits: int, count: int):
-        self.bits = bits
-        self._read, self._left = read, stored
+    def __init__(
+        self, read: Callable[[int], np.ndarray], stored: int, bits: int, count: int, where: str
+    ):
+        self.bits, self.where = bits, where
         self._symbols = symbol_nbytes(count, bits)
-        self._extent = FrameExtent()
-        self._reader = zstandard.ZstdDecompressor().stream_reader(self, read_size=PIECE)
-
-    def read(self, size: int) -> np.ndarray | bytes:
-        """The next stored bytes, for zstd's stream reader (b"" at the end)."""
-        size = min(size, self._left)
-        if size <= 0:
-            return b""
-        data = self._read(size)
-        self._left -= size
-        self._extent.feed(data)
-        return data
+        self._source = _FrameBytes(read, stored)  # not self: no reference cycle (merges run
+        # with the garbage collector paused, and a cycle would keep zstd's buffers alive)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=PIECE)
 
     def next(self, count: int, out: np.ndarray) -> np.ndarray:
         """The frame's next `count` codes (whole bytes of the layout), unpacked into `out`."""
@@ -307,14 +303,17 @@ class FrameDecoder:
                     break
                 got += step
         except zstandard.ZstdError as exc:
-            raise TvqError(f"entropy-coded codes: zstd frame is damaged ({exc})") from None
+            raise self._damaged(f"zstd frame is damaged ({exc})") from None
         self._symbols -= got
         if got < nbytes:
-            raise TvqError("entropy-coded codes: zstd frame ends early (damaged)")
-        codes = unpack_bits(data, symbol_bits, count, out)
-        if self.bits < symbol_bits and (codes >> self.bits).any():
-            raise TvqError("entropy-coded codes hold out-of-range values (damaged)")
-        return codes
+            raise self._damaged("zstd frame ends early (damaged)")
+        try:
+            return _in_range(unpack_bits(data, symbol_bits, count, out), self.bits)
+        except TvqError as exc:
+            raise TvqError(f"{self.where}: {exc}") from None
+
+    def _damaged(self, what: str) -> TvqError:
+        return TvqError(f"{self.where}: entropy-coded codes: {what}")
 
     def close(self) -> None:
         """Every code was read: the frame must end here, and exactly where its bytes do."""
@@ -323,11 +322,32 @@ class FrameDecoder:
         try:
             more = self._reader.read(1)
         except zstandard.ZstdError as exc:
-            raise TvqError(f"entropy-coded codes: zstd frame is damaged ({exc})") from None
-        while self._left:  # the rest of the stored bytes (their checksum is read at the end)
-            self.read(PIECE)
-        if more or self._extent.size() != self._extent.seen:
-            raise TvqError(
-                "entropy-coded codes: zstd frame is truncated, longer than its codes, or "
-                "followed by other data (damaged)"
+            raise self._damaged(f"zstd frame is damaged ({exc})") from None
+        finally:
+            self._reader.close()
+        source = self._source
+        while source.left:  # the rest of the stored bytes (their checksum is read at the end)
+            source.read(PIECE)
+        if more or source.extent.size() != source.extent.seen:
+            raise self._damaged(
+                "zstd frame is truncated, longer than its codes, or followed by other data "
+                "(damaged)"
             )
+
+
+class _FrameBytes:
+    """A frame's stored bytes for zstd's stream reader (`read`; b"" at their end), its extent
+    followed as they pass."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], stored: int):
+        self._read, self.left = read, stored
+        self.extent = FrameExtent()
+
+    def read(self, size: int) -> np.ndarray | bytes:
+        size = min(size, self.left)
+        if size <= 0:
+            return b""
+        data = self._read(size)
+        self.left -= size
+        self.extent.feed(data)
+        return data
