@@ -25,10 +25,8 @@ from ..quant.spec import QuantSpec
 from .sources import Sources
 from .stream import CodeBuffers, CodedVector, sole_part
 
-WHOLE_LIMIT = 256 << 20  # bytes the whole way may take for one tensor before it is chunked
-CHUNK_BYTES = (
-    64 << 20
-)  # bytes of one chunk: every task's codes of it, its pretrained and merged rows
+WHOLE_LIMIT = 256 << 20  # bytes the whole way may hold for one tensor before it is chunked
+CHUNK_BYTES = 64 << 20  # bytes held for one chunk (the same count as WHOLE_LIMIT's)
 ROW_MULTIPLE = 8  # a chunk of 8k rows fills whole bytes of every stored tensor of a part
 
 
@@ -50,7 +48,8 @@ def plan(
     if not elementwise or len(spec.shape) != 2:
         return [Piece(name)]
     rows, cols = spec.shape
-    row_cost = tasks * cols + spec.nbytes // rows + cols * out_itemsize
+    # per row: every task's codes, three read buffers of its pretrained values, two of output
+    row_cost = tasks * cols + 3 * spec.nbytes // rows + 2 * cols * out_itemsize
     if rows * row_cost <= WHOLE_LIMIT:
         return [Piece(name)]
     if any(sole_part(r.archive, r.task, name) is None for r in sources.refs):
@@ -75,8 +74,8 @@ class TensorRows:
             rows = PartRows(part, entry, archive.stream, archive.raw, str(archive.path))
             self.parts.append((rows, spec))
 
-    def task(self, index: int, rows: range, cols: int) -> CodedVector:
-        """Task `index`'s codes of `rows` (the next rows), in its code buffer."""
+    def task(self, index: int, rows: int) -> CodedVector:
+        """Task `index`'s codes of its next `rows` rows, in its code buffer."""
         part, spec = self.parts[index]
-        q = part.next(len(rows), self.codes.codes(index, len(rows) * cols))
+        q = part.next(rows, self.codes.codes(index, rows * part.cols))
         return CodedVector(q, spec)

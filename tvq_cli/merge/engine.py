@@ -92,9 +92,9 @@ class Engine:
         rows = self._rows[piece.name]
         if piece.last:
             del self._rows[piece.name]
-        cols = self.pre.specs[piece.name].shape[-1]
-        tasks = self.runner.map(lambda t: rows.task(t, piece.rows, cols), range(len(rows.parts)))
-        return TaskVectors(len(piece.rows) * cols, tasks, self.blocks)
+        count = len(piece.rows)
+        tasks = self.runner.map(lambda t: rows.task(t, count), range(len(rows.parts)))
+        return TaskVectors(count * self.pre.specs[piece.name].shape[-1], tasks, self.blocks)
 
     def whole(self, name: str, taus: TaskVectors) -> torch.Tensor:
         """Every task vector of `name` whole, [T, *shape] in the shared buffer."""
