@@ -6,7 +6,7 @@ Usage (from the repository root; builds its inputs under a temporary folder and 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --tasks 2 10 --rows 8192
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 8192 128256
     PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 128256 \
-        --tasks 10 --commands "merge ta" "merge ties" --grow-archive
+        --tasks 50 --commands "merge ta" "merge ties" --replicate 25
 
 The model is one large bf16 tensor of ROWS x 4096 (128256 x 4096 is Llama-3's embedding, 1 GB
 in bf16) plus two small tensors (a 4096 x 4096 bf16 weight and a 4096 fp32 norm). The
@@ -22,7 +22,10 @@ arithmetic and by TIES into a .safetensors file.
 Disk: T fine-tunes of the full 128256-row tensor take (T + 1) GB (51 GB at T = 50, more than the
 machine this was written on had free), so the task sweep (`--sweep tasks`, T = 2, 10, 50) runs
 at a fixed smaller row count, and the size sweep (`--sweep size`, T = 2) shows the growth with
-the tensor's size up to the full 128256 rows.
+the tensor's size up to the full 128256 rows. Merges alone (`--commands "merge ta" "merge
+ties"`) can take T tasks at the full size with `--replicate N`: T / N fine-tunes are packed and
+the archive's tasks copied N times over (`replicate_tasks`), so a merge of T = 50 tasks needs
+two fine-tunes on disk and a 12 GB archive.
 """
 
 from __future__ import annotations
@@ -85,6 +88,39 @@ def build(folder: Path, rows: int, tasks: int) -> tuple[Path, list[Path]]:
     return pre_path, paths
 
 
+def replicate_tasks(source: Path, target: Path, times: int) -> None:
+    """An archive of `source`'s tasks `times` over (copy k of task t named t_k), its stored
+    bytes copied: T tasks for a merge from T / times fine-tunes on disk (50 fine-tunes of the
+    full tensor are 51 GB). A merge's memory and time do not depend on the values repeating."""
+    from dataclasses import replace
+
+    from tvq_cli.archive.reader import Archive
+    from tvq_cli.archive.writer import ArchiveWriter
+
+    archive = Archive(source)
+    header, scheme = archive.header, archive.scheme
+    copies = {f"{t}_{k}": t for k in range(times) for t in header.tasks}
+
+    def parts(entry):
+        shared = [p for p in entry.parts if p.task is None]
+        own = {p.task: p for p in entry.parts if p.task is not None}
+        return shared + [replace(own[t], role=scheme.task_role(n)) for n, t in copies.items()]
+
+    tensors = [replace(e, parts=parts(e)) if e.parts else e for e in header.tensors]
+    infos = {n: header.info(t) for n, t in copies.items()}
+    new = replace(header, tasks=list(copies), tensors=tensors, task_info=infos)
+
+    def old_key(key: str) -> str:
+        kind, rest = key.split(":", 1)
+        task, tail = rest.split(":", 1) if ":" in rest else (rest, "")
+        return f"{kind}:{copies[task]}:{tail}" if task in copies else key
+
+    with ArchiveWriter(target, new) as writer:
+        for stored in writer.stored:
+            writer.write(stored.key, archive.raw(old_key(stored.key)))
+    archive.close()
+
+
 def measure(argv: list[str]) -> tuple[float, float]:
     """(peak RSS in GB, wall seconds) of `tvq ARGV` in a child process."""
     command = ["/usr/bin/time", "-f", "%M %e", sys.executable, "-m", "tvq_cli", *argv, "-q"]
@@ -96,11 +132,11 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 
 def run_case(
-    folder: Path, pre: Path, fts: list[Path], commands: list[str], grow: bool = False
+    folder: Path, pre: Path, fts: list[Path], commands: list[str], replicate: int = 1
 ) -> dict:
-    """Each command's (peak RSS, wall); merges need the TVQ archive, made first (unmeasured)
-    when "pack tvq" is not among the commands: packed, or with `grow` packed from two
-    fine-tunes and grown by `tvq add` one at a time."""
+    """Each command's (peak RSS, wall); merges need the TVQ archive, packed first (unmeasured)
+    when "pack tvq" is not among the commands, its tasks `replicate` times over (`replicate`:
+    len(fts) x replicate tasks)."""
     out = folder / "out"
     out.mkdir()
 
@@ -114,11 +150,11 @@ def run_case(
         return args
 
     if "pack tvq" not in commands and any(c.startswith("merge") for c in commands):
-        if grow:  # pack two, add the others one by one: pack's memory grows with T
-            archive, pretrained = f"{out}/tvq.tvq", ["--pretrained", str(pre)]
-            measure(["pack", *map(str, fts[:2]), *pretrained, "-o", archive])
-            for ft in fts[2:]:
-                measure(["add", archive, str(ft), *pretrained])
+        if replicate > 1:
+            base = out / "base.tvq"
+            measure(["pack", *map(str, fts), "--pretrained", str(pre), "-o", str(base)])
+            replicate_tasks(base, out / "tvq.tvq", replicate)
+            base.unlink()
         else:
             measure(argv("pack tvq"))
     results = {name: measure(argv(name)) for name in commands}
@@ -134,13 +170,18 @@ def main() -> None:
     parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
     parser.add_argument("--root", type=Path, default=None, help="where to build the inputs")
     parser.add_argument(
-        "--grow-archive",
-        action="store_true",
-        help="merges only: build their archive by packing two fine-tunes and adding the others "
-        "one at a time (`tvq pack`'s peak memory grows with T: 128256 rows at T = 10 would "
-        "take more than this machine's 24 GB)",
+        "--replicate",
+        type=int,
+        default=1,
+        help="merges only: their archive holds T / N fine-tunes' tasks N times over (T = 50 "
+        "fine-tunes of the full tensor are 51 GB, and `tvq pack` of them would need more memory "
+        "than this machine's 24 GB)",
     )
     args = parser.parse_args()
+    if args.replicate > 1 and any(t % args.replicate for t in args.tasks):
+        parser.error("--replicate must divide every --tasks")
+    if args.replicate > 1 and not all(c.startswith("merge") for c in args.commands):
+        parser.error("--replicate is for merges only (--commands 'merge ta' 'merge ties')")
     sweeps = ["tasks", "size"] if args.sweep == "both" else [args.sweep]
     rows_of = {"tasks": args.rows or [8192], "size": args.rows or [8192, 32768, 128256]}
     print(f"torch {torch.__version__}; peak RSS (GB) / wall (s) of each command")
@@ -157,14 +198,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tvq-mem-", dir=args.root) as tmp:
             folder = Path(tmp)
             for rows, tasks in cases:
-                needed = max(t for r, t in cases if r == rows)
+                needed = max(t for r, t in cases if r == rows) // args.replicate
                 if built is None or built[0] != rows:
                     for f in folder.glob("*.safetensors"):
                         f.unlink()
                     pre, fts = build(folder, rows, needed)
                     built = (rows, needed)
-                gb_in = sum(p.stat().st_size for p in [pre, *fts[:tasks]]) / 1e9
-                results = run_case(folder, pre, fts[:tasks], args.commands, args.grow_archive)
+                distinct = fts[: tasks // args.replicate]
+                gb_in = (pre.stat().st_size + tasks * fts[0].stat().st_size) / 1e9
+                results = run_case(folder, pre, distinct, args.commands, args.replicate)
                 cells = " ".join(f"{r:>7.2f} /{s:>6.1f}s" for r, s in results.values())
                 print(f"{rows:>12} {tasks:>3} {gb_in:>6.1f} {cells}", flush=True)
 
