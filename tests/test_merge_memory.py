@@ -17,6 +17,7 @@ from tvq_cli.errors import InternalError, TvqError
 from tvq_cli.io.checkpoint import TensorSpec
 from tvq_cli.io.model_writer import SafetensorsStream
 from tvq_cli.merge import MergeRequest, chunks, merge
+from tvq_cli.merge.base import REGISTRY
 from tvq_cli.merge.engine import Engine
 from tvq_cli.merge.request import check_request
 from tvq_cli.pack import PackOptions
@@ -67,8 +68,11 @@ def merged_bytes(archive: Path, model: Path, out: Path, method: str, **options) 
     return out.read_bytes()
 
 
+ELEMENTWISE = ["task_arithmetic", "ties", "average", "magmax", "lines"]
+
+
 @pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "average"])
+@pytest.mark.parametrize("method", ELEMENTWISE)
 def test_chunks_give_the_whole_tensors_bytes(model, tmp_path, monkeypatch, setting, method):
     archive = pack(model, SETTINGS[setting], f"{setting}.tvq")
     whole = merged_bytes(archive, model, tmp_path / "whole.safetensors", method)
@@ -101,9 +105,23 @@ def test_chunks_across_shards_and_in_another_dtype(model, tmp_path, monkeypatch)
         assert (out / name).read_bytes() == (chunked / name).read_bytes()
 
 
+@pytest.mark.parametrize("method", ["magmax", "lines"])
+def test_methods_merged_by_blocks_give_their_whole_tensor_bytes(
+    model, tmp_path, monkeypatch, method
+):
+    """MagMax and LiNeS are elementwise (per element, or one scale per tensor): merged by
+    blocks and chunks, they give what their whole-tensor merge gave."""
+    archive = pack(model, SETTINGS["defaults"])
+    blocks = merged_bytes(archive, model, tmp_path / "blocks.safetensors", method)
+    monkeypatch.setattr(REGISTRY[method], "elementwise", False)
+    whole = merged_bytes(archive, model, tmp_path / "whole.safetensors", method)
+    assert blocks == whole
+
+
 def test_methods_that_need_whole_tensors_are_not_chunked(model, small_chunks):
     archive = pack(model, SETTINGS["defaults"])
-    for method, flat in [("ties", True), ("task_arithmetic", True), ("magmax", False)]:
+    cases = [("ties", True), ("magmax", True), ("breadcrumbs", False), ("consensus", False)]
+    for method, flat in cases:
         request = MergeRequest([archive], model / "pre.safetensors", model / "x", method)
         engine = Engine(check_request(request))
         try:
