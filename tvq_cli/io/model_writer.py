@@ -4,11 +4,10 @@ Tensors are streamed: every name, dtype and shape is known before the first weig
 so each safetensors header is written up front and tensors are appended one at a time (never
 the whole model in memory), a large one a block of rows at a time (`write_rows`). A folder
 gets the pretrained folder's companion files (config, tokenizer, ...: an allow-list,
-`model_files`) and, when it exceeds the shard size,
-`model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json` as
-`save_pretrained` writes them. Everything is written under a hidden temporary name beside the
-target and renamed into place only when complete (`atomic`), through `SequentialFile`
-(O_DIRECT where the system allows it).
+`model_files`) and, when it exceeds the shard size, `model-0000i-of-0000N.safetensors` shards
+with a `model.safetensors.index.json` as `save_pretrained` writes them. Everything is written
+under a hidden temporary name beside the target and renamed into place only when complete
+(`atomic`), through `SequentialFile` (O_DIRECT where the system allows it).
 """
 
 from __future__ import annotations
