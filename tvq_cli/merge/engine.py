@@ -42,9 +42,7 @@ class Engine:
         self.pre = merge.pretrained
         self.sources = merge.sources
         self.progress = progress
-        names = merge.float_names
-        largest = max((self.pre.specs[n].numel for n in names), default=1)
-        self.buffer = TaskVectorBuffer(len(self.sources.tasks), largest)
+        self.buffer = TaskVectorBuffer(len(self.sources.tasks))
         self.codes = CodeBuffers(len(self.sources.tasks))
         self.blocks = BlockBuffers()
         self.runner = WorkerPool(merge.threads, "tvq-merge")

@@ -42,20 +42,23 @@ def column_blocks(n: int, size: int = BLOCK, start: int = 0) -> list[slice]:
 
 
 class TaskVectorBuffer:
-    """One [T, n] float32 buffer for the largest tensor, viewed at each tensor's size; made on
-    first use (merges of TVQ archives by blocks never need it)."""
+    """One [T, n] float32 buffer viewed at each tensor's size, grown to the largest tensor
+    asked for (merges of TVQ archives by blocks never need it). Not sized for the model's
+    largest tensor up front: a small tensor stored exact would have reserved T x the largest
+    (at T = 50 with a 128256 x 4096 embedding, 105 GB of address space, refused)."""
 
-    def __init__(self, tasks: int, largest: int):
+    def __init__(self, tasks: int):
         self.tasks = tasks
-        self.largest = max(largest, 1)
-        self._data: torch.Tensor | None = None
+        self._data = torch.empty(0)
         self._lock = threading.Lock()  # tasks are decoded in parallel
 
     def rows(self, numel: int) -> torch.Tensor:
+        """[T, numel] views; every caller of one tensor's decode asks for the same numel."""
         with self._lock:
-            if self._data is None:
-                self._data = torch.empty(self.tasks * self.largest, dtype=torch.float32)
-        return self._data[: self.tasks * numel].view(self.tasks, numel)
+            if self._data.numel() < self.tasks * numel:
+                self._data = torch.empty(self.tasks * numel, dtype=torch.float32)
+            data = self._data
+        return data[: self.tasks * numel].view(self.tasks, numel)
 
 
 class CodedVector:
