@@ -105,6 +105,15 @@ def test_chunks_across_shards_and_in_another_dtype(model, tmp_path, monkeypatch)
         assert (out / name).read_bytes() == (chunked / name).read_bytes()
 
 
+def test_chunks_give_the_same_bytes_on_one_thread(model, tmp_path, small_chunks):
+    archive = pack(model, SETTINGS["defaults"])
+    one, two = (
+        merged_bytes(archive, model, tmp_path / f"{n}.safetensors", "ties", threads=n)
+        for n in (1, 2)
+    )
+    assert one == two
+
+
 @pytest.mark.parametrize("method", ["magmax", "lines"])
 def test_methods_merged_by_blocks_give_their_whole_tensor_bytes(
     model, tmp_path, monkeypatch, method
