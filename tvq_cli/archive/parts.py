@@ -161,6 +161,8 @@ class PartRows:
         """The next `rows` rows: codes (into `codes_out`), scales and zero-points of their
         groups (`Quantized` of a [rows, cols] tensor)."""
         part, count, groups = self.part, rows * self.cols, rows * self.groups_per_row
+        if rows % 8 and self._rows + rows != self.entry.rows:
+            raise InternalError(f"{self.entry.name}: a block of {rows} rows ends inside a byte")
         zeros = unpack_bits(self._zeros.read(packed_nbytes(groups, part.bits)), part.bits, groups)
         scale_bytes = packed_nbytes(groups, part.scale_bits) if part.scale_bits else 4 * groups
         stored_scales = self._scales.read(scale_bytes)
