@@ -21,10 +21,11 @@ Disk: T fine-tunes of the full 128256-row tensor take (T + 1) GB (51 GB at T = 5
 machine this was written on had free). `--distinct N` writes N distinct fine-tunes and makes the
 others hard links of them under their own names: tvq reads each task's file as it would any
 other (the page cache may hold a file read before, which RSS does not count), so T = 50 of the
-full tensor needs N + 1 GB:
+full tensor needs N + 1 GB. Merges alone (`--commands "merge ta" "merge ties"`) pack their
+archive first, unmeasured:
 
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep size --rows 128256 \
-        --tasks 50 --distinct 5
+    PYTHONPATH=$PWD nice -n 10 python benchmarks/memory_tasks.py --sweep tasks --rows 128256 \
+        --tasks 2 10 50 --distinct 5
 """
 
 from __future__ import annotations
@@ -103,17 +104,23 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 
 def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> dict:
+    """Each command's (peak RSS, wall); merges need the TVQ archive, packed first (unmeasured)
+    when "pack tvq" is not among the commands."""
     out = folder / "out"
     out.mkdir()
-    results = {}
-    for name in commands:
-        argv = []
+
+    def argv(name: str) -> list[str]:
+        args = []
         for arg in COMMANDS[name]:
             if arg == "{fts}":
-                argv += [str(p) for p in fts]
+                args += [str(p) for p in fts]
             else:
-                argv.append(arg.format(pre=pre, dir=out))
-        results[name] = measure(argv)
+                args.append(arg.format(pre=pre, dir=out))
+        return args
+
+    if "pack tvq" not in commands and any(c.startswith("merge") for c in commands):
+        measure(argv("pack tvq"))
+    results = {name: measure(argv(name)) for name in commands}
     shutil.rmtree(out)
     return results
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -222,15 +223,30 @@ class Archive:
             raise TvqError(f"{self.path}: no stored tensor {key}") from None
         data = np.empty(end - start, np.uint8) if out is None else out[: end - start]
         view = memoryview(data)
+        self._pread(key, file_index, view, start)
+        self._check_crc(key, crc32(view))
+        return data
+
+    def stream(self, key: str) -> StoredStream:
+        """The bytes of one stored tensor read in order, a piece at a time: merge's large
+        tensors, whose stored bytes of every task would not fit in memory at once. Its
+        checksum is verified when its last byte is read; until then what was read is unchecked
+        (a merge fails before its output is in place)."""
+        if key not in self._offsets:
+            raise TvqError(f"{self.path}: no stored tensor {key}")
+        return StoredStream(self, key)
+
+    def _pread(self, key: str, file_index: int, view: memoryview, offset: int) -> None:
         try:
-            pread_into(self._files[file_index].handle.fileno(), view, start)
+            pread_into(self._files[file_index].handle.fileno(), view, offset)
         except EOFError:
             raise TvqError(f"{self.path}: the file ended early (truncated while open)") from None
         except OSError as exc:
             raise TvqError(f"{self.path}: cannot read {key} ({exc.strerror})") from None
-        if crc32(view) != self._checksums[key]:
+
+    def _check_crc(self, key: str, crc: int) -> None:
+        if crc != self._checksums[key]:
             raise TvqError(f"{self.path}: checksum mismatch in {key} (the file is damaged)")
-        return data
 
     def nbytes(self, key: str) -> int:
         _, start, end = self._offsets[key]
@@ -448,3 +464,36 @@ def _about(path: Path, decode, *args):
 def open_archive(path: Path | str) -> Archive:
     """Open and check an archive (header, layout); tensor checksums are verified on read."""
     return Archive(path)
+
+
+class StoredStream:
+    """`Archive.stream`: one stored tensor's bytes in order (`read(n)`: the next n bytes, in a
+    buffer reused by the next read), its crc32 running and checked with the last byte."""
+
+    def __init__(self, archive: Archive, key: str):
+        import numpy as np
+
+        self.archive, self.key = archive, key
+        self._file, self._at, self._end = archive._offsets[key]
+        self._crc = 0
+        self._buffer = np.empty(0, np.uint8)
+
+    @property
+    def left(self) -> int:
+        return self._end - self._at
+
+    def read(self, n: int) -> np.ndarray:
+        import numpy as np
+
+        if not 0 <= n <= self.left:
+            raise InternalError(f"read {n} bytes of {self.key}, {self.left} are left")
+        if self._buffer.size < n:
+            self._buffer = np.empty(n, np.uint8)
+        data = self._buffer[:n]
+        view = memoryview(data)
+        self.archive._pread(self.key, self._file, view, self._at)
+        self._crc = zlib.crc32(view, self._crc)
+        self._at += n
+        if not self.left:
+            self.archive._check_crc(self.key, self._crc & 0xFFFFFFFF)
+        return data

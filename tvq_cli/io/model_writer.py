@@ -2,12 +2,12 @@
 
 Tensors are streamed: every name, dtype and shape is known before the first weight is merged,
 so each safetensors header is written up front and tensors are appended one at a time (never
-the whole model in memory). A folder gets the pretrained folder's companion files (config,
-tokenizer, ...: an allow-list, `model_files`) and, when it exceeds the shard size,
-`model-0000i-of-0000N.safetensors` shards with a `model.safetensors.index.json` as
-`save_pretrained` writes them. Everything is written under a hidden temporary name beside the
-target and renamed into place only when complete (`atomic`), through `SequentialFile`
-(O_DIRECT where the system allows it).
+the whole model in memory), a large one a block of rows at a time (`write_rows`). A folder
+gets the pretrained folder's companion files (config, tokenizer, ...: an allow-list,
+`model_files`) and, when it exceeds the shard size, `model-0000i-of-0000N.safetensors` shards
+with a `model.safetensors.index.json` as `save_pretrained` writes them. Everything is written
+under a hidden temporary name beside the target and renamed into place only when complete
+(`atomic`), through `SequentialFile` (O_DIRECT where the system allows it).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class SafetensorsStream:
         self.specs = specs
         self._order = list(specs)
         self._next = 0
+        self._rows = 0  # rows of the next tensor written so far (`write_rows`)
         header = encode_header(
             ((name, s.dtype, s.shape, s.nbytes) for name, s in specs.items()), metadata
         )
@@ -62,14 +63,37 @@ class SafetensorsStream:
         self._file.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._expect(name)
+        if self._rows or tuple(tensor.shape) != spec.shape or tensor.dtype != to_torch(spec.dtype):
+            raise InternalError(f"{name} has the wrong shape or dtype")
+        self._file.write(tensor_bytes(tensor))
+        self._next += 1
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next rows (first dimension) of tensor `name`: a tensor too large to
+        hold whole is written a block of rows at a time, in order; it is complete with its
+        last row."""
+        spec = self._expect(name)
+        fits = spec.shape and self._rows + rows.shape[0] <= spec.shape[0]
+        if (
+            not fits
+            or tuple(rows.shape[1:]) != spec.shape[1:]
+            or rows.dtype != to_torch(spec.dtype)
+        ):
+            raise InternalError(f"rows of {name} have the wrong shape or dtype")
+        self._file.write(tensor_bytes(rows))
+        self._rows += rows.shape[0]
+        if self._rows == spec.shape[0]:
+            self._rows = 0
+            self._next += 1
+
+    def _expect(self, name: str) -> TensorSpec:
+        """The spec of `name`, the tensor to write next."""
         expected = self._order[self._next] if self._next < len(self._order) else None
         spec = self.specs.get(name)
         if name != expected or spec is None:
             raise InternalError(f"wrote {name}, expected {expected}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != to_torch(spec.dtype):
-            raise InternalError(f"{name} has the wrong shape or dtype")
-        self._file.write(tensor_bytes(tensor))
-        self._next += 1
+        return spec
 
     @property
     def complete(self) -> bool:
@@ -143,6 +167,14 @@ class ModelWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor (in the order of `specs`)."""
+        self._stream(name).write(name, tensor)
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next rows of the next tensor (`SafetensorsStream.write_rows`)."""
+        self._stream(name).write_rows(name, rows)
+
+    def _stream(self, name: str) -> SafetensorsStream:
+        """The file that `name` goes to, opened when the previous one is complete."""
         if not self._streams or self._streams[-1].complete:
             if not self._pending:
                 raise InternalError(f"unexpected tensor {name}")
@@ -151,7 +183,7 @@ class ModelWriter:
                 self._streams[-1].close()
             self._streams.append(SafetensorsStream(file, shard, self.metadata))
             self.files.append(file)
-        self._streams[-1].write(name, tensor)
+        return self._streams[-1]
 
     @property
     def shards(self) -> list[tuple[Path, dict[str, TensorSpec]]]:

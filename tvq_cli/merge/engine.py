@@ -3,7 +3,8 @@ and the merged values of one tensor.
 
 Never more than one tensor's task vectors are held: every statistics pass and the merge itself
 decode the T task vectors of a tensor again, kept as codes where they are one part's values and
-made fp32 one cache-sized column block at a time (`stream.py`).
+made fp32 one cache-sized column block at a time (`stream.py`); a large tensor of an
+elementwise method only a chunk of its rows at a time (`chunks.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 from tqdm import tqdm
 
 from ..concurrency import WorkerPool
+from ..dtypes import OUTPUT_DTYPES, itemsize
 from ..quant.kernel import add_into
 from ..tensors import not_finite, require_finite
+from .chunks import Piece, TensorRows, plan
 from .request import Merge
 from .stream import (
     SPAN,
@@ -39,12 +42,11 @@ class Engine:
         self.pre = merge.pretrained
         self.sources = merge.sources
         self.progress = progress
-        names = merge.float_names
-        largest = max((self.pre.specs[n].numel for n in names), default=1)
-        self.buffer = TaskVectorBuffer(len(self.sources.tasks), largest)
-        self.codes = CodeBuffers(len(self.sources.tasks), largest)
+        self.buffer = TaskVectorBuffer(len(self.sources.tasks))
+        self.codes = CodeBuffers(len(self.sources.tasks))
         self.blocks = BlockBuffers()
         self.runner = WorkerPool(merge.threads, "tvq-merge")
+        self._rows: dict[str, TensorRows] = {}  # chunked tensors being decoded
 
     def close(self) -> None:
         self.runner.close()
@@ -69,6 +71,29 @@ class Engine:
 
         return TaskVectors(numel, self.runner.map(one, range(len(self.sources.tasks))), self.blocks)
 
+    def pieces(self, name: str) -> list[Piece]:
+        """Float tensor `name` whole, or in chunks of rows where it is large and the method
+        takes them (`chunks.plan`)."""
+        spec = self.pre.specs[name]
+        dtype = self.merge.request.dtype
+        out_itemsize = itemsize(OUTPUT_DTYPES[dtype] if dtype else spec.dtype)
+        elementwise = self.method.elementwise and not self.method.per_task
+        return plan(self.sources, name, spec, out_itemsize, elementwise)
+
+    def decode_piece(self, piece: Piece, base: torch.Tensor | None) -> TaskVectors:
+        """`decode` of a piece: a chunk's rows of every task vector, in the tensor's order
+        (the first chunk starts reading its stored bytes, the last one checks their ends)."""
+        if piece.rows is None:
+            return self.decode(piece.name, base)
+        if piece.rows.start == 0:
+            self._rows[piece.name] = TensorRows(self.sources, piece.name, self.codes)
+        rows = self._rows[piece.name]
+        if piece.last:
+            del self._rows[piece.name]
+        count = len(piece.rows)
+        tasks = self.runner.map(lambda t: rows.task(t, count), range(len(rows.parts)))
+        return TaskVectors(count * self.pre.specs[piece.name].shape[-1], tasks, self.blocks)
+
     def whole(self, name: str, taus: TaskVectors) -> torch.Tensor:
         """Every task vector of `name` whole, [T, *shape] in the shared buffer."""
         rows = taus.fill(self.buffer.rows(taus.numel))
@@ -89,7 +114,8 @@ class Engine:
                 with self.bar(f"statistics {index + 1}") as bar:
                     for name in self.merge.float_names:
                         base = self.pre.load_float(name) if self.sources.needs_pretrained else None
-                        self._observe_blocks(index, name, self.decode(name, base))
+                        for piece in self.pieces(name):
+                            self._observe_blocks(index, name, self.decode_piece(piece, base))
                         bar.update()
             else:
                 for name, _, taus in self.tensors(f"statistics {index + 1}"):
@@ -120,11 +146,13 @@ class Engine:
         deltas = merged if isinstance(merged, list) else [merged]
         return [(base + delta).to(dtype) for delta in deltas]
 
-    def merge_blocks(self, name: str, raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """An elementwise method on column blocks: the same values as on the whole tensor."""
+    def merge_blocks(self, piece: Piece, raw: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """An elementwise method on column blocks of a piece (`raw`: its pretrained rows):
+        the same values as on the whole tensor."""
+        name = piece.name
         base_flat, out_flat = raw.reshape(-1), out.reshape(-1)
         pretrained = self.pretrained_float(name, raw) if self.sources.needs_pretrained else None
-        taus = self.decode(name, pretrained)
+        taus = self.decode_piece(piece, pretrained)
         coded = taus.coded if self.method.merges_codes else None
 
         def block(s: slice) -> None:

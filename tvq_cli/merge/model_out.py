@@ -1,13 +1,15 @@
 """Writing merged models: a .safetensors file, a folder, or one model per task.
 
-Tensors are merged and written in file order: the next pretrained tensor is read (and hashed
-for the pretrained fingerprint, checked before the output is finished) while the current one is
-merged, and the previous one is written meanwhile; the output appears under its name only when
-complete (`io.atomic`).
+Tensors are merged and written in file order, a large one a chunk of rows at a time
+(`chunks`): the next pretrained tensor or chunk is read (and hashed for the pretrained
+fingerprint, checked before the output is finished) while the current one is merged, and the
+previous one is written meanwhile; the output appears under its name only when complete
+(`io.atomic`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,8 +19,10 @@ from ..concurrency import Writer
 from ..dtypes import OUTPUT_DTYPES, itemsize, to_torch
 from ..errors import TvqError
 from ..io.atomic import atomic_output
-from ..io.checkpoint import TensorSpec, combine_digests, tensor_digest
+from ..io.checkpoint import TensorSpec, combine_digests, digest_start, tensor_digest
 from ..io.model_writer import ModelWriter, SafetensorsStream
+from ..tensors import tensor_bytes
+from .chunks import Piece
 from .engine import Engine
 from .request import Merge
 
@@ -105,51 +109,81 @@ def stream_tensors(
     specs: dict[str, TensorSpec],
     names: list[str],
 ) -> dict[str, bytes]:
-    """Merge and write the tensors `names` in order, reading ahead and writing behind;
-    returns the digests of the pretrained tensors read (for its fingerprint)."""
+    """Merge and write the tensors `names` in order, piece by piece (a large tensor a chunk of
+    rows at a time: `chunks`), reading ahead and writing behind; returns the digests of the
+    pretrained tensors read (for its fingerprint)."""
     pre = merge.pretrained
     float_names = set(merge.float_names)
     bar = engine.bar("merge")
     blocked = merge.method.elementwise and not merge.method.per_task
-    largest = max((specs[n].nbytes for n in names if n in float_names), default=1)
+    pieces = [
+        piece
+        for name in names
+        for piece in (engine.pieces(name) if blocked and name in float_names else [Piece(name)])
+    ]
+    largest = max((_nbytes(specs[p.name], p) for p in pieces if p.name in float_names), default=1)
     outs = [torch.empty(largest, dtype=torch.uint8) for _ in range(2 if blocked else 0)]
     reader = ThreadPoolExecutor(1, thread_name_prefix="tvq-read")
     writer = Writer()
     digests: dict[str, bytes] = {}
+    hashes: dict[str, hashlib._Hash] = {}  # of tensors read a chunk at a time
     # three rotating read buffers: one being read, one being merged, one the writer may
     # still be writing (a non-float tensor is written as read)
-    largest_raw = max((pre.specs[n].nbytes for n in names), default=0)
+    largest_raw = max((_nbytes(pre.specs[p.name], p) for p in pieces), default=0)
     reads = [torch.empty(largest_raw, dtype=torch.uint8) for _ in range(3)]
 
     def load(i: int) -> torch.Tensor:  # read and fingerprinted in the reader thread
-        raw = pre.load(names[i], reads[i % 3])
-        digests[names[i]] = tensor_digest(names[i], raw)
+        piece = pieces[i]
+        name, rows = piece.name, piece.rows
+        if rows is None:
+            raw = pre.load(name, reads[i % 3])
+            digests[name] = tensor_digest(name, raw)
+            return raw
+        raw = pre.load_rows(name, rows.start, rows.stop, reads[i % 3])
+        if rows.start == 0:
+            hashes[name] = digest_start(name, pre.specs[name].dtype, pre.specs[name].shape)
+        hashes[name].update(tensor_bytes(raw))
+        if piece.last:
+            digests[name] = hashes.pop(name).digest()
         return raw
 
     try:
-        pending = reader.submit(load, 0) if names else None
-        for i, name in enumerate(names):
+        pending = reader.submit(load, 0) if pieces else None
+        for i, piece in enumerate(pieces):
             raw = pending.result()
-            if i + 1 < len(names):
+            if i + 1 < len(pieces):
                 pending = reader.submit(load, i + 1)
+            name = piece.name
             dtype = to_torch(specs[name].dtype)
             if name not in float_names:
                 outputs = [raw] * len(writers)
             else:
-                bar.update()
+                if piece.last:
+                    bar.update()
                 if blocked:
                     out = outs[i % 2][: raw.numel() * itemsize(specs[name].dtype)]
-                    outputs = [engine.merge_blocks(name, raw, out.view(dtype))]
+                    outputs = [engine.merge_blocks(piece, raw, out.view(dtype))]
                 else:
                     outputs = engine.merge_whole(name, raw, dtype)
-            writer.submit(
-                lambda name=name, outputs=outputs: [
-                    w.write(name, t) for w, t in zip(writers, outputs, strict=True)
-                ]
-            )
+            writer.submit(lambda piece=piece, outputs=outputs: _write(writers, piece, outputs))
         writer.wait()
     finally:
         bar.close()
         writer.close()
         reader.shutdown(wait=True, cancel_futures=True)
     return digests
+
+
+def _nbytes(spec: TensorSpec, piece: Piece) -> int:
+    """Bytes of a piece of a tensor of `spec`."""
+    if piece.rows is None:
+        return spec.nbytes
+    return spec.nbytes // spec.shape[0] * len(piece.rows)
+
+
+def _write(writers: list, piece: Piece, outputs: list[torch.Tensor]) -> None:
+    for w, tensor in zip(writers, outputs, strict=True):
+        if piece.rows is None:
+            w.write(piece.name, tensor)
+        else:
+            w.write_rows(piece.name, tensor)

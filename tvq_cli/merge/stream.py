@@ -42,23 +42,26 @@ def column_blocks(n: int, size: int = BLOCK, start: int = 0) -> list[slice]:
 
 
 class TaskVectorBuffer:
-    """One [T, n] float32 buffer for the largest tensor, viewed at each tensor's size; made on
-    first use (merges of TVQ archives by blocks never need it)."""
+    """One [T, n] float32 buffer viewed at each tensor's size, grown to the largest tensor
+    asked for (merges of TVQ archives by blocks never need it). Not sized for the model's
+    largest tensor up front: a small tensor stored exact would have reserved T x the largest
+    (at T = 50 with a 128256 x 4096 embedding, 105 GB of address space, refused)."""
 
-    def __init__(self, tasks: int, largest: int):
+    def __init__(self, tasks: int):
         self.tasks = tasks
-        self.largest = max(largest, 1)
-        self._data: torch.Tensor | None = None
+        self._data = torch.empty(0)
         self._lock = threading.Lock()  # tasks are decoded in parallel
 
     def rows(self, numel: int) -> torch.Tensor:
+        """[T, numel] views; every caller of one tensor's decode asks for the same numel."""
         with self._lock:
-            if self._data is None:
-                self._data = torch.empty(self.tasks * self.largest, dtype=torch.float32)
-        return self._data[: self.tasks * numel].view(self.tasks, numel)
+            if self._data.numel() < self.tasks * numel:
+                self._data = torch.empty(self.tasks * numel, dtype=torch.float32)
+            data = self._data
+        return data[: self.tasks * numel].view(self.tasks, numel)
 
 
-class _Coded:
+class CodedVector:
     """A task vector kept as one part's codes, scales and zero-points (groups tile the rows)."""
 
     def __init__(self, q: Quantized, spec: QuantSpec):
@@ -89,7 +92,7 @@ class TaskColumns:
     def count_magnitudes(self, bin: int, counts: np.ndarray) -> bool:
         """See `quant.kernel.count_magnitudes`; False where it cannot (use `values`)."""
         source = self.block.taus.sources[self.task]
-        return isinstance(source, _Coded) and source.count(self.block.s, bin, counts)
+        return isinstance(source, CodedVector) and source.count(self.block.s, bin, counts)
 
 
 class TaskBlock:
@@ -135,7 +138,9 @@ class BlockBuffers(threading.local):
 class TaskVectors:
     """The T task vectors of one tensor: column blocks of them on demand, or all of them."""
 
-    def __init__(self, numel: int, sources: list[_Coded | torch.Tensor], buffers: BlockBuffers):
+    def __init__(
+        self, numel: int, sources: list[CodedVector | torch.Tensor], buffers: BlockBuffers
+    ):
         self.numel = numel
         self.sources = sources  # per task: its codes, or its decoded fp32 row
         self.buffers = buffers
@@ -148,7 +153,7 @@ class TaskVectors:
         until this thread's next call."""
         rows = self.buffers.get(len(self), s.stop - s.start)
         for row, source in zip(rows, self.sources, strict=True):
-            if isinstance(source, _Coded):
+            if isinstance(source, CodedVector):
                 source.span(s, row)
             else:
                 row.copy_(source[s])
@@ -157,7 +162,7 @@ class TaskVectors:
     @functools.cached_property
     def coded(self) -> CodedTasks | None:
         """Every task vector's codes, when all are kept as codes."""
-        if not all(isinstance(s, _Coded) for s in self.sources):
+        if not all(isinstance(s, CodedVector) for s in self.sources):
             return None
         return CodedTasks([(s.codes, s.spec, s.scales, s.zeros) for s in self.sources])
 
@@ -165,24 +170,26 @@ class TaskVectors:
         """Every task vector whole, in `rows` ([T, numel], where decoded rows already are)."""
         whole = slice(0, self.numel)
         for row, source in zip(rows, self.sources, strict=True):
-            if isinstance(source, _Coded):
+            if isinstance(source, CodedVector):
                 source.span(whole, row)
         return rows
 
 
 class CodeBuffers:
-    """Reused uint8 buffers per task for its codes (sized for the largest tensor) and for
-    their stored bytes: decoding into fresh arrays cost more in page faults than the decoding
-    itself (measured). Each task is decoded by one thread at a time."""
+    """Reused uint8 buffers per task for its codes of a tensor (or of a chunk of its rows,
+    `chunks`) and for their stored bytes, each grown to the largest asked for: decoding into
+    fresh arrays cost more in page faults than the decoding itself (measured). Each task is
+    decoded by one thread at a time."""
 
-    def __init__(self, tasks: int, largest: int):
-        self.largest = -(-max(largest, 1) // 8) * 8
-        self._codes: list[np.ndarray | None] = [None] * tasks
+    def __init__(self, tasks: int):
+        self._codes: list[np.ndarray] = [np.empty(0, np.uint8)] * tasks
         self._stored: list[np.ndarray] = [np.empty(0, np.uint8)] * tasks
 
-    def codes(self, task: int) -> np.ndarray:
-        if self._codes[task] is None:
-            self._codes[task] = np.empty(self.largest, np.uint8)
+    def codes(self, task: int, count: int) -> np.ndarray:
+        """A buffer for `count` codes (rounded up to 8, as `unpack_bits` takes)."""
+        size = -(-max(count, 1) // 8) * 8
+        if self._codes[task].size < size:
+            self._codes[task] = np.empty(size, np.uint8)
         return self._codes[task]
 
     def stored(self, task: int, size: int) -> np.ndarray:
@@ -216,7 +223,7 @@ def decode(
     pre: torch.Tensor | None,
     row: Callable[[], torch.Tensor],
     codes: CodeBuffers,
-) -> _Coded | torch.Tensor:
+) -> CodedVector | torch.Tensor:
     """Task `index`'s task vector of tensor `name`: its codes (in `codes`' buffer of the task)
     when it is one part of whole groups (TVQ), else its fp32 values decoded into `row()`
     (flat, numel elements). Either is valid until the task's next decode."""
@@ -232,8 +239,8 @@ def decode(
                 return archive.raw(key)
             return archive.raw(key, codes.stored(index, archive.nbytes(key)))
 
-        q = decode_part(part, entry, raw, str(archive.path), codes.codes(index))
-        return _Coded(q, spec)
+        q = decode_part(part, entry, raw, str(archive.path), codes.codes(index, entry.numel))
+        return CodedVector(q, spec)
     values = row()
     values.copy_(archive.task_vector(ref.task, name, pre).reshape(-1))
     return values

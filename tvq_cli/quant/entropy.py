@@ -15,11 +15,12 @@ bits as packed), and each frame carries its content checksum.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import zstandard
 
-from ..errors import TvqError
+from ..errors import InternalError, TvqError
 from . import native
 from .bitpack import pack_bits, unpack_bits
 from .sizes import SYMBOL_BITS, symbol_nbytes
@@ -151,7 +152,11 @@ def decode(
     except TvqError as exc:
         raise TvqError(f"entropy-coded codes: {exc}") from None
     symbols = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-    codes = unpack_bits(symbols, SYMBOL_BITS[bits], count, out)
+    return _in_range(unpack_bits(symbols, SYMBOL_BITS[bits], count, out), bits)
+
+
+def _in_range(codes: np.ndarray, bits: int) -> np.ndarray:
+    """`codes`, checked: unpacked from SYMBOL_BITS-wide symbols, each must be < 2**bits."""
     if bits < SYMBOL_BITS[bits] and (codes >> bits).any():
         raise TvqError("entropy-coded codes hold out-of-range values (damaged)")
     return codes
@@ -188,17 +193,161 @@ def _decompress_into(frame: np.ndarray | bytes, out: np.ndarray) -> int:
 
 
 def _frame_size(frame: memoryview) -> int:
-    """The size of the zstd frame at the start of `frame`, from its header and block headers
-    (the format's own framing; RFC 8878, section 3.1.1); -1 where they run past its end."""
-    try:
-        at = zstandard.frame_header_size(frame)
-        checksum = zstandard.get_frame_parameters(frame).has_checksum
-    except zstandard.ZstdError:
-        return -1
-    while at + 3 <= len(frame):
-        header = frame[at] | frame[at + 1] << 8 | frame[at + 2] << 16
-        kind, size = (header >> 1) & 3, header >> 3
-        at += 3 + (1 if kind == 1 else size)  # RLE blocks store one byte
-        if header & 1:  # the last block
-            return at + 4 * checksum
-    return -1
+    """The size of the zstd frame at the start of `frame`; -1 where its headers run past its
+    end."""
+    extent = FrameExtent()
+    extent.feed(frame)
+    return extent.size()
+
+
+_MAX_FRAME_HEADER = 18  # magic, descriptor, window, dictionary id, content size
+
+
+class FrameExtent:
+    """Where a zstd frame ends, from its header and block headers (the format's own framing;
+    RFC 8878, section 3.1.1), read as the frame's bytes pass by in pieces, in order. A zstd
+    stream reader stops quietly where its input ends, so a frame cut short could pass
+    unnoticed: its extent equal to its stored size is what says its checksum was read."""
+
+    def __init__(self) -> None:
+        self._head = b""  # the first bytes, until the frame header is read
+        self._at = -1  # where the next block header starts; -1: frame header not read
+        self._checksum = 0
+        self._carry = b""  # the start of a block header cut by the end of a piece
+        self.seen = 0  # bytes fed so far
+        self._end = -1  # the frame's end once its last block header is seen
+        self._broken = False
+
+    def feed(self, piece: memoryview | bytes | np.ndarray) -> None:
+        view = memoryview(piece).cast("B")
+        if self._at < 0 and not self._broken:
+            take = _MAX_FRAME_HEADER - len(self._head)
+            self._head += bytes(view[:take])
+            self.seen += min(take, len(view))
+            view = view[take:]
+            if len(self._head) < _MAX_FRAME_HEADER:
+                return
+            self._read_header()
+        base = self.seen
+        self.seen += len(view)
+        self._walk(view, base)
+
+    def size(self) -> int:
+        """The frame's size; -1 where its headers run past the bytes fed, or are damaged."""
+        if self._at < 0 and not self._broken:
+            self._read_header()
+        return self._end
+
+    def _read_header(self) -> None:
+        try:
+            self._at = zstandard.frame_header_size(self._head)
+            self._checksum = zstandard.get_frame_parameters(self._head).has_checksum
+        except zstandard.ZstdError:
+            self._broken = True
+            return
+        self._walk(memoryview(self._head), 0)
+
+    def _walk(self, view: memoryview, base: int) -> None:
+        """Step over the block headers that start in `view` (bytes [base, base + len))."""
+        while self._end < 0 and not self._broken:
+            if self._carry:
+                need = 3 - len(self._carry)
+                if len(view) < need:
+                    self._carry += bytes(view)
+                    return
+                header_bytes, self._carry = self._carry + bytes(view[:need]), b""
+            else:
+                offset = self._at - base
+                if offset + 3 > len(view):
+                    self._carry = bytes(view[offset:]) if offset < len(view) else b""
+                    return
+                header_bytes = view[offset : offset + 3]
+            header = header_bytes[0] | header_bytes[1] << 8 | header_bytes[2] << 16
+            kind, size = (header >> 1) & 3, header >> 3
+            self._at += 3 + (1 if kind == 1 else size)  # RLE blocks store one byte
+            if header & 1:  # the last block
+                self._end = self._at + 4 * self._checksum
+
+
+PIECE = 1 << 18  # bytes of a stored frame read at a time by `FrameDecoder`
+
+
+class FrameDecoder:
+    """`decode` of one frame a block of codes at a time, in order, with the frame's bytes read
+    in pieces (`read(n)`: its next n stored bytes): merge's large tensors, whose codes of
+    every task would not fit in memory at once. The same checks as `decode`: every block's
+    codes in range, and at `close` that the frame decoded to exactly its codes and ended where
+    its stored bytes do (zstd checks its content checksum there)."""
+
+    def __init__(
+        self, read: Callable[[int], np.ndarray], stored: int, bits: int, count: int, where: str
+    ):
+        self.bits, self.where = bits, where
+        self._symbols = symbol_nbytes(count, bits)
+        self._source = _FrameBytes(read, stored)  # not self: no reference cycle (merges run
+        # with the garbage collector paused, and a cycle would keep zstd's buffers alive)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=PIECE)
+
+    def next(self, count: int, out: np.ndarray) -> np.ndarray:
+        """The frame's next `count` codes (whole bytes of the layout), unpacked into `out`."""
+        symbol_bits = SYMBOL_BITS[self.bits]
+        if count * symbol_bits % 8:
+            raise InternalError(f"a block of {count} codes ends inside a byte")
+        nbytes = count * symbol_bits // 8
+        data = _scratch(nbytes)
+        view, got = memoryview(data), 0
+        try:
+            while got < nbytes:
+                step = self._reader.readinto(view[got:])
+                if not step:
+                    break
+                got += step
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f"zstd frame is damaged ({exc})") from None
+        self._symbols -= got
+        if got < nbytes:
+            raise self._damaged("zstd frame ends early (damaged)")
+        try:
+            return _in_range(unpack_bits(data, symbol_bits, count, out), self.bits)
+        except TvqError as exc:
+            raise TvqError(f"{self.where}: {exc}") from None
+
+    def _damaged(self, what: str) -> TvqError:
+        return TvqError(f"{self.where}: entropy-coded codes: {what}")
+
+    def close(self) -> None:
+        """Every code was read: the frame must end here, and exactly where its bytes do."""
+        if self._symbols:
+            raise InternalError("a frame was closed before all of its codes were read")
+        try:
+            more = self._reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise self._damaged(f"zstd frame is damaged ({exc})") from None
+        finally:
+            self._reader.close()
+        source = self._source
+        while source.left:  # the rest of the stored bytes (their checksum is read at the end)
+            source.read(PIECE)
+        if more or source.extent.size() != source.extent.seen:
+            raise self._damaged(
+                "zstd frame is truncated, longer than its codes, or followed by other data "
+                "(damaged)"
+            )
+
+
+class _FrameBytes:
+    """A frame's stored bytes for zstd's stream reader (`read`; b"" at their end), its extent
+    followed as they pass."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], stored: int):
+        self._read, self.left = read, stored
+        self.extent = FrameExtent()
+
+    def read(self, size: int) -> np.ndarray | bytes:
+        size = min(size, self.left)
+        if size <= 0:
+            return b""
+        data = self._read(size)
+        self.left -= size
+        self.extent.feed(data)
+        return data

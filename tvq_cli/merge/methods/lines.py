@@ -38,6 +38,7 @@ class Lines(MergeMethod):
         Option("beta", 0.5, "Extra coefficient reached at the last block."),
     )
     takes_weights = True
+    elementwise = True
 
     def validate(self) -> None:
         indices = [block_index(n) for n in self.ctx.tensor_names]

@@ -17,6 +17,7 @@ class MagMax(MergeMethod):
     formula = "theta = theta_pre + lambda * tau_{t*}, t* = last argmax_t |tau_t|  (per element)"
     paper = "Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual Learning, 2024"
     options = (Option("lambda", 0.5, "Scaling coefficient of the selected values."),)
+    elementwise = True
 
     def merge(self, name: str, taus: torch.Tensor) -> torch.Tensor:
         last = taus.shape[0] - 1
