@@ -14,8 +14,9 @@ first T of them are used for each smaller T.
 
 Each command runs as a child process under `/usr/bin/time -f "%M %e"`: peak RSS (max resident
 set size) and wall time, Python start-up included. Commands: `tvq pack` with the default
-settings (TVQ 4-bit), `tvq pack --scheme rtvq`, and `tvq merge` of the default archive by task
-arithmetic and by TIES into a .safetensors file.
+settings (TVQ 4-bit), `tvq pack --scheme rtvq`, `tvq merge` of the default archive by task
+arithmetic and by TIES into a .safetensors file, and TIES of the RTVQ archive ("merge rtvq ties",
+not run unless asked for).
 
 Disk: T fine-tunes of the full 128256-row tensor take (T + 1) GB (51 GB at T = 50, more than the
 machine this was written on had free). `--distinct N` writes N distinct fine-tunes and makes the
@@ -43,11 +44,13 @@ from safetensors.torch import save_file
 COLS = 4096
 PACK = ["pack", "{fts}", "--pretrained", "{pre}"]
 MERGE = ["merge", "{dir}/tvq.tvq", "--pretrained", "{pre}", "-m"]
+MERGE_RTVQ = ["merge", "{dir}/rtvq.tvq", "--pretrained", "{pre}", "-m"]
 COMMANDS = {
     "pack tvq": [*PACK, "-o", "{dir}/tvq.tvq"],
     "pack rtvq": [*PACK, "-o", "{dir}/rtvq.tvq", "--scheme", "rtvq"],
     "merge ta": [*MERGE, "task_arithmetic", "-o", "{dir}/ta.safetensors"],
     "merge ties": [*MERGE, "ties", "-o", "{dir}/ties.safetensors"],
+    "merge rtvq ties": [*MERGE_RTVQ, "ties", "-o", "{dir}/rtvq-ties.safetensors"],
 }
 
 
@@ -104,8 +107,8 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 
 def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> dict:
-    """Each command's (peak RSS, wall); merges need the TVQ archive, packed first (unmeasured)
-    when "pack tvq" is not among the commands."""
+    """Each command's (peak RSS, wall); merges need their archive (TVQ, or RTVQ), packed first
+    (unmeasured) when its pack is not among the commands."""
     out = folder / "out"
     out.mkdir()
 
@@ -118,8 +121,11 @@ def run_case(folder: Path, pre: Path, fts: list[Path], commands: list[str]) -> d
                 args.append(arg.format(pre=pre, dir=out))
         return args
 
-    if "pack tvq" not in commands and any(c.startswith("merge") for c in commands):
+    merges = [c for c in commands if c.startswith("merge")]
+    if "pack tvq" not in commands and any(c.startswith("merge t") for c in merges):
         measure(argv("pack tvq"))
+    if "pack rtvq" not in commands and "merge rtvq ties" in merges:
+        measure(argv("pack rtvq"))
     results = {name: measure(argv(name)) for name in commands}
     shutil.rmtree(out)
     return results
@@ -130,7 +136,8 @@ def main() -> None:
     parser.add_argument("--sweep", choices=["tasks", "size", "both"], default="both")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 50])
     parser.add_argument("--rows", type=int, nargs="+", default=None)
-    parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
+    default = [c for c in COMMANDS if c != "merge rtvq ties"]
+    parser.add_argument("--commands", nargs="+", default=default, choices=list(COMMANDS))
     parser.add_argument("--root", type=Path, default=None, help="where to build the inputs")
     parser.add_argument(
         "--distinct", type=int, default=None, help="distinct fine-tunes (the rest hard links)"

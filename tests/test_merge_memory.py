@@ -27,6 +27,8 @@ SETTINGS = {
     "defaults": PackOptions(),  # zstd-c frames, 6-bit scales, groups of 128 (a row of 96)
     "raw codes": PackOptions(codec="raw", group_size=32),  # bit-packed codes read by range
     "3-bit zstd, fp32 scales": PackOptions(bits=3, group_size=16, codec="zstd", scale_bits=0),
+    "rtvq": PackOptions(scheme="rtvq"),  # base plus offset, decoded to fp32 a chunk at a time
+    "rtvq, raw codes": PackOptions(scheme="rtvq", codec="raw", group_size=32),
 }
 
 
@@ -235,3 +237,22 @@ def test_rows_written_in_pieces_are_the_tensor(tmp_path):
     assert stream.complete
     stream.close()
     assert pieces.read_bytes() == whole.read_bytes()
+
+
+def test_only_archives_decodable_by_rows_are_chunked(model, small_chunks):
+    """FQ stores fine-tuned weights (its task vectors need the whole pretrained tensor) and a
+    searched per-tensor range is not coded by rows: both are merged whole."""
+    cases = [
+        ("tvq.tvq", PackOptions(), True),
+        ("rtvq.tvq", PackOptions(scheme="rtvq"), True),
+        ("fq.tvq", PackOptions(scheme="fq", bits=8), False),
+        ("per-tensor.tvq", PackOptions(group_size=0, range="minmax", scale_bits=0), False),
+    ]
+    for name, options, flat in cases:
+        archive = pack(model, options, name)
+        request = MergeRequest([archive], model / "pre.safetensors", model / "x", "ties")
+        engine = Engine(check_request(request))
+        try:
+            assert (len(engine.pieces("embed.weight")) > 1) == flat, name
+        finally:
+            engine.close()

@@ -86,11 +86,13 @@ class Engine:
         if piece.rows is None:
             return self.decode(piece.name, base)
         if piece.rows.start == 0:
-            self._rows[piece.name] = TensorRows(self.sources, piece.name, self.codes)
+            rows = TensorRows(self.sources, piece.name, self.codes, self.buffer)
+            self._rows[piece.name] = rows
         rows = self._rows[piece.name]
         if piece.last:
             del self._rows[piece.name]
         count = len(piece.rows)
+        rows.advance(count)
         tasks = self.runner.map(lambda t: rows.task(t, count), range(len(rows.parts)))
         return TaskVectors(count * self.pre.specs[piece.name].shape[-1], tasks, self.blocks)
 
