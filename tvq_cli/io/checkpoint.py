@@ -116,26 +116,12 @@ class Checkpoint:
         """Read one tensor in its stored dtype into memory of its own (no map, no copy after):
         a fresh buffer, or `out` (uint8, at least the tensor's bytes), reused by callers that
         read many tensors, since a fresh buffer costs a page fault per 4 KiB."""
-        try:
-            file, start, nbytes = self._where[name]
-        except KeyError:
-            raise TvqError(f"{self.path}: no tensor named {name}") from None
-        spec = self.specs[name]
-        buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-        try:
-            pread_into(self._open(file).fileno(), memoryview(buffer.numpy()), start)
-        except EOFError:
-            raise TvqError(
-                f"{file}: ended while reading tensor {name} "
-                "(the file was truncated or replaced while being read)"
-            ) from None
-        except OSError as exc:
-            raise TvqError(f"{file}: cannot read tensor {name} ({exc.strerror})") from None
-        return buffer.view(to_torch(spec.dtype)).reshape(spec.shape)
+        spec = self._spec(name)
+        return self._read(name, 0, spec.nbytes, out).view(to_torch(spec.dtype)).reshape(spec.shape)
 
     def row_bytes(self, name: str) -> int:
         """Bytes of one row (one index of the first dimension) of tensor `name`."""
-        spec = self.specs[name]
+        spec = self._spec(name)
         rows = spec.shape[0] if spec.shape else 1
         return spec.nbytes // max(rows, 1)
 
@@ -145,19 +131,26 @@ class Checkpoint:
         """Rows [first, end) of tensor `name` (its first dimension) in its stored dtype, read
         on their own: a tensor too large to hold once per input is read a block of rows at a
         time. `out`: a reused uint8 buffer of at least those rows' bytes."""
-        try:
-            file, start, nbytes = self._where[name]
-        except KeyError:
-            raise TvqError(f"{self.path}: no tensor named {name}") from None
-        spec = self.specs[name]
+        spec = self._spec(name)
         rows = spec.shape[0] if spec.shape else 1
         if not 0 <= first <= end <= rows:
             raise TvqError(f"{self.path}: tensor {name} has no rows {first}:{end}")
         size = self.row_bytes(name)
-        count = (end - first) * size
+        buffer = self._read(name, first * size, (end - first) * size, out)
+        return buffer.view(to_torch(spec.dtype)).reshape(end - first, *spec.shape[1:])
+
+    def _spec(self, name: str) -> TensorSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise TvqError(f"{self.path}: no tensor named {name}") from None
+
+    def _read(self, name: str, offset: int, count: int, out: torch.Tensor | None) -> torch.Tensor:
+        """`count` bytes of tensor `name` from `offset` into `out` (or a fresh buffer)."""
+        file, start, _ = self._where[name]
         buffer = torch.empty(count, dtype=torch.uint8) if out is None else out[:count]
         try:
-            pread_into(self._open(file).fileno(), memoryview(buffer.numpy()), start + first * size)
+            pread_into(self._open(file).fileno(), memoryview(buffer.numpy()), start + offset)
         except EOFError:
             raise TvqError(
                 f"{file}: ended while reading tensor {name} "
@@ -165,7 +158,7 @@ class Checkpoint:
             ) from None
         except OSError as exc:
             raise TvqError(f"{file}: cannot read tensor {name} ({exc.strerror})") from None
-        return buffer.view(to_torch(spec.dtype)).reshape(end - first, *spec.shape[1:])
+        return buffer
 
     def _open(self, file: Path):
         handle = self._files.get(file)
