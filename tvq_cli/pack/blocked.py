@@ -438,9 +438,7 @@ def encode_block(
 
 def _coded_nbytes(entry: TensorEntry) -> int:
     """Bytes of the packed codes of `entry`'s entropy-coded parts, before compression."""
-    return sum(
-        packed_nbytes(entry.numel, SYMBOL_BITS[p.bits]) for p in entry.parts if p.codec in CODED
-    )
+    return sum(packed_nbytes(entry.numel, code_width(p)) for p in entry.parts if p.codec in CODED)
 
 
 def _code_raw(

@@ -145,7 +145,7 @@ class RowsRoute:
         the rows each fine-tune added; `status` is told which role is being coded (a long
         tensor's progress)."""
         parts = _Parts(entry, self._spare, opened=False)
-        self._spare.budget = max(self._spare.budget, _largest_coded(parts))
+        self._spare.budget = max(self._spare.budget, _largest_coded(entry))
         pre = _Input(self.pretrained.path, self.pretrained, entry.name)
         pre.digest = digest_start(entry.name, entry.dtype, entry.shape)
         fts = [self._input(source, entry) for source in self.finetuned]
@@ -300,13 +300,7 @@ class RowsRoute:
         return out
 
 
-def _largest_coded(parts: _Parts) -> int:
+def _largest_coded(entry: TensorEntry) -> int:
     """Bytes of the largest entropy-coded part's packed codes (one is coded at a time)."""
-    return max(
-        (
-            packed_nbytes(parts.entry.numel, w)
-            for p, w in zip(parts.parts, parts.width, strict=True)
-            if p.codec in CODED
-        ),
-        default=0,
-    )
+    coded = [p for p in entry.parts if p.codec in CODED]
+    return max((packed_nbytes(entry.numel, code_width(p)) for p in coded), default=0)
