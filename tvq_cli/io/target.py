@@ -8,7 +8,8 @@
 - One writer per output: a writer holds an exclusive lock (`flock`) on `.NAME.tvq-lock`
   beside the output from its last checks to the rename, so a second writer fails at once
   with a clear error. A lock dies with its process, so a killed run never blocks the next.
-- Temporary files and folders are named `.NAME.tvq-XXXXXXXX.tmp` beside the output. Any found
+- Temporary files and folders are named `.NAME.tvq-XXXXXXXX.tmp` beside the output (the X's
+  random, as `tempfile` makes them). Any found
   by the writer that holds the lock were left by a run that was killed (a live writer would
   hold the lock): they are removed, and named in a warning.
 """

@@ -106,14 +106,17 @@ class _Decoded:
         self.rows = PartRows(part, entry, archive.stream, archive.raw, str(archive.path))
         self.spec = replace(part.spec, group_size=row_group_size(part.group_size, self.rows.cols))
         self.codes = np.empty(0, np.uint8)
+        self.values = torch.empty(0)
 
     def next(self, rows: int) -> torch.Tensor:
-        """The next `rows` rows' fp32 values ([rows, cols], a fresh tensor)."""
+        """The next `rows` rows' fp32 values ([rows, cols], in this decoder's buffer: valid
+        until its next call)."""
         count = rows * self.rows.cols
         if self.codes.size < count:
             self.codes = np.empty(-(-count // 8) * 8, np.uint8)
+            self.values = torch.empty(count)
         q = self.rows.next(rows, self.codes)
-        out = torch.empty(count)
+        out = self.values[:count]
         dequantize_into(q.codes.reshape(-1)[:count], self.spec, q.scales, q.zeros, out)
         return out.view(rows, self.rows.cols)
 
